@@ -1,0 +1,421 @@
+// Package kubestate is an ipn.StateStore that keeps tailscaled's state (node
+// and machine keys, login profiles) in one Kubernetes Secret, so a relay pod
+// keeps its identity across restarts without a volume.
+//
+// It follows Tailscale's ipn/store/kubestore and differs where that one is
+// weak: reads are served from an in-memory copy loaded at start; writes are
+// Updates carrying the last seen resourceVersion, retried on conflict against
+// a fresh copy so keys written by others survive; a failed write is an error
+// for the caller and is counted in Stats, never dropped; state keys are
+// encoded reversibly into Secret keys (see encodeKey); and no Event is
+// emitted per write.
+//
+// It talks to the API server with client-go's dynamic client: the typed
+// client links all of k8s.io/api and would add about 19 MB to the binary.
+package kubestate
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/util/retry"
+	"tailscale.com/ipn"
+)
+
+const (
+	// managedByLabel marks a Secret that New created.
+	managedByLabel = "app.kubernetes.io/managed-by"
+	managedByValue = "tsrelay"
+
+	// fieldManager names tsrelay in the Secret's managedFields and is also
+	// the client's User-Agent.
+	fieldManager = "tsrelay"
+
+	// startTimeout bounds the API calls New makes (get, maybe create, and
+	// the update-permission check), in addition to the caller's ctx, so
+	// that an unreachable API server fails the start instead of hanging it.
+	startTimeout = 30 * time.Second
+
+	// writeTimeout bounds one WriteState call, conflict retries included.
+	// WriteState has no context and tailscaled calls it with its backend
+	// lock held, so a hung API server must not stall tailscaled for long;
+	// after this the caller gets an error and Stats counts a failure.
+	writeTimeout = 10 * time.Second
+
+	// conflictAttempts is how many Updates one write tries before giving
+	// up on conflicts. Only a second writer causes them (tsrelay runs one
+	// pod per Secret), so a few suffice.
+	conflictAttempts = 5
+
+	// maxSecretSize is the API server's limit on the total bytes of a
+	// Secret's values (MaxSecretSize in k8s.io/api/core/v1, not imported:
+	// that package links every core/v1 type).
+	maxSecretSize = 1 << 20
+
+	// The Role must grant these on the Secret; create is needed only when
+	// the Secret does not exist yet (RBAC cannot limit create by name).
+	rbacHint = `the Role needs verbs "get" and "update" on this Secret, and "create" on secrets unless the Secret already exists`
+)
+
+// Stats counts what a Store did since it was created, for metrics.
+type Stats struct {
+	// Writes is the number of state writes the API server accepted. Writes
+	// of unchanged values make no API call and are not counted.
+	Writes uint64
+	// Failures is the number of WriteState calls that returned an error.
+	Failures uint64
+	// Conflicts is the number of Updates the API server rejected because
+	// someone else had changed the Secret since we last read it.
+	Conflicts uint64
+}
+
+// Store is an ipn.StateStore kept in one Kubernetes Secret. It is safe for
+// concurrent use.
+type Store struct {
+	client    dynamic.ResourceInterface // secrets in namespace
+	logger    *slog.Logger
+	namespace string
+	name      string
+
+	// writeMu serialises writes; it is held across API calls.
+	writeMu sync.Mutex
+	// secret is the Secret as last returned by the API server, foreign
+	// keys included. Guarded by writeMu.
+	secret *unstructured.Unstructured
+
+	// memMu guards mem, which is decoded from secret. Reads take only
+	// memMu, so they never wait on the API server.
+	memMu sync.RWMutex
+	mem   map[ipn.StateKey][]byte
+
+	writes, failures, conflicts atomic.Uint64
+}
+
+var _ ipn.StateStore = (*Store)(nil)
+
+// New builds a client from KUBECONFIG (or ~/.kube/config) or, failing
+// those, the in-cluster config, and returns a Store for Secret name in
+// namespace ("" = the kubeconfig context's namespace, or the pod's).
+// It loads the Secret, creating it if missing, and checks that it may update
+// it, so that a missing RBAC verb shows at start; ctx bounds that work.
+func New(ctx context.Context, logger *slog.Logger, namespace, name string) (*Store, error) {
+	if name == "" {
+		return nil, errors.New("kube state: empty secret name")
+	}
+	cc := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(
+		clientcmd.NewDefaultClientConfigLoadingRules(), &clientcmd.ConfigOverrides{})
+	cfg, err := cc.ClientConfig()
+	if err != nil {
+		if clientcmd.IsEmptyConfig(err) {
+			return nil, fmt.Errorf("kube state: no kubeconfig found (KUBECONFIG, ~/.kube/config) and not running in a cluster: %w", err)
+		}
+		return nil, fmt.Errorf("kube state: load kubeconfig or in-cluster config: %w", err)
+	}
+	if namespace == "" {
+		if namespace, _, err = cc.Namespace(); err != nil {
+			return nil, fmt.Errorf("kube state: find namespace of secret %s: %w", name, err)
+		}
+	}
+	cfg.UserAgent = fieldManager
+	dc, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kube state: build client: %w", err)
+	}
+	return newStore(ctx, logger, dc.Resource(secretsResource()).Namespace(namespace), namespace, name)
+}
+
+// newStore returns a Store for Secret name, using client, which must be
+// namespaced to secrets in namespace. Tests pass a dynamic/fake client.
+func newStore(ctx context.Context, logger *slog.Logger, client dynamic.ResourceInterface, namespace, name string) (*Store, error) {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Store{
+		client:    client,
+		logger:    logger,
+		namespace: namespace,
+		name:      name,
+	}
+	ctx, cancel := context.WithTimeout(ctx, startTimeout)
+	defer cancel()
+
+	obj, created, err := s.getOrCreate(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("kube state secret %s: %w", s.ref(), err)
+	}
+	foreign, err := s.adopt(obj)
+	if err != nil {
+		return nil, fmt.Errorf("kube state secret %s: load: %w", s.ref(), err)
+	}
+	// Prove the update permission with an Update that changes nothing, so
+	// that a Role without it fails here and not at the first login, when
+	// losing the write would lose the new node key.
+	if err := s.commit(ctx, nil); err != nil {
+		return nil, fmt.Errorf("kube state secret %s: check update permission: %w", s.ref(), err)
+	}
+	s.memMu.RLock()
+	keys, size := len(s.mem), 0
+	for _, v := range s.mem {
+		size += len(v)
+	}
+	s.memMu.RUnlock()
+	s.logger.Info("kube state loaded", "secret", s.ref(), "created", created,
+		"keys", keys, "bytes", size, "foreign_keys", foreign)
+	return s, nil
+}
+
+// String returns "kube:<namespace>/<name>".
+func (s *Store) String() string { return "kube:" + s.ref() }
+
+// Stats returns the Store's counters.
+func (s *Store) Stats() Stats {
+	return Stats{
+		Writes:    s.writes.Load(),
+		Failures:  s.failures.Load(),
+		Conflicts: s.conflicts.Load(),
+	}
+}
+
+// ReadState returns the value of id from memory (the Secret as loaded at
+// start and after each write), or ipn.ErrStateNotExist.
+func (s *Store) ReadState(id ipn.StateKey) ([]byte, error) {
+	s.memMu.RLock()
+	defer s.memMu.RUnlock()
+	bs, ok := s.mem[id]
+	if !ok {
+		return nil, ipn.ErrStateNotExist
+	}
+	return bytes.Clone(bs), nil
+}
+
+// WriteState stores bs under id in the Secret, or deletes id if bs is nil,
+// and returns once the API server has accepted the change; memory is updated
+// only then. Writing the value already stored makes no API call. Keys others
+// wrote to the Secret are kept. The call is bounded by writeTimeout (10s).
+func (s *Store) WriteState(id ipn.StateKey, bs []byte) error {
+	if err := s.writeState(id, bs); err != nil {
+		s.failures.Add(1)
+		// Only the key name and the size: values hold private keys.
+		s.logger.Warn("kube state write failed", "secret", s.ref(), "key", string(id), "bytes", len(bs), "err", err)
+		return fmt.Errorf("kube state secret %s: write key %q (%d bytes): %w", s.ref(), id, len(bs), err)
+	}
+	return nil
+}
+
+func (s *Store) writeState(id ipn.StateKey, bs []byte) error {
+	key, err := encodeKey(id)
+	if err != nil {
+		return err
+	}
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	if s.unchanged(id, bs) {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
+	defer cancel()
+	err = s.commit(ctx, func(data map[string][]byte) {
+		if bs == nil {
+			delete(data, key)
+		} else {
+			data[key] = bs
+		}
+	})
+	if err != nil {
+		return err
+	}
+	s.writes.Add(1)
+	s.logger.Debug("kube state written", "secret", s.ref(), "key", string(id), "bytes", len(bs), "deleted", bs == nil)
+	return nil
+}
+
+// unchanged reports whether writing bs to id would change nothing.
+func (s *Store) unchanged(id ipn.StateKey, bs []byte) bool {
+	s.memMu.RLock()
+	defer s.memMu.RUnlock()
+	old, ok := s.mem[id]
+	if bs == nil {
+		return !ok
+	}
+	return ok && bytes.Equal(old, bs)
+}
+
+// getOrCreate returns the Secret, creating it empty if it does not exist.
+func (s *Store) getOrCreate(ctx context.Context) (obj *unstructured.Unstructured, created bool, err error) {
+	obj, err = s.client.Get(ctx, s.name, metav1.GetOptions{})
+	if err == nil {
+		return obj, false, nil
+	}
+	if !apierrors.IsNotFound(err) {
+		return nil, false, s.apiError("get", err)
+	}
+	obj, err = s.client.Create(ctx, s.newSecret(), metav1.CreateOptions{FieldManager: fieldManager})
+	if apierrors.IsAlreadyExists(err) {
+		// Someone created it between our get and create: use theirs.
+		if obj, err = s.client.Get(ctx, s.name, metav1.GetOptions{}); err != nil {
+			return nil, false, s.apiError("get", err)
+		}
+		return obj, false, nil
+	}
+	if err != nil {
+		return nil, false, s.apiError("create", err)
+	}
+	s.logger.Info("kube state secret created", "secret", s.ref())
+	return obj, true, nil
+}
+
+func (s *Store) newSecret() *unstructured.Unstructured {
+	obj := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "v1",
+		"kind":       "Secret",
+		"type":       "Opaque",
+	}}
+	obj.SetNamespace(s.namespace)
+	obj.SetName(s.name)
+	obj.SetLabels(map[string]string{managedByLabel: managedByValue})
+	return obj
+}
+
+// commit applies change (nil: none) to the Secret's data and Updates it with
+// the resourceVersion last seen. On a conflict it reads the Secret again and
+// re-applies change to that copy, so what others wrote meanwhile is kept.
+// On success memory follows the Secret as returned. Callers hold writeMu,
+// or own s exclusively (newStore).
+func (s *Store) commit(ctx context.Context, change func(data map[string][]byte)) error {
+	// Short pauses between attempts; each attempt starts from a fresh GET,
+	// so waiting longer would not help.
+	backoff := wait.Backoff{Steps: conflictAttempts, Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.1}
+	base := s.secret
+	attempt := 0
+	err := retry.RetryOnConflict(backoff, func() error {
+		if attempt++; attempt > 1 {
+			fresh, err := s.client.Get(ctx, s.name, metav1.GetOptions{})
+			if err != nil {
+				return s.apiError("get", err)
+			}
+			base = fresh
+		}
+		data, err := secretData(base)
+		if err != nil {
+			return err
+		}
+		if change != nil {
+			change(data)
+		}
+		if size := dataSize(data); size > maxSecretSize {
+			return fmt.Errorf("secret data would be %d bytes, over the Kubernetes limit of %d bytes per Secret", size, maxSecretSize)
+		}
+		next := base.DeepCopy()
+		if err := setSecretData(next, data); err != nil {
+			return err
+		}
+		updated, err := s.client.Update(ctx, next, metav1.UpdateOptions{FieldManager: fieldManager})
+		if apierrors.IsConflict(err) {
+			s.conflicts.Add(1)
+			s.logger.Info("kube state secret changed by someone else; retrying on a fresh copy",
+				"secret", s.ref(), "attempt", attempt)
+			return err
+		}
+		if err != nil {
+			return s.apiError("update", err)
+		}
+		_, err = s.adopt(updated)
+		return err
+	})
+	if apierrors.IsConflict(err) {
+		return fmt.Errorf("update: gave up after %d conflicts: %w", attempt, err)
+	}
+	return err
+}
+
+// adopt makes obj the last seen Secret and reloads memory from it. It
+// returns the Secret keys that are not state keys.
+func (s *Store) adopt(obj *unstructured.Unstructured) (foreign []string, err error) {
+	data, err := secretData(obj)
+	if err != nil {
+		return nil, err
+	}
+	mem := make(map[ipn.StateKey][]byte, len(data))
+	for k, v := range data {
+		id, ok := decodeKey(k)
+		if !ok {
+			foreign = append(foreign, k)
+			continue
+		}
+		mem[id] = v
+	}
+	s.secret = obj
+	s.memMu.Lock()
+	s.mem = mem
+	s.memMu.Unlock()
+	return foreign, nil
+}
+
+// apiError describes err from an API call with verb, and says which RBAC
+// verbs are needed when the call was forbidden.
+func (s *Store) apiError(verb string, err error) error {
+	if apierrors.IsForbidden(err) {
+		return fmt.Errorf("forbidden to %q secrets; %s: %w", verb, rbacHint, err)
+	}
+	return fmt.Errorf("%s: %w", verb, err)
+}
+
+// secretsResource names core/v1 Secrets for the dynamic client.
+func secretsResource() schema.GroupVersionResource {
+	return schema.GroupVersionResource{Version: "v1", Resource: "secrets"}
+}
+
+func (s *Store) ref() string { return s.namespace + "/" + s.name }
+
+// secretData returns the decoded data of a Secret, all keys included.
+func secretData(obj *unstructured.Unstructured) (map[string][]byte, error) {
+	raw, _, err := unstructured.NestedStringMap(obj.Object, "data")
+	if err != nil {
+		return nil, fmt.Errorf("read secret data: %w", err)
+	}
+	data := make(map[string][]byte, len(raw)+1)
+	for k, v := range raw {
+		b, err := base64.StdEncoding.DecodeString(v)
+		if err != nil {
+			return nil, fmt.Errorf("decode secret key %q: %w", k, err)
+		}
+		data[k] = b
+	}
+	return data, nil
+}
+
+// setSecretData replaces the data of a Secret.
+func setSecretData(obj *unstructured.Unstructured, data map[string][]byte) error {
+	raw := make(map[string]string, len(data))
+	for k, v := range data {
+		raw[k] = base64.StdEncoding.EncodeToString(v)
+	}
+	if err := unstructured.SetNestedStringMap(obj.Object, raw, "data"); err != nil {
+		return fmt.Errorf("set secret data: %w", err)
+	}
+	return nil
+}
+
+// dataSize is what the API server checks against maxSecretSize: the total
+// bytes of the values.
+func dataSize(data map[string][]byte) int {
+	n := 0
+	for _, v := range data {
+		n += len(v)
+	}
+	return n
+}
