@@ -1,0 +1,240 @@
+package relay
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"tailscale.com/client/local"
+	"tailscale.com/ipn"
+	"tailscale.com/tailcfg"
+	"tailscale.com/tsnet"
+)
+
+// appliance runs the tailnet side of the relay: it starts the node, follows
+// its state on the IPN bus and keeps the relay prefs in force.
+type appliance struct {
+	cfg    Config
+	logger *slog.Logger
+	ts     *tsnet.Server
+	status *status
+
+	// kick asks the reconcile loop to run now rather than at the next tick.
+	kick chan struct{}
+
+	mu sync.Mutex
+	lc *local.Client // nil until the node has started
+}
+
+// run starts the node and keeps it configured until ctx is done.
+func (a *appliance) run(ctx context.Context) error {
+	lc, err := a.startTailnet(ctx)
+	if err != nil {
+		return err
+	}
+	watcher, err := lc.WatchIPNBus(ctx, ipn.NotifyInitialState|ipn.NotifyInitialPrefs|ipn.NotifyNoNetMap)
+	if err != nil {
+		return fmt.Errorf("watch IPN bus: %w", err)
+	}
+	defer watcher.Close()
+
+	errc := make(chan error, 1)
+	go func() { errc <- a.reconcileLoop(ctx, lc) }()
+	for {
+		n, err := watcher.Next()
+		if err != nil {
+			if ctx.Err() != nil {
+				return <-errc
+			}
+			return fmt.Errorf("read IPN bus: %w", err)
+		}
+		a.onNotify(n)
+	}
+}
+
+// startTailnet starts tsnet; it does not wait for login, which may need a
+// human. The local client talks to the node in memory.
+func (a *appliance) startTailnet(ctx context.Context) (*local.Client, error) {
+	if err := a.ts.Start(); err != nil {
+		return nil, fmt.Errorf("start tailscale: %w", err)
+	}
+	lc, err := a.ts.LocalClient()
+	if err != nil {
+		return nil, fmt.Errorf("tailscale local client: %w", err)
+	}
+	a.mu.Lock()
+	a.lc = lc
+	a.mu.Unlock()
+	return lc, ctx.Err()
+}
+
+// localClient returns the node's local client, or nil before it started.
+func (a *appliance) localClient() *local.Client {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.lc
+}
+
+// closeTailnet stops the node. State writes are synchronous, so once this
+// returns the stored identity is consistent.
+func (a *appliance) closeTailnet() {
+	start := time.Now()
+	if err := a.ts.Close(); err != nil {
+		a.logger.Warn("closing tailscale", "err", err)
+		return
+	}
+	a.logger.Info("tailscale closed", "took", time.Since(start).Round(time.Millisecond))
+}
+
+// onNotify records what the backend announced and wakes the reconcile loop
+// when something that affects the relay changed.
+func (a *appliance) onNotify(n ipn.Notify) {
+	if n.ErrMessage != nil && a.status.setBackendError(*n.ErrMessage) {
+		// Login errors repeat with every retry; log each one once.
+		a.logger.Error("tailscale backend error", "err", *n.ErrMessage)
+	}
+	if n.BrowseToURL != nil && *n.BrowseToURL != "" {
+		a.logger.Warn("login needed: open this URL, or restart with TS_AUTHKEY set", "url", *n.BrowseToURL)
+	}
+	if n.State != nil {
+		if old, changed := a.status.setBackendState(*n.State); changed {
+			a.logger.Info("backend state", "from", old.String(), "to", n.State.String())
+		}
+	}
+	if n.State != nil || n.Prefs != nil || n.LoginFinished != nil {
+		a.wake()
+	}
+}
+
+// wake asks the reconcile loop for a pass without blocking.
+func (a *appliance) wake() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+// reconcileLoop runs reconcile on every wake-up and every resyncInterval.
+// It is level-triggered: each pass reads the current state instead of
+// trusting the events that caused it.
+func (a *appliance) reconcileLoop(ctx context.Context, lc *local.Client) error {
+	t := time.NewTicker(resyncInterval)
+	defer t.Stop()
+	for {
+		if err := a.reconcile(ctx, lc); err != nil && ctx.Err() == nil {
+			a.logger.Warn("reconcile", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-a.kick:
+		case <-t.C:
+		}
+	}
+}
+
+// reconcile brings the node's relay prefs to the configured ones and records
+// whether the relay is serving.
+func (a *appliance) reconcile(ctx context.Context, lc *local.Client) error {
+	st, err := lc.StatusWithoutPeers(ctx)
+	if err != nil {
+		return fmt.Errorf("read status: %w", err)
+	}
+	a.status.setNode(st)
+	if st.BackendState != ipn.Running.String() {
+		if st.BackendState == ipn.NeedsLogin.String() && st.AuthURL != "" {
+			a.status.setLoginPending()
+		}
+		return nil
+	}
+	if st.Self != nil && st.Self.HasCap(tailcfg.NodeAttrDisableRelayServer) {
+		a.status.setRelay(false, false, 0)
+		a.status.setProblem("the tailnet disabled the relay server on this node (node attribute disable-relay-server)")
+		return nil
+	}
+	if err := a.applyRelayPrefs(ctx, lc); err != nil {
+		a.status.setRelay(false, false, 0)
+		return err
+	}
+	return a.checkRelayBound(ctx, lc)
+}
+
+// applyRelayPrefs sets RelayServerPort and RelayServerStaticEndpoints unless
+// they are already in force. `tailscale up` cannot set them, which is why
+// people used to `kubectl exec … tailscale set` by hand.
+func (a *appliance) applyRelayPrefs(ctx context.Context, lc *local.Client) error {
+	prefs, err := lc.GetPrefs(ctx)
+	if err != nil {
+		return fmt.Errorf("read prefs: %w", err)
+	}
+	port := uint16(a.cfg.RelayServerPort)
+	want := []netip.AddrPort(a.cfg.RelayServerStaticEndpoints)
+	if prefs.RelayServerPort != nil && *prefs.RelayServerPort == port &&
+		sameEndpoints(prefs.RelayServerStaticEndpoints, want) {
+		return nil
+	}
+	from := "unset"
+	if prefs.RelayServerPort != nil {
+		from = fmt.Sprintf("port=%d endpoints=%v", *prefs.RelayServerPort, prefs.RelayServerStaticEndpoints)
+	}
+	_, err = lc.EditPrefs(ctx, &ipn.MaskedPrefs{
+		Prefs: ipn.Prefs{
+			RelayServerPort:            &port,
+			RelayServerStaticEndpoints: want,
+		},
+		RelayServerPortSet:            true,
+		RelayServerStaticEndpointsSet: true,
+	})
+	if err != nil {
+		return fmt.Errorf("set relay prefs (port %d): %w", port, err)
+	}
+	a.logger.Info("relay prefs applied", "from", from, "port", port, "staticEndpoints", Endpoints(want).String())
+	return nil
+}
+
+// sameEndpoints compares endpoint sets, ignoring order.
+func sameEndpoints(a, b []netip.AddrPort) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	cmp := func(x, y netip.AddrPort) int { return x.Compare(y) }
+	a, b = slices.SortedFunc(slices.Values(a), cmp), slices.SortedFunc(slices.Values(b), cmp)
+	return slices.Equal(a, b)
+}
+
+// checkRelayBound waits up to bindTimeout for the relay server to report its
+// socket. A relay that is advertised but not bound is worse than none: peers
+// keep trying it, so it must keep readiness failing.
+func (a *appliance) checkRelayBound(ctx context.Context, lc *local.Client) error {
+	want := uint16(a.cfg.RelayServerPort)
+	parent := ctx
+	ctx, cancel := context.WithTimeout(ctx, bindTimeout)
+	defer cancel()
+	for {
+		rs, err := lc.DebugPeerRelaySessions(ctx)
+		if err == nil && rs.UDPPort != nil && *rs.UDPPort == want {
+			if a.status.setRelay(true, true, len(rs.Sessions)) {
+				a.logger.Info("relay bound", "port", want)
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			if parent.Err() != nil {
+				return parent.Err()
+			}
+			if a.status.setRelay(true, false, 0) {
+				a.logger.Error("relay not bound", "port", want, "err", err)
+			}
+			if err != nil {
+				return fmt.Errorf("read relay status: %w", err)
+			}
+			return fmt.Errorf("relay server did not bind UDP port %d (is the port in use?)", want)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

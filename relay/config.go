@@ -1,0 +1,268 @@
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/kelseyhightower/envconfig"
+)
+
+// Config is everything the relay reads from its environment. The variable
+// names follow Tailscale's container image where the meaning is the same, so
+// that people moving from a hand-built tailscale/tailscale pod keep their
+// Secrets and manifests.
+type Config struct {
+	AuthKey       string `envconfig:"TS_AUTHKEY" desc:"Tailscale auth key used for the first login; ignored once the node has state. Tagged, reusable or one-off keys all work."`
+	AuthKeyAlias  string `envconfig:"TS_AUTH_KEY" desc:"Alias of TS_AUTHKEY."`
+	ClientSecret  string `envconfig:"TS_CLIENT_SECRET" desc:"OAuth client secret (tskey-client-...) used to mint an auth key at first login. Requires TS_ADVERTISE_TAGS."`
+	AdvertiseTags Tags   `envconfig:"TS_ADVERTISE_TAGS" desc:"Comma-separated ACL tags for this node, each tag:name (e.g. tag:relay)."`
+	Hostname      string `envconfig:"TS_HOSTNAME" default:"tsrelay" desc:"Name of this node in the tailnet."`
+	ControlURL    string `envconfig:"TS_CONTROL_URL" desc:"Coordination server URL; empty means Tailscale's (use it for Headscale or tests)."`
+
+	KubeSecret string `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
+	StateDir   string `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
+
+	RelayServerPort            Port      `envconfig:"TS_RELAY_SERVER_PORT" desc:"Required. UDP port the peer relay listens on, 1-65535 (1024 or above in an unprivileged pod)."`
+	RelayServerStaticEndpoints Endpoints `envconfig:"TS_RELAY_SERVER_STATIC_ENDPOINTS" desc:"Comma-separated addresses peers can reach the relay on, ip:port or [ipv6]:port (e.g. a LoadBalancer IP, or a router's WAN IP and forwarded port)."`
+
+	WireGuardPort Port   `envconfig:"TS_PORT" default:"0" desc:"UDP port for this node's own WireGuard traffic; 0 picks a free one."`
+	LocalAddrPort string `envconfig:"TS_LOCAL_ADDR_PORT" default:"[::]:9002" desc:"ip:port for the HTTP server with /healthz and /readyz."`
+
+	NoLogsNoSupport bool `envconfig:"TS_NO_LOGS_NO_SUPPORT" default:"false" desc:"Do not upload Tailscale's diagnostic logs to Tailscale (their support then cannot see this node)."`
+	BackendLogs     bool `envconfig:"TS_BACKEND_LOGS" default:"false" desc:"Include Tailscale's own verbose backend log in this process's log."`
+}
+
+// Port is a UDP port number read from the environment.
+type Port uint16
+
+// Decode implements envconfig.Decoder.
+func (p *Port) Decode(s string) error {
+	n, err := strconv.ParseUint(strings.TrimSpace(s), 10, 64)
+	if err != nil {
+		return errors.New("not a port number; want 0-65535")
+	}
+	if n > 65535 {
+		return fmt.Errorf("port %d out of range; want 0-65535", n)
+	}
+	*p = Port(n)
+	return nil
+}
+
+// Endpoints is a comma-separated list of ip:port or [ipv6]:port.
+type Endpoints []netip.AddrPort
+
+// Decode implements envconfig.Decoder.
+func (e *Endpoints) Decode(s string) error {
+	var out Endpoints
+	fields := strings.Split(s, ",")
+	for _, f := range fields {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		ap, err := parseEndpoint(f)
+		if err != nil {
+			if len(fields) > 1 {
+				err = fmt.Errorf("%s: %w", f, err)
+			}
+			return fmt.Errorf("%w; want comma-separated ip:port or [ipv6]:port with port 1-65535", err)
+		}
+		if !slices.Contains(out, ap) {
+			out = append(out, ap)
+		}
+	}
+	*e = out
+	return nil
+}
+
+// String returns the endpoints in the form Decode accepts.
+func (e Endpoints) String() string {
+	s := make([]string, len(e))
+	for i, ap := range e {
+		s[i] = ap.String()
+	}
+	return strings.Join(s, ",")
+}
+
+// parseEndpoint parses one static endpoint. netip's own error for a bad port
+// does not say what the limit is, and users have shipped ports like 81441, so
+// the port is checked by hand.
+func parseEndpoint(s string) (netip.AddrPort, error) {
+	i := strings.LastIndexByte(s, ':')
+	if i < 0 {
+		return netip.AddrPort{}, errors.New("missing port")
+	}
+	host, portStr := s[:i], s[i+1:]
+	if strings.HasPrefix(host, "[") != strings.HasSuffix(host, "]") {
+		return netip.AddrPort{}, errors.New("unbalanced brackets")
+	}
+	bracketed := strings.HasPrefix(host, "[")
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	addr, err := netip.ParseAddr(host)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%q is not an IP address", host)
+	}
+	if addr.Zone() != "" {
+		return netip.AddrPort{}, errors.New("zoned IPv6 addresses cannot be reached by peers")
+	}
+	if addr.Is6() && !addr.Is4In6() && !bracketed {
+		return netip.AddrPort{}, errors.New("IPv6 addresses need brackets")
+	}
+	addr = addr.Unmap()
+	if addr.IsUnspecified() || addr.IsMulticast() {
+		return netip.AddrPort{}, fmt.Errorf("%s is not a unicast address", addr)
+	}
+	port, err := strconv.ParseUint(portStr, 10, 64)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("port %q is not a number", portStr)
+	}
+	if port < 1 || port > 65535 {
+		return netip.AddrPort{}, fmt.Errorf("port %d out of range", port)
+	}
+	return netip.AddrPortFrom(addr, uint16(port)), nil
+}
+
+// Tags is a comma-separated list of ACL tags.
+type Tags []string
+
+// tagRE is the syntax control accepts for a tag name.
+var tagRE = regexp.MustCompile(`^tag:[a-zA-Z][-a-zA-Z0-9]*$`)
+
+// Decode implements envconfig.Decoder.
+func (t *Tags) Decode(s string) error {
+	var out Tags
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		if !tagRE.MatchString(f) {
+			return fmt.Errorf("%q is not a tag; want comma-separated tag:name (a letter, then letters, digits or '-')", f)
+		}
+		if !slices.Contains(out, f) {
+			out = append(out, f)
+		}
+	}
+	*t = out
+	return nil
+}
+
+// hostnameRE is a DNS label, which is what MagicDNS makes of the hostname.
+var hostnameRE = regexp.MustCompile(`^[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?$`)
+
+// secretNameRE is a Kubernetes object name (RFC 1123 subdomain).
+var secretNameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
+
+// LoadConfig reads the configuration from the environment and validates it.
+// Every error names the variable, the bad value and the accepted form; the
+// values of secret variables are never included.
+func LoadConfig() (Config, error) {
+	var c Config
+	if err := envconfig.Process("", &c); err != nil {
+		var pe *envconfig.ParseError
+		if errors.As(err, &pe) {
+			return c, fmt.Errorf("%s=%s: %w", pe.KeyName, pe.Value, pe.Err)
+		}
+		return c, fmt.Errorf("read environment: %w", err)
+	}
+	if c.AuthKey == "" {
+		c.AuthKey = c.AuthKeyAlias
+	}
+	c.AuthKeyAlias = ""
+	if err := c.Validate(); err != nil {
+		return c, err
+	}
+	if err := c.setDefaults(); err != nil {
+		return c, err
+	}
+	return c, nil
+}
+
+// inKubernetes reports whether this process runs in a Kubernetes pod.
+func inKubernetes() bool { return os.Getenv("KUBERNETES_SERVICE_HOST") != "" }
+
+// Validate checks the settings against each other and reports every problem
+// at once.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
+	if c.RelayServerPort == 0 {
+		bad("TS_RELAY_SERVER_PORT is required: the UDP port the peer relay listens on, 1-65535 (e.g. TS_RELAY_SERVER_PORT=40000)")
+	}
+	if c.WireGuardPort != 0 && c.WireGuardPort == c.RelayServerPort {
+		bad("TS_PORT=%d: must differ from TS_RELAY_SERVER_PORT, both are UDP sockets of this process; want another port, or 0 for automatic", c.WireGuardPort)
+	}
+	if c.AuthKey != "" && c.ClientSecret != "" {
+		bad("TS_AUTHKEY and TS_CLIENT_SECRET are both set: want one of them, an auth key or an OAuth client secret")
+	}
+	if c.ClientSecret != "" && len(c.AdvertiseTags) == 0 {
+		bad("TS_CLIENT_SECRET needs TS_ADVERTISE_TAGS: nodes created with an OAuth client must be tagged (e.g. TS_ADVERTISE_TAGS=tag:relay)")
+	}
+	if !hostnameRE.MatchString(c.Hostname) {
+		bad("TS_HOSTNAME=%s: want a DNS label of 1-63 letters, digits or '-', not starting or ending with '-'", c.Hostname)
+	}
+	if c.ControlURL != "" {
+		u, err := url.Parse(c.ControlURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			bad("TS_CONTROL_URL=%s: want an http:// or https:// URL", c.ControlURL)
+		}
+	}
+	if c.KubeSecret != "" && (len(c.KubeSecret) > 253 || !secretNameRE.MatchString(c.KubeSecret)) {
+		bad("TS_KUBE_SECRET=%s: want a Kubernetes object name (lower-case letters, digits, '-' and '.')", c.KubeSecret)
+	}
+	if c.KubeSecret == "" && c.StateDir == "" && inKubernetes() {
+		bad("TS_KUBE_SECRET is empty inside Kubernetes: the node's identity would die with the pod; set TS_KUBE_SECRET to a Secret name (or TS_STATE_DIR to a persistent volume)")
+	}
+	if _, err := netip.ParseAddrPort(c.LocalAddrPort); err != nil {
+		bad("TS_LOCAL_ADDR_PORT=%s: want ip:port or [ipv6]:port (e.g. [::]:9002)", c.LocalAddrPort)
+	}
+	return errors.Join(errs...)
+}
+
+// setDefaults fills in the defaults that depend on the machine.
+func (c *Config) setDefaults() error {
+	if c.StateDir != "" {
+		return nil
+	}
+	if c.KubeSecret != "" {
+		c.StateDir = filepath.Join(os.TempDir(), "tsrelay")
+		return nil
+	}
+	dir, err := os.UserConfigDir()
+	if err != nil {
+		return fmt.Errorf("TS_STATE_DIR is empty and there is no default (%w): set TS_STATE_DIR to a directory", err)
+	}
+	c.StateDir = filepath.Join(dir, "tsrelay")
+	return nil
+}
+
+// PrintUsage writes every environment variable with its default and
+// meaning, read from Config's struct tags. It walks the tags itself rather
+// than through envconfig's template-based usage: text/template makes the
+// linker keep every exported method in the program, about 7 MB.
+func PrintUsage(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VARIABLE\tDEFAULT\tMEANING")
+	t := reflect.TypeFor[Config]()
+	for i := range t.NumField() {
+		tag := t.Field(i).Tag
+		def := tag.Get("default")
+		if def == "" {
+			def = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", tag.Get("envconfig"), def, tag.Get("desc"))
+	}
+	return tw.Flush()
+}

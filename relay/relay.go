@@ -1,0 +1,157 @@
+// Package relay is the tsrelay appliance: a userspace Tailscale node (tsnet)
+// that turns itself into a peer relay at startup, keeps the relay settings in
+// force while it runs, and reports honestly over HTTP whether it is relaying.
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	"tailscale.com/feature"
+	"tailscale.com/ipn"
+	"tailscale.com/tsnet"
+
+	"github.com/tsrelay/tsrelay/kubestate"
+
+	// tsnet does not link the peer relay server. Without this import,
+	// RelayServerPort is still accepted and advertised, so peers keep trying
+	// the relay, but nothing listens. Run refuses to start without it.
+	_ "tailscale.com/feature/relayserver"
+)
+
+// relayFeature is the name the relay server registers with tailscale.com/feature.
+const relayFeature = "relayserver"
+
+// Timings of the reconcile loop.
+const (
+	// resyncInterval bounds how long a drifted pref or a lost relay socket
+	// goes unnoticed when no IPN bus event announces it.
+	resyncInterval = 10 * time.Second
+	// bindTimeout is how long the relay server gets to bind its socket
+	// after the prefs are applied; it binds synchronously in practice.
+	bindTimeout = 5 * time.Second
+	// shutdownTimeout is how long HTTP requests in flight get to finish.
+	// Kubernetes allows 30 s between SIGTERM and SIGKILL by default.
+	shutdownTimeout = 5 * time.Second
+)
+
+// Run runs the relay until ctx is done or a stage fails. It returns nil after
+// a clean shutdown.
+func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
+	if !feature.IsRegistered(relayFeature) {
+		return errors.New("this binary was built without tailscale.com/feature/relayserver; it cannot relay")
+	}
+	store, err := newStateStore(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.LocalAddrPort)
+	if err != nil {
+		return fmt.Errorf("listen on TS_LOCAL_ADDR_PORT=%s: %w", cfg.LocalAddrPort, err)
+	}
+
+	a := &appliance{
+		cfg:    cfg,
+		logger: logger,
+		ts:     newTSNet(cfg, store, logger),
+		status: newStatus(cfg),
+		kick:   make(chan struct{}, 1),
+	}
+	logger.Info("starting", "hostname", cfg.Hostname, "relayPort", uint16(cfg.RelayServerPort),
+		"staticEndpoints", cfg.RelayServerStaticEndpoints.String(), "state", stateLocation(cfg), "http", ln.Addr().String())
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return serveHTTP(gctx, ln, a.handler(), logger) })
+	g.Go(func() error {
+		defer a.closeTailnet()
+		return a.run(gctx)
+	})
+	err = g.Wait()
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	logger.Info("stopped")
+	return err
+}
+
+// newStateStore returns the Kubernetes Secret store when TS_KUBE_SECRET is
+// set, or nil, which makes tsnet keep its state in TS_STATE_DIR.
+func newStateStore(ctx context.Context, cfg Config, logger *slog.Logger) (ipn.StateStore, error) {
+	if cfg.KubeSecret == "" {
+		return nil, nil
+	}
+	s, err := kubestate.New(ctx, logger, "", cfg.KubeSecret)
+	if err != nil {
+		return nil, fmt.Errorf("open state Secret (TS_KUBE_SECRET=%s): %w", cfg.KubeSecret, err)
+	}
+	logger.Info("state loaded", "store", s.String())
+	return s, nil
+}
+
+// stateLocation says where the node's identity lives, for the start-up log.
+func stateLocation(cfg Config) string {
+	if cfg.KubeSecret != "" {
+		return "secret/" + cfg.KubeSecret
+	}
+	return cfg.StateDir
+}
+
+// newTSNet configures the userspace Tailscale node. Tailscale's own backend
+// log is very chatty and meant for Tailscale's engineers, so it is dropped
+// unless TS_BACKEND_LOGS asks for it.
+func newTSNet(cfg Config, store ipn.StateStore, logger *slog.Logger) *tsnet.Server {
+	backend := func(string, ...any) {}
+	if cfg.BackendLogs {
+		bl := logger.With("src", "tailscale")
+		backend = func(format string, args ...any) { bl.Info(fmt.Sprintf(format, args...)) }
+	}
+	ul := logger.With("src", "tsnet")
+	s := &tsnet.Server{
+		Dir:           cfg.StateDir,
+		Hostname:      cfg.Hostname,
+		AuthKey:       cfg.AuthKey,
+		ClientSecret:  cfg.ClientSecret,
+		AdvertiseTags: cfg.AdvertiseTags,
+		ControlURL:    cfg.ControlURL,
+		Port:          uint16(cfg.WireGuardPort),
+		Logf:          backend,
+		// tsnet's user-facing lines repeat what this package logs itself
+		// (the auth URL every few seconds, state changes).
+		UserLogf: func(format string, args ...any) { ul.Debug(fmt.Sprintf(format, args...)) },
+	}
+	if store != nil {
+		s.Store = store
+	}
+	return s
+}
+
+// serveHTTP serves h on ln until ctx is done, then drains requests.
+func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Logger) error {
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve HTTP on %s: %w", ln.Addr(), err)
+	case <-ctx.Done():
+	}
+	// ctx is already cancelled; draining needs a deadline of its own.
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		return fmt.Errorf("shut down HTTP server: %w", err)
+	}
+	return ctx.Err()
+}
