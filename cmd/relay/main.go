@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"syscall"
 
@@ -50,7 +51,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "relay: see `relay --help` for every setting")
 		return 2
 	}
-	logger := slog.New(slog.NewTextHandler(stderr, nil)).With("version", version)
+	logger := slog.New(slog.NewTextHandler(stderr, nil))
+	logger.Info("tsrelay", "version", version, "go", runtime.Version())
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -1,0 +1,452 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"tailscale.com/ipn/ipnstate"
+	"tailscale.com/types/key"
+
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
+)
+
+// sizeBudget is the most the stripped relay binary may weigh. The stock
+// tailscale/tailscale image carries 71.8 MB of binaries; being a fraction of
+// that is part of the point.
+const sizeBudget = 30_000_000
+
+// forwardTarget is where the test's port forward delivers to the relay.
+// Linux delivers all of 127.0.0.0/8 to the loopback interface, so the
+// relay's wildcard socket receives on it, but it is not an interface address
+// and so escapes sinkLocalAddrs.
+const forwardTarget = "127.0.0.3"
+
+// sinkLocalAddrs binds port on every address of this machine, with
+// SO_REUSEPORT as the relay's own sockets have. The kernel delivers a
+// datagram to the socket bound to its exact destination before a wildcard
+// one, so these sinks swallow whatever is sent to the relay's port on the
+// addresses it discovers by itself (its interface addresses, and 127.0.0.1 as
+// the loopback STUN server sees it). The only way into the relay is then the
+// static endpoint, so a pong through it proves that the endpoint was
+// advertised and works.
+func sinkLocalAddrs(t *testing.T, port int) {
+	t.Helper()
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		})
+		return errors.Join(err, serr)
+	}}
+	for _, a := range addrs {
+		ipn, ok := a.(*net.IPNet)
+		if !ok || ipn.IP.IsLinkLocalUnicast() {
+			continue
+		}
+		pc, err := lc.ListenPacket(t.Context(), "udp", net.JoinHostPort(ipn.IP.String(), strconv.Itoa(port)))
+		if err != nil {
+			t.Fatalf("bind a sink on %s:%d: %v", ipn.IP, port, err)
+		}
+		t.Cleanup(func() { pc.Close() })
+	}
+}
+
+// buildOnce builds the relay and the laptops' tailscaled and tailscale once
+// per test binary run, into a directory that outlives the run so that go
+// build can skip an up-to-date link next time.
+var buildOnce = sync.OnceValues(func() (tailnettest.Binaries, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	return tailnettest.Build(ctx, filepath.Join(os.TempDir(), "tsrelay-e2e-bin"))
+})
+
+func binaries(t *testing.T) tailnettest.Binaries {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("builds and runs tailscaled and the relay; skipped in -short mode")
+	}
+	bins, err := buildOnce()
+	if err != nil {
+		t.Fatalf("build: %v", err)
+	}
+	return bins
+}
+
+// relayProc is a relay subprocess and the address of its HTTP server.
+type relayProc struct {
+	*tailnettest.Process
+	http string
+}
+
+// startRelay runs the real relay binary configured only through env, as a
+// pod would. Every relay the tests start keeps to this machine:
+// TS_NO_LOGS_NO_SUPPORT stops log uploads (and the fallback dials to public
+// DERP servers), TS_DISABLE_PORTMAPPER stops UPnP/PCP probes of the gateway.
+func startRelay(t *testing.T, bins tailnettest.Binaries, name string, env ...string) *relayProc {
+	t.Helper()
+	httpAddr, err := tailnettest.FreeTCPAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := tailnettest.StartProcess(t.Context(), tailnettest.ProcessConfig{
+		Name:    name,
+		Path:    bins.Relay,
+		LogFile: filepath.Join(t.TempDir(), name+".log"),
+		Env: append([]string{
+			"TS_LOCAL_ADDR_PORT=" + httpAddr,
+			"TS_NO_LOGS_NO_SUPPORT=true",
+			"TS_DISABLE_PORTMAPPER=1",
+			"TS_PANIC_IF_HIT_MAIN_CONTROL=1",
+			"TS_ASSUME_NETWORK_UP_FOR_TEST=1",
+		}, env...),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("%s log:\n%s", name, p.LogTail(80))
+		}
+		p.Close()
+	})
+	return &relayProc{Process: p, http: httpAddr}
+}
+
+// get fetches path from the relay's HTTP server.
+func (r *relayProc) get(ctx context.Context, path string) (code int, body string, err error) {
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+r.http+path, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// readyzJSON is the part of the relay's verbose /readyz the tests read.
+type readyzJSON struct {
+	Ready        bool     `json:"ready"`
+	Reason       string   `json:"reason"`
+	TailscaleIPs []string `json:"tailscaleIPs"`
+	Relay        struct {
+		Port         uint16 `json:"port"`
+		Bound        bool   `json:"bound"`
+		SessionTable []struct {
+			VNI     uint32 `json:"vni"`
+			Clients [2]struct {
+				PacketsTx uint64 `json:"packetsTx"`
+				BytesTx   uint64 `json:"bytesTx"`
+			} `json:"clients"`
+		} `json:"sessionTable"`
+	} `json:"relay"`
+}
+
+func (r *relayProc) status(ctx context.Context) (readyzJSON, error) {
+	var st readyzJSON
+	_, body, err := r.get(ctx, "/readyz?verbose")
+	if err != nil {
+		return st, err
+	}
+	if err := json.Unmarshal([]byte(body), &st); err != nil {
+		return st, fmt.Errorf("verbose /readyz: %w: %s", err, body)
+	}
+	return st, nil
+}
+
+// waitReady polls /readyz until it answers 200 and returns every distinct
+// non-200 answer seen on the way, in order.
+func (r *relayProc) waitReady(t *testing.T, timeout time.Duration) []string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), timeout)
+	defer cancel()
+	var seen []string
+	err := tailnettest.WaitFor(ctx, 50*time.Millisecond, func() (bool, error) {
+		select {
+		case <-r.Done():
+			return false, fmt.Errorf("relay exited: %v", r.Wait(ctx))
+		default:
+		}
+		code, body, err := r.get(ctx, "/readyz")
+		if err != nil {
+			return false, nil // not listening yet
+		}
+		if code == http.StatusOK {
+			return true, nil
+		}
+		if s := fmt.Sprintf("%d %s", code, strings.TrimSpace(body)); len(seen) == 0 || seen[len(seen)-1] != s {
+			seen = append(seen, s)
+		}
+		return false, nil
+	})
+	if err != nil {
+		t.Fatalf("relay never became ready (answers seen: %q): %v", seen, err)
+	}
+	return seen
+}
+
+// peerByIP returns the peer in st with the tailnet IP ip.
+func peerByIP(st *ipnstate.Status, ip string) (*ipnstate.PeerStatus, bool) {
+	for _, p := range st.Peer {
+		for _, a := range p.TailscaleIPs {
+			if a.String() == ip {
+				return p, true
+			}
+		}
+	}
+	return nil, false
+}
+
+// TestRelayEndToEnd runs the real relay binary and two real tailscaled
+// "laptops" that cannot reach each other directly, on a loopback tailnet,
+// and proves that their traffic moves from DERP onto the relay, and that
+// the relay keeps its identity across a restart without an auth key.
+func TestRelayEndToEnd(t *testing.T) {
+	bins := binaries(t)
+	control := tailnettest.StartControlForTest(t)
+	relayPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The static endpoint is a port forward to the relay on another port,
+	// as behind a home router or a load balancer.
+	sinkLocalAddrs(t, relayPort)
+	fwd, err := tailnettest.StartPortForward("127.0.0.1:0", netip.AddrPortFrom(netip.MustParseAddr(forwardTarget), uint16(relayPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fwd.Close() })
+	endpoint := fwd.Addr.String()
+	stateDir := t.TempDir()
+	env := []string{
+		"TS_CONTROL_URL=" + control.URL,
+		"TS_STATE_DIR=" + stateDir,
+		"TS_HOSTNAME=relay",
+		"TS_RELAY_SERVER_PORT=" + strconv.Itoa(relayPort),
+		"TS_RELAY_SERVER_STATIC_ENDPOINTS=" + endpoint,
+	}
+	relay := startRelay(t, bins, "relay", append(env, "TS_AUTHKEY="+control.AuthKey)...)
+	notReady := relay.waitReady(t, 60*time.Second)
+	if len(notReady) == 0 || !strings.HasPrefix(notReady[0], "503 ") {
+		t.Errorf("/readyz answers before ready = %q, want at least one 503", notReady)
+	}
+	t.Logf("/readyz went %q → 200", notReady)
+
+	a := tailnettest.StartLaptopForTest(t, bins, "a")
+	b := tailnettest.StartLaptopForTest(t, bins, "b")
+	tailnettest.UpForTest(t, control, a)
+	ipB := tailnettest.UpForTest(t, control, b)
+
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	if err := a.WaitForPeer(ctx, ipB); err != nil {
+		t.Fatal(err)
+	}
+	out, err := a.CLI(ctx, "ping", "--c=10", "--until-direct=false", ipB.String())
+	if err != nil {
+		t.Fatalf("tailscale ping: %v", err)
+	}
+	t.Logf("tailscale ping from a to b:\n%s", out)
+	wantVia := "via peer-relay(" + endpoint + ":vni:"
+	if !strings.Contains(string(out), wantVia) {
+		t.Fatalf("tailscale ping output does not contain %q:\n%s", wantVia, out)
+	}
+
+	st, err := a.LocalClient().Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peerB, ok := peerByIP(st, ipB.String())
+	if !ok || !strings.HasPrefix(peerB.PeerRelay, endpoint+":vni:") {
+		t.Errorf("a's status for b: PeerRelay = %q, want %s:vni:N", peerB.PeerRelay, endpoint)
+	}
+
+	rs, err := relay.status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var packets, bytes uint64
+	for _, s := range rs.Relay.SessionTable {
+		for _, c := range s.Clients {
+			packets += c.PacketsTx
+			bytes += c.BytesTx
+		}
+	}
+	if len(rs.Relay.SessionTable) == 0 || packets == 0 || bytes == 0 {
+		t.Errorf("relay session table = %+v, want a session with non-zero packet and byte counters", rs.Relay.SessionTable)
+	}
+	if len(rs.TailscaleIPs) == 0 {
+		t.Fatalf("relay reports no tailnet IPs: %+v", rs)
+	}
+	relayIP := rs.TailscaleIPs[0]
+	relayPeer, ok := peerByIP(st, relayIP)
+	if !ok {
+		t.Fatalf("a does not see the relay (%s) as a peer", relayIP)
+	}
+	nodesBefore := control.Server.NumNodes()
+	control.AllowRegisterWithoutKey()
+
+	// Restart: a clean SIGTERM, then the same state and no auth key.
+	stopCtx, stopCancel := context.WithTimeout(ctx, 30*time.Second)
+	defer stopCancel()
+	stopStart := time.Now()
+	if err := relay.Stop(stopCtx); err != nil {
+		t.Fatalf("relay did not exit cleanly on SIGTERM: %v", err)
+	}
+	t.Logf("relay stopped in %v", time.Since(stopStart).Round(time.Millisecond))
+
+	relay2 := startRelay(t, bins, "relay-restarted", env...)
+	relay2.waitReady(t, 60*time.Second)
+	t.Logf("restarted relay ready %v after the stop", time.Since(stopStart).Round(time.Millisecond))
+	rs2, err := relay2.status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rs2.TailscaleIPs) == 0 || rs2.TailscaleIPs[0] != relayIP || !rs2.Relay.Bound {
+		t.Errorf("after restart: IPs %v bound %v, want %s and bound", rs2.TailscaleIPs, rs2.Relay.Bound, relayIP)
+	}
+	if n := control.Server.NumNodes(); n != nodesBefore {
+		t.Errorf("control has %d nodes after the restart, want %d: the relay logged in as a new node", n, nodesBefore)
+	}
+	if node := control.Server.Node(relayPeer.PublicKey); node == nil {
+		t.Errorf("control no longer knows the relay's node key %v", relayPeer.PublicKey.ShortString())
+	}
+	if log := readFile(t, relay2.LogPath()); strings.Contains(log, control.AuthKey) {
+		t.Errorf("relay log contains the auth key")
+	}
+	// The restarted relay carries traffic again.
+	restartedAt := time.Now()
+	if err := tailnettest.WaitFor(ctx, time.Second, func() (bool, error) {
+		out, err = a.CLI(ctx, "ping", "--c=5", "--until-direct=false", ipB.String())
+		return err == nil && strings.Contains(string(out), wantVia), nil
+	}); err != nil {
+		t.Errorf("no pong via the restarted relay: %v\n%s", err, out)
+	}
+	t.Logf("pong via the restarted relay after %v:\n%s", time.Since(restartedAt).Round(time.Millisecond), out)
+}
+
+// TestRelayNotReadyWithoutLogin checks that a relay with a bad auth key
+// keeps running, explains itself on /readyz and never prints the key.
+func TestRelayNotReadyWithoutLogin(t *testing.T) {
+	bins := binaries(t)
+	control := tailnettest.StartControlForTest(t)
+	relayPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	badKey := "tskey-auth-" + key.NewNode().Public().UntypedHexString()[:20]
+	relay := startRelay(t, bins, "relay-badkey",
+		"TS_CONTROL_URL="+control.URL,
+		"TS_STATE_DIR="+t.TempDir(),
+		"TS_RELAY_SERVER_PORT="+strconv.Itoa(relayPort),
+		"TS_AUTHKEY="+badKey,
+	)
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	var body string
+	err = tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
+		var code int
+		code, body, err = relay.get(ctx, "/readyz")
+		if err == nil && code == http.StatusOK {
+			return false, fmt.Errorf("relay is ready with a bad auth key")
+		}
+		return err == nil && strings.Contains(body, "invalid"), nil
+	})
+	if err != nil {
+		t.Fatalf("/readyz never explained the bad key (last answer %q): %v", body, err)
+	}
+	if !strings.HasPrefix(body, "NeedsLogin") {
+		t.Errorf("/readyz = %q, want it to start with NeedsLogin", body)
+	}
+	if code, _, err := relay.get(ctx, "/healthz"); err != nil || code != http.StatusOK {
+		t.Errorf("/healthz = %d, %v; want 200: liveness must not depend on login", code, err)
+	}
+	select {
+	case <-relay.Done():
+		t.Fatalf("relay exited on a bad key; it should stay up and unready")
+	default:
+	}
+	for _, out := range []string{body, readFile(t, relay.LogPath())} {
+		if strings.Contains(out, badKey) || strings.Contains(out, badKey[len("tskey-auth-"):]) {
+			t.Errorf("the auth key appears in the relay's output:\n%s", out)
+		}
+	}
+}
+
+// TestRelayNotReadyWhenPortTaken checks that a relay whose UDP port is held
+// by another socket logs in but stays unready: advertised but not bound is
+// the failure users cannot see from outside.
+func TestRelayNotReadyWhenPortTaken(t *testing.T) {
+	bins := binaries(t)
+	control := tailnettest.StartControlForTest(t)
+	squatter, err := net.ListenPacket("udp4", "0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer squatter.Close()
+	port := squatter.LocalAddr().(*net.UDPAddr).Port
+	relay := startRelay(t, bins, "relay-porttaken",
+		"TS_CONTROL_URL="+control.URL,
+		"TS_STATE_DIR="+t.TempDir(),
+		"TS_RELAY_SERVER_PORT="+strconv.Itoa(port),
+		"TS_AUTHKEY="+control.AuthKey,
+	)
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	want := fmt.Sprintf("relay not bound on UDP port %d", port)
+	var body string
+	err = tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
+		var code int
+		code, body, err = relay.get(ctx, "/readyz")
+		if err == nil && code == http.StatusOK {
+			return false, fmt.Errorf("relay is ready although its port is taken")
+		}
+		return err == nil && strings.Contains(body, want), nil
+	})
+	if err != nil {
+		t.Fatalf("/readyz never said %q (last answer %q): %v", want, body, err)
+	}
+}
+
+func TestBinarySize(t *testing.T) {
+	bins := binaries(t)
+	fi, err := os.Stat(bins.Relay)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("stripped relay binary: %.1f MB (budget %.1f MB)", float64(fi.Size())/1e6, float64(sizeBudget)/1e6)
+	if fi.Size() > sizeBudget {
+		t.Errorf("stripped relay binary is %d bytes, over the %d-byte budget; see DESIGN.md for what costs what", fi.Size(), sizeBudget)
+	}
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
