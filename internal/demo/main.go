@@ -1,0 +1,226 @@
+// Command demo shows tsrelay working on this machine alone: it starts a
+// private tailnet on 127.0.0.1 (control, DERP and STUN in this process), the
+// real relay binary, and two real tailscaled "laptops" that cannot reach each
+// other directly, then pings from one laptop to the other and prints how the
+// traffic moves from DERP onto the relay. No Tailscale account is needed and
+// nothing leaves the machine. Run it with `make demo`.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "demo failed:", err)
+		os.Exit(1)
+	}
+}
+
+// step prints a numbered heading.
+func step(w io.Writer, n int, format string, args ...any) {
+	fmt.Fprintf(w, "\n[%d/5] %s\n", n, fmt.Sprintf(format, args...))
+}
+
+// indent prints text indented under a step.
+func indent(w io.Writer, text string) {
+	for line := range strings.SplitSeq(strings.TrimRight(text, "\n"), "\n") {
+		fmt.Fprintln(w, "      "+line)
+	}
+}
+
+func run(ctx context.Context, w io.Writer) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	fmt.Fprintln(w, "tsrelay demo: a private tailnet on 127.0.0.1; no Tailscale account, nothing leaves this machine.")
+
+	step(w, 1, "Building relay, tailscaled and tailscale (the first build takes a few minutes)")
+	start := time.Now()
+	bins, err := tailnettest.Build(ctx, filepath.Join(os.TempDir(), "tsrelay-demo-bin"))
+	if err != nil {
+		return err
+	}
+	indent(w, fmt.Sprintf("built in %v", time.Since(start).Round(100*time.Millisecond)))
+	work, err := os.MkdirTemp("", "tsrelay-demo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+
+	step(w, 2, "Starting control, DERP and STUN on 127.0.0.1")
+	control, err := tailnettest.StartControl(nil)
+	if err != nil {
+		return err
+	}
+	defer control.Close()
+	indent(w, "control "+control.URL+", DERP region \"test\"")
+
+	relayPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		return err
+	}
+	httpAddr, err := tailnettest.FreeTCPAddr()
+	if err != nil {
+		return err
+	}
+	env := []string{
+		"TS_AUTHKEY=" + control.AuthKey,
+		"TS_CONTROL_URL=" + control.URL,
+		"TS_STATE_DIR=" + filepath.Join(work, "relay"),
+		"TS_HOSTNAME=relay",
+		"TS_RELAY_SERVER_PORT=" + strconv.Itoa(relayPort),
+		"TS_RELAY_SERVER_STATIC_ENDPOINTS=127.0.0.1:" + strconv.Itoa(relayPort),
+		"TS_LOCAL_ADDR_PORT=" + httpAddr,
+		// Keep the demo on this machine: no log uploads (and none of the
+		// fallback dials to Tailscale's servers), no UPnP/PCP probes of
+		// the router.
+		"TS_NO_LOGS_NO_SUPPORT=true",
+		"TS_DISABLE_PORTMAPPER=1",
+	}
+	step(w, 3, "Starting the relay, configured only by its environment")
+	for _, e := range env[3:6] {
+		indent(w, e)
+	}
+	relay, err := tailnettest.StartProcess(ctx, tailnettest.ProcessConfig{
+		Name: "relay", Path: bins.Relay, Env: env, LogFile: filepath.Join(work, "relay.log"),
+	})
+	if err != nil {
+		return err
+	}
+	defer relay.Close()
+	if err := waitReady(ctx, w, relay, httpAddr); err != nil {
+		return err
+	}
+	indent(w, "relay log:")
+	indent(w, "  "+strings.ReplaceAll(strings.TrimSpace(relay.LogTail(20)), "\n", "\n  "))
+
+	step(w, 4, "Starting two laptops that cannot talk directly (TS_DEBUG_NEVER_DIRECT_UDP), like pods behind hard NAT")
+	var ips [2]netip.Addr
+	var laptops [2]*tailnettest.Laptop
+	for i, name := range []string{"laptop-a", "laptop-b"} {
+		l, err := tailnettest.StartLaptop(ctx, bins, filepath.Join(work, name), name)
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		if err := l.Up(ctx, control.URL, control.AuthKey); err != nil {
+			return err
+		}
+		ip, err := l.IP(ctx)
+		if err != nil {
+			return err
+		}
+		laptops[i], ips[i] = l, ip
+		indent(w, fmt.Sprintf("%s is %s", name, ip))
+	}
+	a := laptops[0]
+	if err := a.WaitForPeer(ctx, ips[1]); err != nil {
+		return err
+	}
+
+	step(w, 5, "laptop-a$ tailscale ping --c=10 --until-direct=false %s", ips[1])
+	out, err := a.CLI(ctx, "ping", "--c=10", "--until-direct=false", ips[1].String())
+	if err != nil {
+		return err
+	}
+	indent(w, string(out))
+	if !strings.Contains(string(out), "via peer-relay(") {
+		return errors.New("no pong came through the relay; see " + relay.LogPath())
+	}
+
+	sessions, err := sessionTable(ctx, httpAddr)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(w, "\nThe relay's session table (GET /readyz?verbose):")
+	indent(w, sessions)
+	fmt.Fprintln(w, "\nThe first pong crossed DERP; the rest rode the peer relay. In a cluster the relay")
+	fmt.Fprintln(w, "sits behind a UDP LoadBalancer IP, and laptops see `via peer-relay(<LB IP>:<port>:vni:N)`.")
+	fmt.Fprintln(w, "Cleaning up.")
+	return nil
+}
+
+// waitReady polls /readyz until 200, printing each distinct answer.
+func waitReady(ctx context.Context, w io.Writer, relay *tailnettest.Process, httpAddr string) error {
+	start := time.Now()
+	last := ""
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	return tailnettest.WaitFor(ctx, 50*time.Millisecond, func() (bool, error) {
+		select {
+		case <-relay.Done():
+			return false, fmt.Errorf("relay exited: %v\n%s", relay.Wait(ctx), relay.LogTail(20))
+		default:
+		}
+		code, body, err := get(ctx, "http://"+httpAddr+"/readyz")
+		if err != nil {
+			return false, nil // not listening yet
+		}
+		if line := fmt.Sprintf("GET /readyz → %d %s", code, strings.TrimSpace(body)); line != last {
+			indent(w, fmt.Sprintf("%-70s (%.1fs)", line, time.Since(start).Seconds()))
+			last = line
+		}
+		return code == http.StatusOK, nil
+	})
+}
+
+// sessionTable renders the relay's sessions from its verbose status.
+func sessionTable(ctx context.Context, httpAddr string) (string, error) {
+	_, body, err := get(ctx, "http://"+httpAddr+"/readyz?verbose")
+	if err != nil {
+		return "", err
+	}
+	var st struct {
+		Relay struct {
+			SessionTable []struct {
+				VNI     uint32 `json:"vni"`
+				Clients [2]struct {
+					Endpoint  string `json:"endpoint"`
+					PacketsTx uint64 `json:"packetsTx"`
+					BytesTx   uint64 `json:"bytesTx"`
+				} `json:"clients"`
+			} `json:"sessionTable"`
+		} `json:"relay"`
+	}
+	if err := json.Unmarshal([]byte(body), &st); err != nil {
+		return "", fmt.Errorf("read relay status: %w", err)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%-5s %-22s %-22s %s\n", "VNI", "CLIENT 1", "CLIENT 2", "PACKETS/BYTES 1→2, 2→1")
+	for _, s := range st.Relay.SessionTable {
+		c1, c2 := s.Clients[0], s.Clients[1]
+		fmt.Fprintf(&b, "%-5d %-22s %-22s %d/%d, %d/%d\n", s.VNI, c1.Endpoint, c2.Endpoint, c1.PacketsTx, c1.BytesTx, c2.PacketsTx, c2.BytesTx)
+	}
+	return b.String(), nil
+}
+
+func get(ctx context.Context, url string) (int, string, error) {
+	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
