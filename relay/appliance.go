@@ -30,6 +30,17 @@ type appliance struct {
 	lc *local.Client // nil until the node has started
 }
 
+// newAppliance returns an appliance for cfg; store nil means TS_STATE_DIR.
+func newAppliance(cfg Config, store ipn.StateStore, logger *slog.Logger) *appliance {
+	return &appliance{
+		cfg:    cfg,
+		logger: logger,
+		ts:     newTSNet(cfg, store, logger),
+		status: newStatus(cfg),
+		kick:   make(chan struct{}, 1),
+	}
+}
+
 // run starts the node and keeps it configured until ctx is done.
 func (a *appliance) run(ctx context.Context) error {
 	lc, err := a.startTailnet(ctx)

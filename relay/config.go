@@ -48,7 +48,12 @@ type Port uint16
 
 // Decode implements envconfig.Decoder.
 func (p *Port) Decode(s string) error {
-	n, err := strconv.ParseUint(strings.TrimSpace(s), 10, 64)
+	s = strings.TrimSpace(s)
+	if s == "" {
+		*p = 0 // set but empty, as manifests with a blank value do: unset
+		return nil
+	}
+	n, err := strconv.ParseUint(s, 10, 64)
 	if err != nil {
 		return errors.New("not a port number; want 0-65535")
 	}

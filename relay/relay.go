@@ -56,13 +56,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 		return fmt.Errorf("listen on TS_LOCAL_ADDR_PORT=%s: %w", cfg.LocalAddrPort, err)
 	}
 
-	a := &appliance{
-		cfg:    cfg,
-		logger: logger,
-		ts:     newTSNet(cfg, store, logger),
-		status: newStatus(cfg),
-		kick:   make(chan struct{}, 1),
-	}
+	a := newAppliance(cfg, store, logger)
 	logger.Info("starting", "hostname", cfg.Hostname, "relayPort", uint16(cfg.RelayServerPort),
 		"staticEndpoints", cfg.RelayServerStaticEndpoints.String(), "state", stateLocation(cfg), "http", ln.Addr().String())
 
@@ -90,7 +84,6 @@ func newStateStore(ctx context.Context, cfg Config, logger *slog.Logger) (ipn.St
 	if err != nil {
 		return nil, fmt.Errorf("open state Secret (TS_KUBE_SECRET=%s): %w", cfg.KubeSecret, err)
 	}
-	logger.Info("state loaded", "store", s.String())
 	return s, nil
 }
 

@@ -1,0 +1,89 @@
+package relay
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"testing"
+	"time"
+
+	"tailscale.com/envknob"
+	"tailscale.com/ipn"
+
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
+)
+
+// TestReappliesDriftedPrefs runs the appliance in process against the
+// loopback control server, turns the relay off behind its back through the
+// node's local API, and checks that the relay comes back without a restart.
+func TestReappliesDriftedPrefs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a tailnet; skipped in -short mode")
+	}
+	// Keep the in-process node on this machine: no UPnP/PCP probes of the
+	// gateway, and a panic rather than a dial to Tailscale's control.
+	envknob.Setenv("TS_DISABLE_PORTMAPPER", "1")
+	envknob.Setenv("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")
+	control := tailnettest.StartControlForTest(t)
+	port, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
+	a := newAppliance(Config{
+		AuthKey:                    control.AuthKey,
+		ControlURL:                 control.URL,
+		Hostname:                   "relay",
+		StateDir:                   t.TempDir(),
+		RelayServerPort:            Port(port),
+		RelayServerStaticEndpoints: Endpoints{ep},
+	}, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
+
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- a.run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		a.closeTailnet()
+	})
+
+	waitReady := func(what string) {
+		t.Helper()
+		wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
+		defer wcancel()
+		err := tailnettest.WaitFor(wctx, 50*time.Millisecond, func() (bool, error) {
+			ready, _ := a.status.readiness()
+			return ready, nil
+		})
+		if err != nil {
+			_, reason := a.status.readiness()
+			t.Fatalf("%s: not ready (%s): %v", what, reason, err)
+		}
+	}
+	waitReady("start")
+
+	// Someone clears the relay prefs, as `tailscale set --relay-server-port=""` would.
+	lc := a.localClient()
+	if _, err := lc.EditPrefs(ctx, &ipn.MaskedPrefs{RelayServerPortSet: true, RelayServerStaticEndpointsSet: true}); err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
+	defer wcancel()
+	err = tailnettest.WaitFor(wctx, 20*time.Millisecond, func() (bool, error) {
+		p, err := lc.GetPrefs(wctx)
+		if err != nil {
+			return false, err
+		}
+		return p.RelayServerPort != nil && *p.RelayServerPort == uint16(port) &&
+			len(p.RelayServerStaticEndpoints) == 1 && p.RelayServerStaticEndpoints[0] == ep, nil
+	})
+	if err != nil {
+		t.Fatalf("relay prefs were not re-applied after drift: %v", err)
+	}
+	waitReady("after drift")
+	rs, err := lc.DebugPeerRelaySessions(ctx)
+	if err != nil || rs.UDPPort == nil || *rs.UDPPort != uint16(port) {
+		t.Errorf("relay after drift: %+v, %v; want bound on %d", rs, err, port)
+	}
+}
