@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -91,115 +89,34 @@ func binaries(t *testing.T) tailnettest.Binaries {
 	return bins
 }
 
-// relayProc is a relay subprocess and the address of its HTTP server.
-type relayProc struct {
-	*tailnettest.Process
-	http string
-}
-
 // startRelay runs the real relay binary configured only through env, as a
-// pod would. Every relay the tests start keeps to this machine:
-// TS_NO_LOGS_NO_SUPPORT stops log uploads (and the fallback dials to public
-// DERP servers), TS_DISABLE_PORTMAPPER stops UPnP/PCP probes of the gateway.
-func startRelay(t *testing.T, bins tailnettest.Binaries, name string, env ...string) *relayProc {
+// pod would, and stops it at the end of the test.
+func startRelay(t *testing.T, bins tailnettest.Binaries, name string, env ...string) *tailnettest.Relay {
 	t.Helper()
-	httpAddr, err := tailnettest.FreeTCPAddr()
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := tailnettest.StartProcess(t.Context(), tailnettest.ProcessConfig{
-		Name:    name,
-		Path:    bins.Relay,
-		LogFile: filepath.Join(t.TempDir(), name+".log"),
-		Env: append([]string{
-			"TS_LOCAL_ADDR_PORT=" + httpAddr,
-			"TS_NO_LOGS_NO_SUPPORT=true",
-			"TS_DISABLE_PORTMAPPER=1",
-			"TS_PANIC_IF_HIT_MAIN_CONTROL=1",
-			"TS_ASSUME_NETWORK_UP_FOR_TEST=1",
-		}, env...),
-	})
+	r, err := tailnettest.StartRelay(t.Context(), bins, name, filepath.Join(t.TempDir(), name+".log"), env...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("%s log:\n%s", name, p.LogTail(80))
+			t.Logf("%s log:\n%s", name, r.LogTail(80))
 		}
-		p.Close()
+		r.Close()
 	})
-	return &relayProc{Process: p, http: httpAddr}
+	return r
 }
 
-// get fetches path from the relay's HTTP server.
-func (r *relayProc) get(ctx context.Context, path string) (code int, body string, err error) {
-	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+r.http+path, nil)
-	if err != nil {
-		return 0, "", err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
-}
-
-// readyzJSON is the part of the relay's verbose /readyz the tests read.
-type readyzJSON struct {
-	Ready        bool     `json:"ready"`
-	Reason       string   `json:"reason"`
-	TailscaleIPs []string `json:"tailscaleIPs"`
-	Relay        struct {
-		Port         uint16 `json:"port"`
-		Bound        bool   `json:"bound"`
-		SessionTable []struct {
-			VNI     uint32 `json:"vni"`
-			Clients [2]struct {
-				PacketsTx uint64 `json:"packetsTx"`
-				BytesTx   uint64 `json:"bytesTx"`
-			} `json:"clients"`
-		} `json:"sessionTable"`
-	} `json:"relay"`
-}
-
-func (r *relayProc) status(ctx context.Context) (readyzJSON, error) {
-	var st readyzJSON
-	_, body, err := r.get(ctx, "/readyz?verbose")
-	if err != nil {
-		return st, err
-	}
-	if err := json.Unmarshal([]byte(body), &st); err != nil {
-		return st, fmt.Errorf("verbose /readyz: %w: %s", err, body)
-	}
-	return st, nil
-}
-
-// waitReady polls /readyz until it answers 200 and returns every distinct
-// non-200 answer seen on the way, in order.
-func (r *relayProc) waitReady(t *testing.T, timeout time.Duration) []string {
+// waitReady waits for the relay's /readyz to answer 200 and returns the
+// answers it gave before, in order.
+func waitReady(t *testing.T, r *tailnettest.Relay) []string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), timeout)
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	var seen []string
-	err := tailnettest.WaitFor(ctx, 50*time.Millisecond, func() (bool, error) {
-		select {
-		case <-r.Done():
-			return false, fmt.Errorf("relay exited: %v", r.Wait(ctx))
-		default:
+	err := r.WaitReady(ctx, func(code int, body string) {
+		if code != http.StatusOK {
+			seen = append(seen, fmt.Sprintf("%d %s", code, strings.TrimSpace(body)))
 		}
-		code, body, err := r.get(ctx, "/readyz")
-		if err != nil {
-			return false, nil // not listening yet
-		}
-		if code == http.StatusOK {
-			return true, nil
-		}
-		if s := fmt.Sprintf("%d %s", code, strings.TrimSpace(body)); len(seen) == 0 || seen[len(seen)-1] != s {
-			seen = append(seen, s)
-		}
-		return false, nil
 	})
 	if err != nil {
 		t.Fatalf("relay never became ready (answers seen: %q): %v", seen, err)
@@ -248,7 +165,7 @@ func TestRelayEndToEnd(t *testing.T) {
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS=" + endpoint,
 	}
 	relay := startRelay(t, bins, "relay", append(env, "TS_AUTHKEY="+control.AuthKey)...)
-	notReady := relay.waitReady(t, 60*time.Second)
+	notReady := waitReady(t, relay)
 	if len(notReady) == 0 || !strings.HasPrefix(notReady[0], "503 ") {
 		t.Errorf("/readyz answers before ready = %q, want at least one 503", notReady)
 	}
@@ -283,7 +200,7 @@ func TestRelayEndToEnd(t *testing.T) {
 		t.Errorf("a's status for b: PeerRelay = %q, want %s:vni:N", peerB.PeerRelay, endpoint)
 	}
 
-	rs, err := relay.status(ctx)
+	rs, err := relay.Status(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -305,6 +222,7 @@ func TestRelayEndToEnd(t *testing.T) {
 	if !ok {
 		t.Fatalf("a does not see the relay (%s) as a peer", relayIP)
 	}
+	t.Logf("relay session table: %d sessions, %d packets, %d bytes; relay RSS %s", len(rs.Relay.SessionTable), packets, bytes, rss(relay.Pid()))
 	nodesBefore := control.Server.NumNodes()
 	control.AllowRegisterWithoutKey()
 
@@ -318,9 +236,9 @@ func TestRelayEndToEnd(t *testing.T) {
 	t.Logf("relay stopped in %v", time.Since(stopStart).Round(time.Millisecond))
 
 	relay2 := startRelay(t, bins, "relay-restarted", env...)
-	relay2.waitReady(t, 60*time.Second)
-	t.Logf("restarted relay ready %v after the stop", time.Since(stopStart).Round(time.Millisecond))
-	rs2, err := relay2.status(ctx)
+	waitReady(t, relay2)
+	t.Logf("restarted relay ready %v after the stop; RSS %s", time.Since(stopStart).Round(time.Millisecond), rss(relay2.Pid()))
+	rs2, err := relay2.Status(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -368,7 +286,7 @@ func TestRelayNotReadyWithoutLogin(t *testing.T) {
 	var body string
 	err = tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
 		var code int
-		code, body, err = relay.get(ctx, "/readyz")
+		code, body, err = relay.Get(ctx, "/readyz")
 		if err == nil && code == http.StatusOK {
 			return false, fmt.Errorf("relay is ready with a bad auth key")
 		}
@@ -380,7 +298,7 @@ func TestRelayNotReadyWithoutLogin(t *testing.T) {
 	if !strings.HasPrefix(body, "NeedsLogin") {
 		t.Errorf("/readyz = %q, want it to start with NeedsLogin", body)
 	}
-	if code, _, err := relay.get(ctx, "/healthz"); err != nil || code != http.StatusOK {
+	if code, _, err := relay.Get(ctx, "/healthz"); err != nil || code != http.StatusOK {
 		t.Errorf("/healthz = %d, %v; want 200: liveness must not depend on login", code, err)
 	}
 	select {
@@ -393,6 +311,49 @@ func TestRelayNotReadyWithoutLogin(t *testing.T) {
 			t.Errorf("the auth key appears in the relay's output:\n%s", out)
 		}
 	}
+}
+
+// TestRelayInteractiveLogin checks the path without an auth key: the relay
+// logs the login URL, says so on /readyz (without serving the URL), and
+// becomes ready once someone completes the login.
+func TestRelayInteractiveLogin(t *testing.T) {
+	bins := binaries(t)
+	control := tailnettest.StartControlForTest(t)
+	control.AllowRegisterWithoutKey()
+	control.Server.RequireAuth = true // no node has registered yet
+	relayPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	relay := startRelay(t, bins, "relay-interactive",
+		"TS_CONTROL_URL="+control.URL,
+		"TS_STATE_DIR="+t.TempDir(),
+		"TS_RELAY_SERVER_PORT="+strconv.Itoa(relayPort),
+	)
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	var loginURL, body string
+	err = tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
+		_, body, _ = relay.Get(ctx, "/readyz")
+		for line := range strings.SplitSeq(readFile(t, relay.LogPath()), "\n") {
+			if _, after, ok := strings.Cut(line, "login needed"); ok {
+				if _, u, ok := strings.Cut(after, " url="); ok {
+					loginURL = strings.Fields(u)[0]
+				}
+			}
+		}
+		return loginURL != "" && strings.HasPrefix(body, "NeedsLogin: login URL printed in the log"), nil
+	})
+	if err != nil {
+		t.Fatalf("no login URL in the log, or /readyz = %q: %v", body, err)
+	}
+	if strings.Contains(body, loginURL) {
+		t.Errorf("/readyz serves the login URL; whoever opens it first owns the node")
+	}
+	if !control.Server.CompleteAuth(loginURL) {
+		t.Fatalf("control does not know the logged URL %q", loginURL)
+	}
+	waitReady(t, relay)
 }
 
 // TestRelayNotReadyWhenPortTaken checks that a relay whose UDP port is held
@@ -419,7 +380,7 @@ func TestRelayNotReadyWhenPortTaken(t *testing.T) {
 	var body string
 	err = tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
 		var code int
-		code, body, err = relay.get(ctx, "/readyz")
+		code, body, err = relay.Get(ctx, "/readyz")
 		if err == nil && code == http.StatusOK {
 			return false, fmt.Errorf("relay is ready although its port is taken")
 		}
@@ -440,6 +401,21 @@ func TestBinarySize(t *testing.T) {
 	if fi.Size() > sizeBudget {
 		t.Errorf("stripped relay binary is %d bytes, over the %d-byte budget; see DESIGN.md for what costs what", fi.Size(), sizeBudget)
 	}
+}
+
+// rss returns a process's resident set size as the kernel reports it, for
+// the test log; it is a measurement, not an assertion.
+func rss(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return "unknown"
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
 }
 
 func readFile(t *testing.T, path string) string {

@@ -8,11 +8,9 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -76,10 +74,6 @@ func run(ctx context.Context, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	httpAddr, err := tailnettest.FreeTCPAddr()
-	if err != nil {
-		return err
-	}
 	env := []string{
 		"TS_AUTHKEY=" + control.AuthKey,
 		"TS_CONTROL_URL=" + control.URL,
@@ -87,26 +81,24 @@ func run(ctx context.Context, w io.Writer) error {
 		"TS_HOSTNAME=relay",
 		"TS_RELAY_SERVER_PORT=" + strconv.Itoa(relayPort),
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS=127.0.0.1:" + strconv.Itoa(relayPort),
-		"TS_LOCAL_ADDR_PORT=" + httpAddr,
-		// Keep the demo on this machine: no log uploads (and none of the
-		// fallback dials to Tailscale's servers), no UPnP/PCP probes of
-		// the router.
-		"TS_NO_LOGS_NO_SUPPORT=true",
-		"TS_DISABLE_PORTMAPPER=1",
 	}
 	step(w, 3, "Starting the relay, configured only by its environment")
 	for _, e := range env[3:6] {
 		indent(w, e)
 	}
-	relay, err := tailnettest.StartProcess(ctx, tailnettest.ProcessConfig{
-		Name: "relay", Path: bins.Relay, Env: env, LogFile: filepath.Join(work, "relay.log"),
-	})
+	relay, err := tailnettest.StartRelay(ctx, bins, "relay", filepath.Join(work, "relay.log"), env...)
 	if err != nil {
 		return err
 	}
 	defer relay.Close()
-	if err := waitReady(ctx, w, relay, httpAddr); err != nil {
-		return err
+	readyStart := time.Now()
+	readyCtx, readyCancel := context.WithTimeout(ctx, time.Minute)
+	defer readyCancel()
+	err = relay.WaitReady(readyCtx, func(code int, body string) {
+		indent(w, fmt.Sprintf("%-70s (%.1fs)", fmt.Sprintf("GET /readyz → %d %s", code, strings.TrimSpace(body)), time.Since(readyStart).Seconds()))
+	})
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, relay.LogTail(20))
 	}
 	indent(w, "relay log:")
 	indent(w, "  "+strings.ReplaceAll(strings.TrimSpace(relay.LogTail(20)), "\n", "\n  "))
@@ -145,7 +137,7 @@ func run(ctx context.Context, w io.Writer) error {
 		return errors.New("no pong came through the relay; see " + relay.LogPath())
 	}
 
-	sessions, err := sessionTable(ctx, httpAddr)
+	sessions, err := sessionTable(ctx, relay)
 	if err != nil {
 		return err
 	}
@@ -157,50 +149,11 @@ func run(ctx context.Context, w io.Writer) error {
 	return nil
 }
 
-// waitReady polls /readyz until 200, printing each distinct answer.
-func waitReady(ctx context.Context, w io.Writer, relay *tailnettest.Process, httpAddr string) error {
-	start := time.Now()
-	last := ""
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	return tailnettest.WaitFor(ctx, 50*time.Millisecond, func() (bool, error) {
-		select {
-		case <-relay.Done():
-			return false, fmt.Errorf("relay exited: %v\n%s", relay.Wait(ctx), relay.LogTail(20))
-		default:
-		}
-		code, body, err := get(ctx, "http://"+httpAddr+"/readyz")
-		if err != nil {
-			return false, nil // not listening yet
-		}
-		if line := fmt.Sprintf("GET /readyz → %d %s", code, strings.TrimSpace(body)); line != last {
-			indent(w, fmt.Sprintf("%-70s (%.1fs)", line, time.Since(start).Seconds()))
-			last = line
-		}
-		return code == http.StatusOK, nil
-	})
-}
-
 // sessionTable renders the relay's sessions from its verbose status.
-func sessionTable(ctx context.Context, httpAddr string) (string, error) {
-	_, body, err := get(ctx, "http://"+httpAddr+"/readyz?verbose")
+func sessionTable(ctx context.Context, relay *tailnettest.Relay) (string, error) {
+	st, err := relay.Status(ctx)
 	if err != nil {
 		return "", err
-	}
-	var st struct {
-		Relay struct {
-			SessionTable []struct {
-				VNI     uint32 `json:"vni"`
-				Clients [2]struct {
-					Endpoint  string `json:"endpoint"`
-					PacketsTx uint64 `json:"packetsTx"`
-					BytesTx   uint64 `json:"bytesTx"`
-				} `json:"clients"`
-			} `json:"sessionTable"`
-		} `json:"relay"`
-	}
-	if err := json.Unmarshal([]byte(body), &st); err != nil {
-		return "", fmt.Errorf("read relay status: %w", err)
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "%-5s %-22s %-22s %s\n", "VNI", "CLIENT 1", "CLIENT 2", "PACKETS/BYTES 1→2, 2→1")
@@ -209,18 +162,4 @@ func sessionTable(ctx context.Context, httpAddr string) (string, error) {
 		fmt.Fprintf(&b, "%-5d %-22s %-22s %d/%d, %d/%d\n", s.VNI, c1.Endpoint, c2.Endpoint, c1.PacketsTx, c1.BytesTx, c2.PacketsTx, c2.BytesTx)
 	}
 	return b.String(), nil
-}
-
-func get(ctx context.Context, url string) (int, string, error) {
-	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
-	if err != nil {
-		return 0, "", err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
 }
