@@ -124,6 +124,36 @@ func waitReady(t *testing.T, r *tailnettest.Relay) []string {
 	return seen
 }
 
+// waitUnready polls /readyz until its answer contains want and returns
+// that answer. It fails the test if the relay becomes ready or exits
+// meanwhile: the relay must stay up and explain itself.
+func waitUnready(t *testing.T, r *tailnettest.Relay, want string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	var body string
+	err := tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
+		select {
+		case <-r.Done():
+			return false, fmt.Errorf("relay exited: %v", r.Wait(ctx))
+		default:
+		}
+		code, b, err := r.Get(ctx, "/readyz")
+		if err != nil {
+			return false, nil // not listening yet
+		}
+		if code == http.StatusOK {
+			return false, fmt.Errorf("relay became ready")
+		}
+		body = b
+		return strings.Contains(body, want), nil
+	})
+	if err != nil {
+		t.Fatalf("/readyz never said %q (last answer %q): %v", want, body, err)
+	}
+	return body
+}
+
 // peerByIP returns the peer in st with the tailnet IP ip.
 func peerByIP(st *ipnstate.Status, ip string) (*ipnstate.PeerStatus, bool) {
 	for _, p := range st.Peer {
@@ -281,24 +311,11 @@ func TestRelayNotReadyWithoutLogin(t *testing.T) {
 		"TS_RELAY_SERVER_PORT="+strconv.Itoa(relayPort),
 		"TS_AUTHKEY="+badKey,
 	)
-	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
-	defer cancel()
-	var body string
-	err = tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
-		var code int
-		code, body, err = relay.Get(ctx, "/readyz")
-		if err == nil && code == http.StatusOK {
-			return false, fmt.Errorf("relay is ready with a bad auth key")
-		}
-		return err == nil && strings.Contains(body, "invalid"), nil
-	})
-	if err != nil {
-		t.Fatalf("/readyz never explained the bad key (last answer %q): %v", body, err)
-	}
+	body := waitUnready(t, relay, "invalid")
 	if !strings.HasPrefix(body, "NeedsLogin") {
 		t.Errorf("/readyz = %q, want it to start with NeedsLogin", body)
 	}
-	if code, _, err := relay.Get(ctx, "/healthz"); err != nil || code != http.StatusOK {
+	if code, _, err := relay.Get(t.Context(), "/healthz"); err != nil || code != http.StatusOK {
 		t.Errorf("/healthz = %d, %v; want 200: liveness must not depend on login", code, err)
 	}
 	select {
@@ -374,21 +391,7 @@ func TestRelayNotReadyWhenPortTaken(t *testing.T) {
 		"TS_RELAY_SERVER_PORT="+strconv.Itoa(port),
 		"TS_AUTHKEY="+control.AuthKey,
 	)
-	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
-	defer cancel()
-	want := fmt.Sprintf("relay not bound on UDP port %d", port)
-	var body string
-	err = tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
-		var code int
-		code, body, err = relay.Get(ctx, "/readyz")
-		if err == nil && code == http.StatusOK {
-			return false, fmt.Errorf("relay is ready although its port is taken")
-		}
-		return err == nil && strings.Contains(body, want), nil
-	})
-	if err != nil {
-		t.Fatalf("/readyz never said %q (last answer %q): %v", want, body, err)
-	}
+	waitUnready(t, relay, fmt.Sprintf("relay not bound on UDP port %d", port))
 }
 
 func TestBinarySize(t *testing.T) {
