@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -392,6 +393,21 @@ func TestRelayNotReadyWhenPortTaken(t *testing.T) {
 		"TS_AUTHKEY="+control.AuthKey,
 	)
 	waitUnready(t, relay, fmt.Sprintf("relay not bound on UDP port %d", port))
+}
+
+// TestNoTestCodeInBinary keeps the test control server, fakes and the
+// testing package out of the production binary.
+func TestNoTestCodeInBinary(t *testing.T) {
+	out, err := exec.CommandContext(t.Context(), "go", "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatalf("go list -deps: %v", err)
+	}
+	for pkg := range strings.FieldsSeq(string(out)) {
+		if pkg == "testing" || strings.Contains(pkg, "/tstest") || strings.HasSuffix(pkg, "/fake") ||
+			strings.HasSuffix(pkg, "/tailnettest") || strings.HasSuffix(pkg, "/testcontrol") {
+			t.Errorf("cmd/relay links test-only package %s", pkg)
+		}
+	}
 }
 
 func TestBinarySize(t *testing.T) {
