@@ -43,7 +43,7 @@ func newAppliance(cfg Config, store ipn.StateStore, logger *slog.Logger) *applia
 
 // run starts the node and keeps it configured until ctx is done.
 func (a *appliance) run(ctx context.Context) error {
-	lc, err := a.startTailnet(ctx)
+	lc, err := a.startTailnet()
 	if err != nil {
 		return err
 	}
@@ -68,8 +68,9 @@ func (a *appliance) run(ctx context.Context) error {
 }
 
 // startTailnet starts tsnet; it does not wait for login, which may need a
-// human. The local client talks to the node in memory.
-func (a *appliance) startTailnet(ctx context.Context) (*local.Client, error) {
+// human. The local client talks to the node in memory. tsnet.Start takes
+// no context; Close (on shutdown) cancels what it started.
+func (a *appliance) startTailnet() (*local.Client, error) {
 	if err := a.ts.Start(); err != nil {
 		return nil, fmt.Errorf("start tailscale: %w", err)
 	}
@@ -80,7 +81,7 @@ func (a *appliance) startTailnet(ctx context.Context) (*local.Client, error) {
 	a.mu.Lock()
 	a.lc = lc
 	a.mu.Unlock()
-	return lc, ctx.Err()
+	return lc, nil
 }
 
 // localClient returns the node's local client, or nil before it started.

@@ -117,9 +117,7 @@ func newTSNet(cfg Config, store ipn.StateStore, logger *slog.Logger) *tsnet.Serv
 		// tsnet's user-facing lines repeat what this package logs itself
 		// (the auth URL every few seconds, state changes).
 		UserLogf: func(format string, args ...any) { ul.Debug(fmt.Sprintf(format, args...)) },
-	}
-	if store != nil {
-		s.Store = store
+		Store:    store,
 	}
 	return s
 }

@@ -5,7 +5,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -56,7 +55,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := relay.Run(ctx, cfg, logger); err != nil && !errors.Is(err, context.Canceled) {
+	if err := relay.Run(ctx, cfg, logger); err != nil {
 		logger.Error("relay failed", "err", err)
 		return 1
 	}

@@ -74,18 +74,20 @@ func run(ctx context.Context, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	env := []string{
-		"TS_AUTHKEY=" + control.AuthKey,
-		"TS_CONTROL_URL=" + control.URL,
-		"TS_STATE_DIR=" + filepath.Join(work, "relay"),
+	shown := []string{
 		"TS_HOSTNAME=relay",
 		"TS_RELAY_SERVER_PORT=" + strconv.Itoa(relayPort),
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS=127.0.0.1:" + strconv.Itoa(relayPort),
 	}
 	step(w, 3, "Starting the relay, configured only by its environment")
-	for _, e := range env[3:6] {
+	for _, e := range shown {
 		indent(w, e)
 	}
+	env := append([]string{
+		"TS_AUTHKEY=" + control.AuthKey,
+		"TS_CONTROL_URL=" + control.URL,
+		"TS_STATE_DIR=" + filepath.Join(work, "relay"),
+	}, shown...)
 	relay, err := tailnettest.StartRelay(ctx, bins, "relay", filepath.Join(work, "relay.log"), env...)
 	if err != nil {
 		return err

@@ -54,14 +54,6 @@ func BuildClients(ctx context.Context, dir string) (Binaries, error) {
 	}, nil
 }
 
-// BuildRelay builds ./cmd/relay into dir and returns the binary's path.
-func BuildRelay(ctx context.Context, dir string) (string, error) {
-	if err := goBuild(ctx, dir, relayPkg); err != nil {
-		return "", err
-	}
-	return filepath.Join(dir, "relay"), nil
-}
-
 // goBuild runs `go build -o dir/ pkgs...` from the module root.
 func goBuild(ctx context.Context, dir string, pkgs ...string) error {
 	root, err := moduleRoot(ctx)

@@ -235,9 +235,6 @@ func (l *Laptop) WaitForPeer(ctx context.Context, ip netip.Addr) error {
 	return nil
 }
 
-// Process returns the tailscaled process.
-func (l *Laptop) Process() *Process { return l.proc }
-
 // LogTail returns the last n lines of the laptop's tailscaled log.
 func (l *Laptop) LogTail(n int) string {
 	return logTail(filepath.Join(l.Dir, "tailscaled.log"), n)
