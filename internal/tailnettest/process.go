@@ -185,6 +185,13 @@ func (p *Process) Stop(ctx context.Context) error {
 	return fmt.Errorf("stop %s: killed after SIGTERM was not enough (%w)", p.name, context.Cause(ctx))
 }
 
+// Kill kills the process and its group with SIGKILL, as the kernel's OOM
+// killer or a lost node would, and waits for it to exit.
+func (p *Process) Kill() {
+	p.signalGroup(syscall.SIGKILL)
+	<-p.done
+}
+
 // signalGroup sends sig to the process's group (StartProcess made it a group
 // leader), so that any children it started get it too.
 func (p *Process) signalGroup(sig syscall.Signal) error {

@@ -1,0 +1,351 @@
+// Package kubetest runs a real Kubernetes control plane, etcd and
+// kube-apiserver, on loopback for tests: real RBAC, real admission
+// (PodSecurity included), real ServiceAccount tokens.
+//
+// It is a small helper of our own rather than controller-runtime's envtest.
+// envtest would bring controller-runtime and its dependencies into go.mod,
+// tie our client-go version to a controller-runtime release, and still need
+// flags of ours for RBAC and ServiceAccount token signing; what it would
+// save us is the hundred-odd lines below that write certificates and start
+// two processes.
+//
+// The binaries come from scripts/kube-test-bins, which `make test` runs: it
+// installs etcd from Debian's packages and builds kube-apiserver once per
+// machine into a cache outside the repository.
+package kubetest
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
+)
+
+// Version is the kube-apiserver release scripts/kube-test-bins builds; it
+// matches k8s.io/client-go in go.mod.
+const Version = "v1.37.2"
+
+// AssetsEnv names the variable that points at the directory holding etcd
+// and kube-apiserver. `make test` sets it to what scripts/kube-test-bins
+// prints.
+const AssetsEnv = "TSRELAY_KUBE_ASSETS"
+
+// startTimeout bounds Start: etcd and kube-apiserver are ready in about 3 s
+// on an idle 2-core machine, much later on one busy building binaries.
+const startTimeout = 2 * time.Minute
+
+// Assets returns the directory holding etcd and kube-apiserver: $TSRELAY_KUBE_ASSETS,
+// or else the cache scripts/kube-test-bins fills. The error says how to get
+// them.
+func Assets() (string, error) {
+	dir := os.Getenv(AssetsEnv)
+	if dir == "" {
+		cache := os.Getenv("TSRELAY_CACHE")
+		if cache == "" {
+			base, err := os.UserCacheDir()
+			if err != nil {
+				return "", fmt.Errorf("%s is not set and there is no user cache dir: %w", AssetsEnv, err)
+			}
+			cache = filepath.Join(base, "tsrelay")
+		}
+		dir = filepath.Join(cache, "kube-"+Version)
+	}
+	for _, bin := range []string{"etcd", "kube-apiserver"} {
+		if _, err := os.Stat(filepath.Join(dir, bin)); err != nil {
+			return "", fmt.Errorf("no %s in %s: run `make test`, or run scripts/kube-test-bins once and set %s to the directory it prints", bin, dir, AssetsEnv)
+		}
+	}
+	return dir, nil
+}
+
+// Server is a running etcd and kube-apiserver.
+type Server struct {
+	// URL is the API server's address, https://127.0.0.1:<port>.
+	URL string
+	// CA is the PEM certificate that signed the serving certificate.
+	CA []byte
+	// Admin is a client config for a member of system:masters.
+	Admin *rest.Config
+
+	dir       string
+	etcd      *tailnettest.Process
+	apiserver *tailnettest.Process
+}
+
+// Start starts etcd and kube-apiserver from assets (see Assets), keeping
+// their data, certificates and logs in dir, and returns once the API server
+// is ready and has created its system namespaces (kube-public among them).
+// The caller must Close the Server.
+func Start(ctx context.Context, assets, dir string) (_ *Server, err error) {
+	ctx, cancel := context.WithTimeout(ctx, startTimeout)
+	defer cancel()
+	s := &Server{dir: dir}
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+	pki, err := writePKI(dir)
+	if err != nil {
+		return nil, err
+	}
+	s.CA = pki.ca
+
+	etcdClient, err := tailnettest.FreeTCPAddr()
+	if err != nil {
+		return nil, err
+	}
+	etcdPeer, err := tailnettest.FreeTCPAddr()
+	if err != nil {
+		return nil, err
+	}
+	clientURL, peerURL := "http://"+etcdClient, "http://"+etcdPeer
+	s.etcd, err = tailnettest.StartProcess(ctx, tailnettest.ProcessConfig{
+		Name: "etcd",
+		Path: filepath.Join(assets, "etcd"),
+		Args: []string{
+			"--name=kubetest",
+			"--data-dir=" + filepath.Join(dir, "etcd"),
+			"--listen-client-urls=" + clientURL,
+			"--advertise-client-urls=" + clientURL,
+			"--listen-peer-urls=" + peerURL,
+			"--initial-advertise-peer-urls=" + peerURL,
+			"--initial-cluster=kubetest=" + peerURL,
+			"--log-level=warn",
+		},
+		LogFile: filepath.Join(dir, "etcd.log"),
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	apiAddr, err := tailnettest.FreeTCPAddr()
+	if err != nil {
+		return nil, err
+	}
+	_, apiPort, _ := net.SplitHostPort(apiAddr)
+	s.URL = "https://" + apiAddr
+	s.apiserver, err = tailnettest.StartProcess(ctx, tailnettest.ProcessConfig{
+		Name: "kube-apiserver",
+		Path: filepath.Join(assets, "kube-apiserver"),
+		Args: []string{
+			"--etcd-servers=" + clientURL,
+			"--bind-address=127.0.0.1",
+			"--advertise-address=127.0.0.1",
+			// The reconciler refuses a loopback address for the
+			// "kubernetes" Service's endpoints, which nothing here uses.
+			"--endpoint-reconciler-type=none",
+			"--secure-port=" + apiPort,
+			"--cert-dir=" + filepath.Join(dir, "certs"),
+			"--tls-cert-file=" + pki.servingCert,
+			"--tls-private-key-file=" + pki.servingKey,
+			"--token-auth-file=" + pki.tokens,
+			"--authorization-mode=RBAC",
+			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+			"--service-account-key-file=" + pki.saKey,
+			"--service-account-signing-key-file=" + pki.saKey,
+			"--service-cluster-ip-range=10.96.0.0/16",
+			// Defaults, named because tests rely on them: PodSecurity
+			// admission is on; ServiceAccount admission checks pods' SAs.
+			"--enable-admission-plugins=PodSecurity,ServiceAccount",
+		},
+		LogFile: filepath.Join(dir, "kube-apiserver.log"),
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	s.Admin = s.Config(pki.adminToken)
+	if err := s.waitReady(ctx); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// waitReady waits for /readyz and for the kube-public namespace.
+func (s *Server) waitReady(ctx context.Context) error {
+	cs, err := kubernetes.NewForConfig(s.Admin)
+	if err != nil {
+		return fmt.Errorf("kube-apiserver client: %w", err)
+	}
+	var last error
+	err = tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
+		for _, p := range []*tailnettest.Process{s.etcd, s.apiserver} {
+			select {
+			case <-p.Done():
+				return false, fmt.Errorf("%s exited: %w", p.Name(), p.Wait(ctx))
+			default:
+			}
+		}
+		body, err := cs.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		if err != nil {
+			last = fmt.Errorf("/readyz: %w: %s", err, body)
+			return false, nil
+		}
+		if _, err := cs.CoreV1().Namespaces().Get(ctx, metav1.NamespacePublic, metav1.GetOptions{}); err != nil {
+			last = err
+			return false, nil
+		}
+		return true, nil
+	})
+	if err != nil {
+		return fmt.Errorf("kube-apiserver not ready (last: %v): %w\n%s", last, err, s.apiserver.LogTail(30))
+	}
+	return nil
+}
+
+// Config returns a client config that authenticates with bearer token.
+func (s *Server) Config(token string) *rest.Config {
+	return &rest.Config{
+		Host:            s.URL,
+		BearerToken:     token,
+		TLSClientConfig: rest.TLSClientConfig{CAData: s.CA},
+		// Tests create many objects quickly; the default 5 QPS would
+		// throttle them.
+		QPS:   100,
+		Burst: 200,
+	}
+}
+
+// WriteKubeconfig writes a kubeconfig file for bearer token, with namespace
+// as its context's namespace, the way a user or a pod would have one.
+func (s *Server) WriteKubeconfig(path, token, namespace string) error {
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["kubetest"] = &clientcmdapi.Cluster{Server: s.URL, CertificateAuthorityData: s.CA}
+	cfg.AuthInfos["kubetest"] = &clientcmdapi.AuthInfo{Token: token}
+	cfg.Contexts["kubetest"] = &clientcmdapi.Context{Cluster: "kubetest", AuthInfo: "kubetest", Namespace: namespace}
+	cfg.CurrentContext = "kubetest"
+	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
+		return fmt.Errorf("write kubeconfig: %w", err)
+	}
+	return nil
+}
+
+// Close stops the API server, then etcd.
+func (s *Server) Close() error {
+	var errs []error
+	for _, p := range []*tailnettest.Process{s.apiserver, s.etcd} {
+		if p != nil {
+			errs = append(errs, p.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// LogTail returns the last n lines of the API server's log, for failure
+// messages.
+func (s *Server) LogTail(n int) string { return s.apiserver.LogTail(n) }
+
+// pkiFiles are the files writePKI wrote.
+type pkiFiles struct {
+	ca                      []byte // PEM
+	servingCert, servingKey string
+	saKey                   string // signs and verifies ServiceAccount tokens
+	tokens                  string // --token-auth-file
+	adminToken              string
+}
+
+// writePKI writes a CA, a serving certificate for 127.0.0.1 signed by it, a
+// ServiceAccount signing key and a token file with one admin, into dir.
+func writePKI(dir string) (pkiFiles, error) {
+	var p pkiFiles
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return p, fmt.Errorf("ca key: %w", err)
+	}
+	now := time.Now()
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "kubetest-ca"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		return p, fmt.Errorf("ca cert: %w", err)
+	}
+	caCert, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		return p, fmt.Errorf("ca cert: %w", err)
+	}
+	p.ca = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+
+	servingKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return p, fmt.Errorf("serving key: %w", err)
+	}
+	servingTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "kube-apiserver"},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		DNSNames:     []string{"localhost"},
+	}
+	servingDER, err := x509.CreateCertificate(rand.Reader, servingTmpl, caCert, &servingKey.PublicKey, caKey)
+	if err != nil {
+		return p, fmt.Errorf("serving cert: %w", err)
+	}
+	saKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return p, fmt.Errorf("service account key: %w", err)
+	}
+	token := make([]byte, 16)
+	rand.Read(token)
+	p.adminToken = hex.EncodeToString(token)
+
+	p.servingCert = filepath.Join(dir, "serving.crt")
+	p.servingKey = filepath.Join(dir, "serving.key")
+	p.saKey = filepath.Join(dir, "sa.key")
+	p.tokens = filepath.Join(dir, "tokens.csv")
+	files := []struct {
+		path string
+		data []byte
+	}{
+		{p.servingCert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: servingDER})},
+		{p.servingKey, ecPEM(servingKey)},
+		{p.saKey, ecPEM(saKey)},
+		{p.tokens, []byte(p.adminToken + `,kubetest-admin,kubetest-admin,"system:masters"` + "\n")},
+	}
+	for _, f := range files {
+		if f.data == nil {
+			return p, fmt.Errorf("encode %s", f.path)
+		}
+		if err := os.WriteFile(f.path, f.data, 0o600); err != nil {
+			return p, err
+		}
+	}
+	return p, nil
+}
+
+func ecPEM(k *ecdsa.PrivateKey) []byte {
+	der, err := x509.MarshalECPrivateKey(k)
+	if err != nil {
+		return nil
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})
+}
