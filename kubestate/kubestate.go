@@ -58,8 +58,11 @@ const (
 
 	// conflictAttempts is how many Updates one write tries before giving
 	// up on conflicts. Only a second writer causes them (tsrelay runs one
-	// pod per Secret), so a few suffice.
-	conflictAttempts = 5
+	// pod per Secret, but a rollout can overlap two for a moment). Against
+	// a real API server two stores writing flat out needed up to 5
+	// attempts with lock-stepped retries; jittered retries and this many
+	// attempts make that case succeed, and writeTimeout still bounds it.
+	conflictAttempts = 12
 
 	// maxSecretSize is the API server's limit on the total bytes of a
 	// Secret's values (MaxSecretSize in k8s.io/api/core/v1, not imported:
@@ -296,9 +299,10 @@ func (s *Store) newSecret() *unstructured.Unstructured {
 // On success memory follows the Secret as returned. Callers hold writeMu,
 // or own s exclusively (newStore).
 func (s *Store) commit(ctx context.Context, change func(data map[string][]byte)) error {
-	// Short pauses between attempts; each attempt starts from a fresh GET,
-	// so waiting longer would not help.
-	backoff := wait.Backoff{Steps: conflictAttempts, Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.1}
+	// Short, fully jittered pauses between attempts: each attempt starts
+	// from a fresh GET, and the jitter keeps two writers from retrying in
+	// lock step and colliding again.
+	backoff := wait.Backoff{Steps: conflictAttempts, Duration: 10 * time.Millisecond, Factor: 1.5, Jitter: 1}
 	base := s.secret
 	attempt := 0
 	err := retry.RetryOnConflict(backoff, func() error {

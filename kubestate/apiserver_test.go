@@ -1,0 +1,255 @@
+package kubestate
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"tailscale.com/ipn"
+
+	"github.com/tsrelay/tsrelay/internal/kubetest"
+)
+
+// TestAgainstAPIServer runs the Store against a real kube-apiserver (etcd,
+// RBAC, optimistic concurrency, size limits and all), acting as a
+// ServiceAccount through a kubeconfig, as the relay does outside a pod. Each
+// subtest has its own namespace on one shared control plane.
+func TestAgainstAPIServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts etcd and kube-apiserver")
+	}
+	srv := kubetest.StartForTest(t)
+	admin := srv.AdminClientForTest(t)
+
+	// kubeconfigFor returns a namespace in which ServiceAccount "relay" is
+	// granted rules, and points KUBECONFIG at a kubeconfig with its token.
+	kubeconfigFor := func(t *testing.T, rules ...rbacv1.PolicyRule) (ns string) {
+		ns = srv.NamespaceForTest(t, nil)
+		token := srv.ServiceAccountTokenForTest(t, ns, "relay")
+		if len(rules) > 0 {
+			srv.GrantForTest(t, ns, "relay", rules...)
+		}
+		path := filepath.Join(t.TempDir(), "kubeconfig")
+		if err := srv.WriteKubeconfig(path, token, ns); err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv("KUBECONFIG", path)
+		return ns
+	}
+	// The Role the manifests grant (see manifests/rbac.yaml).
+	relayRules := []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{"state"}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
+	}
+	secretData := func(t *testing.T, ns string) map[string][]byte {
+		t.Helper()
+		sec, err := admin.CoreV1().Secrets(ns).Get(t.Context(), "state", metav1.GetOptions{})
+		if err != nil {
+			t.Fatalf("get secret as admin: %v", err)
+		}
+		return sec.Data
+	}
+
+	t.Run("CreatesMissingSecretAndReadsBack", func(t *testing.T) {
+		ns := kubeconfigFor(t, relayRules...)
+		s1, err := New(t.Context(), nil, "", "state") // namespace from the kubeconfig context
+		if err != nil {
+			t.Fatalf("New: %v", err)
+		}
+		sec, err := admin.CoreV1().Secrets(ns).Get(t.Context(), "state", metav1.GetOptions{})
+		if err != nil {
+			t.Fatalf("secret not created: %v", err)
+		}
+		if got := sec.Labels[managedByLabel]; got != managedByValue {
+			t.Errorf("label %s = %q, want %q", managedByLabel, got, managedByValue)
+		}
+		if _, err := s1.ReadState("_machinekey"); !errors.Is(err, ipn.ErrStateNotExist) {
+			t.Errorf("ReadState on an empty secret: err = %v, want ErrStateNotExist", err)
+		}
+		want := map[ipn.StateKey][]byte{
+			"_machinekey":      []byte("privkey:0123"),
+			"_current-profile": []byte("profile-a"),
+			"profile-a":        bytes.Repeat([]byte{0, 0xff, '\n'}, 100), // binary-safe
+		}
+		for k, v := range want {
+			if err := s1.WriteState(k, v); err != nil {
+				t.Fatalf("WriteState(%q): %v", k, err)
+			}
+		}
+		if got := len(secretData(t, ns)); got != len(want) {
+			t.Errorf("secret has %d keys, want %d", got, len(want))
+		}
+
+		s2, err := New(t.Context(), nil, "", "state") // a restarted pod
+		if err != nil {
+			t.Fatalf("second New: %v", err)
+		}
+		for k, v := range want {
+			got, err := s2.ReadState(k)
+			if err != nil || !bytes.Equal(got, v) {
+				t.Errorf("new store: ReadState(%q) = %q, %v; want %q", k, got, err, v)
+			}
+		}
+		if err := s2.WriteState("_machinekey", nil); err != nil {
+			t.Fatalf("delete key: %v", err)
+		}
+		if got := len(secretData(t, ns)); got != len(want)-1 {
+			t.Errorf("after delete the secret has %d keys, want %d", got, len(want)-1)
+		}
+	})
+
+	t.Run("StaleWriterRetriesAndKeepsOthersKeys", func(t *testing.T) {
+		kubeconfigFor(t, relayRules...)
+		a, err := New(t.Context(), nil, "", "state")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := New(t.Context(), nil, "", "state")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// a's write makes b's copy stale: b's Update must conflict once,
+		// then succeed on a fresh copy that still has a's key.
+		if err := a.WriteState("from-a", []byte("1")); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.WriteState("from-b", []byte("2")); err != nil {
+			t.Fatal(err)
+		}
+		if got := b.Stats().Conflicts; got != 1 {
+			t.Errorf("b saw %d conflicts, want 1", got)
+		}
+		c, err := New(t.Context(), nil, "", "state")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range []ipn.StateKey{"from-a", "from-b"} {
+			if _, err := c.ReadState(k); err != nil {
+				t.Errorf("key %q lost: %v", k, err)
+			}
+		}
+	})
+
+	t.Run("ConcurrentWritersLoseNoUpdate", func(t *testing.T) {
+		kubeconfigFor(t, relayRules...)
+		const writers, keysEach = 2, 25
+		stores := make([]*Store, writers)
+		for i := range stores {
+			s, err := New(t.Context(), nil, "", "state")
+			if err != nil {
+				t.Fatal(err)
+			}
+			stores[i] = s
+		}
+		var wg sync.WaitGroup
+		errs := make(chan error, writers*keysEach)
+		for i, s := range stores {
+			wg.Go(func() {
+				for j := range keysEach {
+					k := ipn.StateKey(fmt.Sprintf("w%d-k%02d", i, j))
+					if err := s.WriteState(k, []byte(k)); err != nil {
+						errs <- err
+					}
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Errorf("concurrent write: %v", err)
+		}
+		check, err := New(t.Context(), nil, "", "state")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var conflicts uint64
+		for i, s := range stores {
+			conflicts += s.Stats().Conflicts
+			for j := range keysEach {
+				k := ipn.StateKey(fmt.Sprintf("w%d-k%02d", i, j))
+				if got, err := check.ReadState(k); err != nil || string(got) != string(k) {
+					t.Errorf("key %q = %q, %v after concurrent writes", k, got, err)
+				}
+			}
+		}
+		t.Logf("%d writes by %d stores, %d conflicts retried", writers*keysEach, writers, conflicts)
+	})
+
+	t.Run("SizeLimit", func(t *testing.T) {
+		ns := kubeconfigFor(t, relayRules...)
+		s, err := New(t.Context(), nil, "", "state")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Up to the limit, the real API server accepts the write.
+		if err := s.WriteState("big", make([]byte, maxSecretSize-10)); err != nil {
+			t.Fatalf("write just under the 1 MiB limit: %v", err)
+		}
+		err = s.WriteState("more", make([]byte, 11))
+		if err == nil {
+			t.Fatal("write past the 1 MiB limit succeeded")
+		}
+		if !strings.Contains(err.Error(), "over the Kubernetes limit of 1048576 bytes") || !strings.Contains(err.Error(), `"more"`) {
+			t.Errorf("error does not name the key and the limit: %v", err)
+		}
+		if got := s.Stats().Failures; got != 1 {
+			t.Errorf("Failures = %d, want 1", got)
+		}
+		if _, err := s.ReadState("more"); !errors.Is(err, ipn.ErrStateNotExist) {
+			t.Errorf("rejected key is readable from memory: %v", err)
+		}
+		if got := len(secretData(t, ns)); got != 1 {
+			t.Errorf("secret has %d keys, want 1", got)
+		}
+	})
+
+	t.Run("MissingRBAC", func(t *testing.T) {
+		secrets := func(verbs ...string) rbacv1.PolicyRule {
+			return rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: verbs}
+		}
+		for _, tc := range []struct {
+			name     string
+			rules    []rbacv1.PolicyRule
+			preexist bool
+			verb     string
+		}{
+			{"NoRole", nil, false, "get"},
+			{"NoCreate", []rbacv1.PolicyRule{secrets("get", "update")}, false, "create"},
+			{"NoUpdate", []rbacv1.PolicyRule{secrets("get", "create")}, false, "update"},
+			{"NoUpdateOnExisting", []rbacv1.PolicyRule{secrets("get")}, true, "update"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				ns := kubeconfigFor(t, tc.rules...)
+				if tc.preexist {
+					createSecretAsAdmin(t, admin.CoreV1().Secrets(ns), "state")
+				}
+				_, err := New(t.Context(), nil, "", "state")
+				if err == nil {
+					t.Fatal("New succeeded without the permission")
+				}
+				want := fmt.Sprintf(`forbidden to %q secrets; the Role needs verbs`, tc.verb)
+				if !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), ns+"/state") {
+					t.Errorf("error does not name the verb, resource and secret:\n got: %v\nwant: %s", err, want)
+				}
+			})
+		}
+	})
+}
+
+// createSecretAsAdmin creates an empty Secret, as a user who pre-creates the
+// state Secret would.
+func createSecretAsAdmin(t *testing.T, secrets typedcorev1.SecretInterface, name string) {
+	t.Helper()
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name}}
+	if _, err := secrets.Create(t.Context(), sec, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create secret as admin: %v", err)
+	}
+}
