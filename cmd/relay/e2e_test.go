@@ -395,8 +395,8 @@ func TestRelayNotReadyWhenPortTaken(t *testing.T) {
 	waitUnready(t, relay, fmt.Sprintf("relay not bound on UDP port %d", port))
 }
 
-// TestNoTestCodeInBinary keeps the test control server, fakes and the
-// testing package out of the production binary.
+// TestNoTestCodeInBinary keeps the test control server, fakes, the testing
+// package and client-go's typed clients out of the production binary.
 func TestNoTestCodeInBinary(t *testing.T) {
 	out, err := exec.CommandContext(t.Context(), "go", "list", "-deps", ".").Output()
 	if err != nil {
@@ -404,8 +404,14 @@ func TestNoTestCodeInBinary(t *testing.T) {
 	}
 	for pkg := range strings.FieldsSeq(string(out)) {
 		if pkg == "testing" || strings.Contains(pkg, "/tstest") || strings.HasSuffix(pkg, "/fake") ||
-			strings.HasSuffix(pkg, "/tailnettest") || strings.HasSuffix(pkg, "/testcontrol") {
+			strings.HasSuffix(pkg, "/tailnettest") || strings.HasSuffix(pkg, "/kubetest") ||
+			strings.HasSuffix(pkg, "/testcontrol") {
 			t.Errorf("cmd/relay links test-only package %s", pkg)
+		}
+		// The typed clients link every type in k8s.io/api: about 16 MB
+		// over the dynamic client, which breaks the size budget.
+		if strings.HasPrefix(pkg, "k8s.io/api/") || strings.HasPrefix(pkg, "k8s.io/client-go/kubernetes") {
+			t.Errorf("cmd/relay links %s; use the dynamic client (see DESIGN.md on binary size)", pkg)
 		}
 	}
 }
