@@ -78,6 +78,8 @@ func TestAgainstAPIServer(t *testing.T) {
 	})
 
 	t.Run("RBAC", func(t *testing.T) {
+		// Wait for the authorizer to see the new RoleBinding.
+		srv.WaitAllowedForTest(t, namespace, "tsrelay", authzv1.ResourceAttributes{Namespace: namespace, Verb: "get", Resource: "secrets", Name: "tsrelay-state"})
 		for _, tc := range []struct {
 			verb, group, resource, name string
 			allowed                     bool

@@ -9,11 +9,14 @@ import (
 	"time"
 
 	authnv1 "k8s.io/api/authentication/v1"
+	authzv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
 // apiTimeout bounds the helpers' own API calls.
@@ -114,5 +117,38 @@ func (s *Server) GrantForTest(t testing.TB, ns, sa string, rules ...rbacv1.Polic
 	}
 	if _, err := cs.RbacV1().RoleBindings(ns).Create(ctx, rb, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("create role binding: %v", err)
+	}
+	var ras []authzv1.ResourceAttributes
+	for _, r := range rules {
+		ra := authzv1.ResourceAttributes{Namespace: ns, Verb: r.Verbs[0], Group: r.APIGroups[0], Resource: r.Resources[0]}
+		if len(r.ResourceNames) > 0 {
+			ra.Name = r.ResourceNames[0]
+		}
+		ras = append(ras, ra)
+	}
+	s.WaitAllowedForTest(t, ns, sa, ras...)
+}
+
+// WaitAllowedForTest waits until ServiceAccount sa in namespace ns may do
+// each of ras. The authorizer learns of new Roles and bindings through a
+// watch, a moment after they are created: on a busy machine a request made
+// right away can be refused.
+func (s *Server) WaitAllowedForTest(t testing.TB, ns, sa string, ras ...authzv1.ResourceAttributes) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), apiTimeout)
+	defer cancel()
+	cs := s.AdminClientForTest(t)
+	user := "system:serviceaccount:" + ns + ":" + sa
+	groups := []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"}
+	for _, ra := range ras {
+		err := tailnettest.WaitFor(ctx, 20*time.Millisecond, func() (bool, error) {
+			res, err := cs.AuthorizationV1().SubjectAccessReviews().Create(ctx, &authzv1.SubjectAccessReview{
+				Spec: authzv1.SubjectAccessReviewSpec{User: user, Groups: groups, ResourceAttributes: &ra},
+			}, metav1.CreateOptions{})
+			return err == nil && res.Status.Allowed, err
+		})
+		if err != nil {
+			t.Fatalf("%s is still not allowed to %+v: %v", user, ra, err)
+		}
 	}
 }
