@@ -15,6 +15,7 @@ import (
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"tailscale.com/ipn"
 
+	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 )
 
@@ -60,7 +61,7 @@ func TestAgainstAPIServer(t *testing.T) {
 
 	t.Run("CreatesMissingSecretAndReadsBack", func(t *testing.T) {
 		ns := kubeconfigFor(t, relayRules...)
-		s1, err := New(t.Context(), nil, "", "state") // namespace from the kubeconfig context
+		s1, err := openStore(t) // namespace from the kubeconfig context
 		if err != nil {
 			t.Fatalf("New: %v", err)
 		}
@@ -88,7 +89,7 @@ func TestAgainstAPIServer(t *testing.T) {
 			t.Errorf("secret has %d keys, want %d", got, len(want))
 		}
 
-		s2, err := New(t.Context(), nil, "", "state") // a restarted pod
+		s2, err := openStore(t) // a restarted pod
 		if err != nil {
 			t.Fatalf("second New: %v", err)
 		}
@@ -108,11 +109,11 @@ func TestAgainstAPIServer(t *testing.T) {
 
 	t.Run("StaleWriterRetriesAndKeepsOthersKeys", func(t *testing.T) {
 		kubeconfigFor(t, relayRules...)
-		a, err := New(t.Context(), nil, "", "state")
+		a, err := openStore(t)
 		if err != nil {
 			t.Fatal(err)
 		}
-		b, err := New(t.Context(), nil, "", "state")
+		b, err := openStore(t)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -127,7 +128,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		if got := b.Stats().Conflicts; got != 1 {
 			t.Errorf("b saw %d conflicts, want 1", got)
 		}
-		c, err := New(t.Context(), nil, "", "state")
+		c, err := openStore(t)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -143,7 +144,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		const writers, keysEach = 2, 25
 		stores := make([]*Store, writers)
 		for i := range stores {
-			s, err := New(t.Context(), nil, "", "state")
+			s, err := openStore(t)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -166,7 +167,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		for err := range errs {
 			t.Errorf("concurrent write: %v", err)
 		}
-		check, err := New(t.Context(), nil, "", "state")
+		check, err := openStore(t)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -185,7 +186,7 @@ func TestAgainstAPIServer(t *testing.T) {
 
 	t.Run("SizeLimit", func(t *testing.T) {
 		ns := kubeconfigFor(t, relayRules...)
-		s, err := New(t.Context(), nil, "", "state")
+		s, err := openStore(t)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -231,7 +232,7 @@ func TestAgainstAPIServer(t *testing.T) {
 				if tc.preexist {
 					createSecretAsAdmin(t, admin.CoreV1().Secrets(ns), "state")
 				}
-				_, err := New(t.Context(), nil, "", "state")
+				_, err := openStore(t)
 				if err == nil {
 					t.Fatal("New succeeded without the permission")
 				}
@@ -242,6 +243,17 @@ func TestAgainstAPIServer(t *testing.T) {
 			})
 		}
 	})
+}
+
+// openStore opens Secret "state" the way the relay does: a client from
+// KUBECONFIG, the namespace from its context.
+func openStore(t *testing.T) (*Store, error) {
+	t.Helper()
+	kc, err := kubeclient.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return New(t.Context(), nil, kc.Dynamic, kc.Namespace, "state")
 }
 
 // createSecretAsAdmin creates an empty Secret, as a user who pre-creates the

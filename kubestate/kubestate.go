@@ -31,7 +31,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/util/retry"
 	"tailscale.com/ipn"
 )
@@ -41,8 +40,7 @@ const (
 	managedByLabel = "app.kubernetes.io/managed-by"
 	managedByValue = "tsrelay"
 
-	// fieldManager names tsrelay in the Secret's managedFields and is also
-	// the client's User-Agent.
+	// fieldManager names tsrelay in the Secret's managedFields.
 	fieldManager = "tsrelay"
 
 	// startTimeout bounds the API calls New makes (get, maybe create, and
@@ -110,35 +108,15 @@ type Store struct {
 
 var _ ipn.StateStore = (*Store)(nil)
 
-// New builds a client from KUBECONFIG (or ~/.kube/config) or, failing
-// those, the in-cluster config, and returns a Store for Secret name in
-// namespace ("" = the kubeconfig context's namespace, or the pod's).
-// It loads the Secret, creating it if missing, and checks that it may update
-// it, so that a missing RBAC verb shows at start; ctx bounds that work.
-func New(ctx context.Context, logger *slog.Logger, namespace, name string) (*Store, error) {
+// New returns a Store for Secret name in namespace, using client (see
+// internal/kubeclient). It loads the Secret, creating it if missing, and
+// checks that it may update it, so that a missing RBAC verb shows at start;
+// ctx bounds that work.
+func New(ctx context.Context, logger *slog.Logger, client dynamic.Interface, namespace, name string) (*Store, error) {
 	if name == "" {
 		return nil, errors.New("kube state: empty secret name")
 	}
-	cc := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(
-		clientcmd.NewDefaultClientConfigLoadingRules(), &clientcmd.ConfigOverrides{})
-	cfg, err := cc.ClientConfig()
-	if err != nil {
-		if clientcmd.IsEmptyConfig(err) {
-			return nil, fmt.Errorf("kube state: no kubeconfig found (KUBECONFIG, ~/.kube/config) and not running in a cluster: %w", err)
-		}
-		return nil, fmt.Errorf("kube state: load kubeconfig or in-cluster config: %w", err)
-	}
-	if namespace == "" {
-		if namespace, _, err = cc.Namespace(); err != nil {
-			return nil, fmt.Errorf("kube state: find namespace of secret %s: %w", name, err)
-		}
-	}
-	cfg.UserAgent = fieldManager
-	dc, err := dynamic.NewForConfig(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("kube state: build client: %w", err)
-	}
-	return newStore(ctx, logger, dc.Resource(secretsResource()).Namespace(namespace), namespace, name)
+	return newStore(ctx, logger, client.Resource(secretsResource()).Namespace(namespace), namespace, name)
 }
 
 // newStore returns a Store for Secret name, using client, which must be
