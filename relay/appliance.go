@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -13,6 +14,8 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/tailcfg"
 	"tailscale.com/tsnet"
+
+	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
 // appliance runs the tailnet side of the relay: it starts the node, follows
@@ -122,6 +125,35 @@ func (a *appliance) onNotify(n ipn.Notify) {
 	}
 }
 
+// setFound takes the endpoints found from the Service (lbaddr.Config's
+// OnChange), merges them with the explicit ones and, if that changes what
+// to advertise, wakes the reconcile loop to apply it.
+func (a *appliance) setFound(found []lbaddr.Endpoint, why string) {
+	merged, dropped := lbaddr.Merge(a.cfg.RelayServerStaticEndpoints, found, lbaddr.MaxEndpoints)
+	if len(dropped) > 0 {
+		a.logger.Warn("too many static endpoints; advertising the first ones",
+			"max", lbaddr.MaxEndpoints, "dropped", endpointList(dropped))
+	}
+	if len(found) > 0 {
+		why = ""
+	}
+	old, changed := a.status.setEndpoints(merged, why)
+	if !changed {
+		return
+	}
+	a.logger.Info("static endpoints changed", "from", endpointList(old), "to", endpointList(merged), "why", why)
+	a.wake()
+}
+
+// endpointList formats endpoints for the log as addr:port(source),...
+func endpointList(eps []lbaddr.Endpoint) string {
+	s := make([]string, len(eps))
+	for i, e := range eps {
+		s[i] = e.AddrPort.String() + "(" + string(e.Source) + ")"
+	}
+	return strings.Join(s, ",")
+}
+
 // wake asks the reconcile loop for a pass without blocking.
 func (a *appliance) wake() {
 	select {
@@ -184,7 +216,7 @@ func (a *appliance) applyRelayPrefs(ctx context.Context, lc *local.Client) error
 		return fmt.Errorf("read prefs: %w", err)
 	}
 	port := uint16(a.cfg.RelayServerPort)
-	want := []netip.AddrPort(a.cfg.RelayServerStaticEndpoints)
+	want := a.status.endpointAddrs()
 	if prefs.RelayServerPort != nil && *prefs.RelayServerPort == port &&
 		sameEndpoints(prefs.RelayServerStaticEndpoints, want) {
 		return nil

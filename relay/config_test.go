@@ -14,7 +14,7 @@ func setEnv(t *testing.T, env map[string]string) {
 	t.Helper()
 	for _, k := range []string{
 		"TS_AUTHKEY", "TS_AUTH_KEY", "TS_CLIENT_SECRET", "TS_ADVERTISE_TAGS", "TS_HOSTNAME",
-		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
+		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_PORT", "TS_LOCAL_ADDR_PORT",
 		"TS_NO_LOGS_NO_SUPPORT", "TS_BACKEND_LOGS", "KUBERNETES_SERVICE_HOST",
 	} {
@@ -132,6 +132,11 @@ func TestLoadConfigErrors(t *testing.T) {
 			want: []string{"TS_AUTHKEY and TS_CLIENT_SECRET are both set"},
 		},
 		{
+			name: "bad service name",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE": "tsrelay.kube-public"},
+			want: []string{"TS_RELAY_SERVICE=tsrelay.kube-public: want a Service name"},
+		},
+		{
 			name: "in kubernetes without state",
 			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "KUBERNETES_SERVICE_HOST": "10.0.0.1"},
 			want: []string{"TS_KUBE_SECRET is empty inside Kubernetes"},
@@ -217,7 +222,7 @@ func TestPrintUsageListsEveryVariable(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, v := range []string{"TS_AUTHKEY", "TS_AUTH_KEY", "TS_CLIENT_SECRET", "TS_ADVERTISE_TAGS", "TS_HOSTNAME",
-		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
+		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_PORT", "TS_LOCAL_ADDR_PORT", "TS_NO_LOGS_NO_SUPPORT"} {
 		if !strings.Contains(b.String(), "\n"+v+" ") {
 			t.Errorf("usage does not list %s:\n%s", v, b.String())

@@ -17,7 +17,9 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/tsnet"
 
+	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/kubestate"
+	"github.com/tsrelay/tsrelay/lbaddr"
 
 	// tsnet does not link the peer relay server. Without this import,
 	// RelayServerPort is still accepted and advertised, so peers keep trying
@@ -47,7 +49,14 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	if !feature.IsRegistered(relayFeature) {
 		return errors.New("this binary was built without tailscale.com/feature/relayserver; it cannot relay")
 	}
-	store, err := newStateStore(ctx, cfg, logger)
+	var kc *kubeclient.Client
+	if cfg.KubeSecret != "" || cfg.RelayService != "" {
+		var err error
+		if kc, err = kubeclient.New(); err != nil {
+			return err
+		}
+	}
+	store, err := newStateStore(ctx, cfg, kc, logger)
 	if err != nil {
 		return err
 	}
@@ -57,8 +66,25 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 
 	a := newAppliance(cfg, store, logger)
+	var svc *lbaddr.Config
+	if cfg.RelayService != "" {
+		svc = &lbaddr.Config{
+			Client:    kc.Dynamic,
+			Namespace: kc.Namespace,
+			Name:      cfg.RelayService,
+			RelayPort: uint16(cfg.RelayServerPort),
+			Logger:    logger,
+			OnChange:  a.setFound,
+		}
+		a.status.followService(kc.Namespace + "/" + cfg.RelayService)
+		if err := lbaddr.Check(ctx, *svc); err != nil {
+			ln.Close()
+			return fmt.Errorf("follow TS_RELAY_SERVICE=%s: %w", cfg.RelayService, err)
+		}
+	}
 	logger.Info("starting", "hostname", cfg.Hostname, "relayPort", uint16(cfg.RelayServerPort),
-		"staticEndpoints", cfg.RelayServerStaticEndpoints.String(), "state", stateLocation(cfg), "http", ln.Addr().String())
+		"staticEndpoints", cfg.RelayServerStaticEndpoints.String(), "service", cfg.RelayService,
+		"state", stateLocation(cfg), "http", ln.Addr().String())
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return serveHTTP(gctx, ln, a.handler(), logger) })
@@ -66,6 +92,9 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 		defer a.closeTailnet()
 		return a.run(gctx)
 	})
+	if svc != nil {
+		g.Go(func() error { return lbaddr.Watch(gctx, *svc) })
+	}
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		err = nil
@@ -76,11 +105,11 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 
 // newStateStore returns the Kubernetes Secret store when TS_KUBE_SECRET is
 // set, or nil, which makes tsnet keep its state in TS_STATE_DIR.
-func newStateStore(ctx context.Context, cfg Config, logger *slog.Logger) (ipn.StateStore, error) {
+func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, logger *slog.Logger) (ipn.StateStore, error) {
 	if cfg.KubeSecret == "" {
 		return nil, nil
 	}
-	s, err := kubestate.New(ctx, logger, "", cfg.KubeSecret)
+	s, err := kubestate.New(ctx, logger, kc.Dynamic, kc.Namespace, cfg.KubeSecret)
 	if err != nil {
 		return nil, fmt.Errorf("open state Secret (TS_KUBE_SECRET=%s): %w", cfg.KubeSecret, err)
 	}

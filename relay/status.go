@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -13,6 +14,8 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
 	udprelaystatus "tailscale.com/net/udprelay/status"
+
+	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
 // livenessTimeout bounds the in-memory LocalAPI call behind /healthz. It does
@@ -22,10 +25,17 @@ const livenessTimeout = 3 * time.Second
 // status is what the relay knows about itself, shared between the reconcile
 // loop (writer) and the HTTP handlers (readers).
 type status struct {
-	port      uint16
-	endpoints []netip.AddrPort
+	port uint16
 
-	mu           sync.Mutex
+	mu sync.Mutex
+	// endpoints are the static endpoints to advertise: the explicit ones,
+	// then those found from the Service (see lbaddr.Merge).
+	endpoints []lbaddr.Endpoint
+	// service is "namespace/name" of the Service the relay follows, or "".
+	service string
+	// lbWhy says why no endpoint was found from the Service, while none is.
+	lbWhy string
+
 	backendState ipn.State
 	backendErr   string   // last error the backend announced; cleared when Running
 	health       []string // Tailscale's health warnings, shown while not Running
@@ -38,7 +48,41 @@ type status struct {
 }
 
 func newStatus(cfg Config) *status {
-	return &status{port: uint16(cfg.RelayServerPort), endpoints: cfg.RelayServerStaticEndpoints}
+	merged, _ := lbaddr.Merge(cfg.RelayServerStaticEndpoints, nil, lbaddr.MaxEndpoints)
+	return &status{port: uint16(cfg.RelayServerPort), endpoints: merged}
+}
+
+// followService notes that endpoints come from Service ref
+// ("namespace/name") too, and that none was found from it yet.
+func (s *status) followService(ref string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.service = ref
+	s.lbWhy = "Service " + ref + " not read yet"
+}
+
+// setEndpoints records the endpoints to advertise, and why the Service gave
+// none, and reports the previous endpoints and whether they changed.
+func (s *status) setEndpoints(eps []lbaddr.Endpoint, why string) (old []lbaddr.Endpoint, changed bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old, s.endpoints, s.lbWhy = s.endpoints, eps, why
+	changed = !slices.Equal(old, eps)
+	if changed {
+		s.prefsApplied = false // until the reconcile loop applies them
+	}
+	return old, changed
+}
+
+// endpointAddrs returns the addresses of the endpoints to advertise.
+func (s *status) endpointAddrs() []netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]netip.AddrPort, len(s.endpoints))
+	for i, e := range s.endpoints {
+		out[i] = e.AddrPort
+	}
+	return out
 }
 
 // setBackendState records the IPN state and reports the previous one.
@@ -138,6 +182,10 @@ func (s *status) readinessLocked() (bool, string) {
 	switch {
 	case s.problem != "":
 		return false, s.problem
+	case s.service != "" && len(s.endpoints) == 0:
+		// Advertising only pod-network addresses would send peers to an
+		// address they cannot reach.
+		return false, "waiting for load balancer address: " + s.lbWhy
 	case !s.prefsApplied:
 		return false, "relay prefs not applied yet"
 	case !s.bound:
@@ -158,11 +206,13 @@ type statusJSON struct {
 }
 
 type relayJSON struct {
-	Port            uint16           `json:"port"`
-	PrefsApplied    bool             `json:"prefsApplied"`
-	Bound           bool             `json:"bound"`
-	StaticEndpoints []netip.AddrPort `json:"staticEndpoints"`
-	Sessions        int              `json:"sessions"`
+	Port            uint16            `json:"port"`
+	PrefsApplied    bool              `json:"prefsApplied"`
+	Bound           bool              `json:"bound"`
+	StaticEndpoints []lbaddr.Endpoint `json:"staticEndpoints"`
+	// Service is the Service endpoints are found from, namespace/name.
+	Service  string `json:"service,omitempty"`
+	Sessions int    `json:"sessions"`
 	// SessionTable is read live from the relay server for each request.
 	SessionTable []sessionJSON `json:"sessionTable,omitempty"`
 }
@@ -206,7 +256,8 @@ func (s *status) snapshot() statusJSON {
 			Port:            s.port,
 			PrefsApplied:    s.prefsApplied,
 			Bound:           s.bound,
-			StaticEndpoints: append([]netip.AddrPort{}, s.endpoints...),
+			StaticEndpoints: append([]lbaddr.Endpoint{}, s.endpoints...),
+			Service:         s.service,
 			Sessions:        s.sessions,
 		},
 		Health: append([]string(nil), s.health...),

@@ -5,11 +5,14 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
+
+	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
 func testStatus() *status {
@@ -17,6 +20,49 @@ func testStatus() *status {
 		RelayServerPort:            40000,
 		RelayServerStaticEndpoints: Endpoints{netip.MustParseAddrPort("192.0.2.7:61441")},
 	})
+}
+
+// TestReadinessWaitsForLoadBalancer checks that a relay following its
+// Service is not ready until it knows an address peers can reach, unless
+// explicit endpoints are set.
+func TestReadinessWaitsForLoadBalancer(t *testing.T) {
+	ready := func(s *status) {
+		s.setBackendState(ipn.Running)
+		s.setRelay(true, true, 0)
+	}
+	s := newStatus(Config{RelayServerPort: 61441})
+	s.followService("kube-public/tsrelay")
+	ready(s)
+	if ok, reason := s.readiness(); ok || reason != "waiting for load balancer address: Service kube-public/tsrelay not read yet" {
+		t.Errorf("before the Service is read: readiness = %v %q", ok, reason)
+	}
+	s.setEndpoints(nil, "Service kube-public/tsrelay has no load-balancer address yet")
+	if ok, reason := s.readiness(); ok || !strings.HasSuffix(reason, "has no load-balancer address yet") {
+		t.Errorf("with no ingress: readiness = %v %q", ok, reason)
+	}
+	found := []lbaddr.Endpoint{{AddrPort: netip.MustParseAddrPort("192.0.2.10:61441"), Source: lbaddr.SourceService}}
+	if _, changed := s.setEndpoints(found, ""); !changed {
+		t.Error("setEndpoints did not report a change")
+	}
+	// New endpoints are not in force until the reconcile loop applies them.
+	if ok, reason := s.readiness(); ok || reason != "relay prefs not applied yet" {
+		t.Errorf("with an address not yet applied: readiness = %v %q", ok, reason)
+	}
+	s.setRelay(true, true, 0)
+	if ok, reason := s.readiness(); !ok {
+		t.Errorf("with an address applied: readiness = %v %q, want ready", ok, reason)
+	}
+	if _, changed := s.setEndpoints(slices.Clone(found), ""); changed {
+		t.Error("setEndpoints reported a change for the same endpoints")
+	}
+
+	// Explicit endpoints are enough on their own.
+	s = newStatus(Config{RelayServerPort: 61441, RelayServerStaticEndpoints: Endpoints{netip.MustParseAddrPort("203.0.113.7:61441")}})
+	s.followService("kube-public/tsrelay")
+	ready(s)
+	if ok, reason := s.readiness(); !ok {
+		t.Errorf("with explicit endpoints: readiness = %v %q, want ready", ok, reason)
+	}
 }
 
 func TestReadiness(t *testing.T) {
@@ -120,7 +166,8 @@ func TestReadyzHandler(t *testing.T) {
 		}
 		if !got.Ready || got.BackendState != "Running" || got.Relay.Port != 40000 || !got.Relay.Bound ||
 			got.Relay.Sessions != 3 || len(got.TailscaleIPs) != 1 || got.DNSName != "tsrelay.example.ts.net" ||
-			len(got.Relay.StaticEndpoints) != 1 || got.Relay.StaticEndpoints[0].String() != "192.0.2.7:61441" {
+			len(got.Relay.StaticEndpoints) != 1 || got.Relay.StaticEndpoints[0].AddrPort.String() != "192.0.2.7:61441" ||
+			got.Relay.StaticEndpoints[0].Source != lbaddr.SourceExplicit {
 			t.Errorf("verbose /readyz = %+v", got)
 		}
 	}

@@ -155,6 +155,36 @@ func waitUnready(t *testing.T, r *tailnettest.Relay, want string) string {
 	return body
 }
 
+// startLaptops brings up laptops a and b, which cannot talk directly, and
+// returns a and b's tailnet IP once a sees b.
+func startLaptops(t *testing.T, bins tailnettest.Binaries, control *tailnettest.Control) (*tailnettest.Laptop, netip.Addr) {
+	t.Helper()
+	a := tailnettest.StartLaptopForTest(t, bins, "a")
+	b := tailnettest.StartLaptopForTest(t, bins, "b")
+	tailnettest.UpForTest(t, control, a)
+	ipB := tailnettest.UpForTest(t, control, b)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	if err := a.WaitForPeer(ctx, ipB); err != nil {
+		t.Fatal(err)
+	}
+	return a, ipB
+}
+
+// pingVia runs `tailscale ping` from a to ip, as a user would, and fails the
+// test unless a pong came via wantVia (e.g. "via peer-relay(addr:port:vni:").
+func pingVia(t *testing.T, ctx context.Context, a *tailnettest.Laptop, ip netip.Addr, wantVia string) {
+	t.Helper()
+	out, err := a.CLI(ctx, "ping", "--c=10", "--until-direct=false", ip.String())
+	if err != nil {
+		t.Fatalf("tailscale ping: %v\n%s", err, out)
+	}
+	t.Logf("tailscale ping from a to %s:\n%s", ip, out)
+	if !strings.Contains(string(out), wantVia) {
+		t.Fatalf("tailscale ping output does not contain %q:\n%s", wantVia, out)
+	}
+}
+
 // peerByIP returns the peer in st with the tailnet IP ip.
 func peerByIP(st *ipnstate.Status, ip string) (*ipnstate.PeerStatus, bool) {
 	for _, p := range st.Peer {
@@ -202,25 +232,11 @@ func TestRelayEndToEnd(t *testing.T) {
 	}
 	t.Logf("/readyz went %q → 200", notReady)
 
-	a := tailnettest.StartLaptopForTest(t, bins, "a")
-	b := tailnettest.StartLaptopForTest(t, bins, "b")
-	tailnettest.UpForTest(t, control, a)
-	ipB := tailnettest.UpForTest(t, control, b)
-
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
-	if err := a.WaitForPeer(ctx, ipB); err != nil {
-		t.Fatal(err)
-	}
-	out, err := a.CLI(ctx, "ping", "--c=10", "--until-direct=false", ipB.String())
-	if err != nil {
-		t.Fatalf("tailscale ping: %v", err)
-	}
-	t.Logf("tailscale ping from a to b:\n%s", out)
+	a, ipB := startLaptops(t, bins, control)
 	wantVia := "via peer-relay(" + endpoint + ":vni:"
-	if !strings.Contains(string(out), wantVia) {
-		t.Fatalf("tailscale ping output does not contain %q:\n%s", wantVia, out)
-	}
+	pingVia(t, ctx, a, ipB, wantVia)
 
 	st, err := a.LocalClient().Status(ctx)
 	if err != nil {
@@ -287,6 +303,7 @@ func TestRelayEndToEnd(t *testing.T) {
 	}
 	// The restarted relay carries traffic again.
 	restartedAt := time.Now()
+	var out []byte
 	if err := tailnettest.WaitFor(ctx, time.Second, func() (bool, error) {
 		out, err = a.CLI(ctx, "ping", "--c=5", "--until-direct=false", ipB.String())
 		return err == nil && strings.Contains(string(out), wantVia), nil

@@ -1,13 +1,17 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	authzv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 
@@ -43,6 +47,7 @@ func TestRelayKubeState(t *testing.T) {
 		t.Fatal(err)
 	}
 	const ns, secret = "kube-public", "tsrelay-state"
+	srv.WaitAllowedForTest(t, ns, "tsrelay", authzv1.ResourceAttributes{Namespace: ns, Verb: "get", Resource: "secrets", Name: secret})
 	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
 	if err := srv.WriteKubeconfig(kubeconfig, srv.ServiceAccountTokenForTest(t, ns, "tsrelay"), ns); err != nil {
 		t.Fatal(err)
@@ -111,4 +116,100 @@ func TestRelayKubeState(t *testing.T) {
 		t.Errorf("control has %d nodes after the restart, want %d: the relay logged in as a new node", n, nodesBefore)
 	}
 
+}
+
+// TestRelayFollowsLoadBalancer is the load-balancer case end to end: the
+// real relay, deployed with the shipped RBAC and Service, learns its public
+// address only from the Service's load-balancer status, and laptops ping
+// through it there. The "load balancer" is a port forward on 127.0.0.2 (an
+// address of nothing else here) to the relay's port, so the Service port
+// differs from the relay's port, as it may in a cluster.
+func TestRelayFollowsLoadBalancer(t *testing.T) {
+	bins := binaries(t)
+	srv := kubetest.StartForTest(t)
+	admin := srv.AdminClientForTest(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+
+	relayPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sinkLocalAddrs(t, relayPort)
+	lb, err := tailnettest.StartPortForward("127.0.0.2:0", netip.AddrPortFrom(netip.MustParseAddr(forwardTarget), uint16(relayPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lb.Close() })
+
+	// The ServiceAccount, Role, RoleBinding and Service as shipped, with the
+	// Service's port moved to the one the "load balancer" listens on.
+	objs, err := kubetest.ReadManifests(filepath.Join("..", "..", "manifests", "install.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs = slices.DeleteFunc(objs, func(o *unstructured.Unstructured) bool {
+		return !slices.Contains([]string{"ServiceAccount", "Role", "RoleBinding", "Service"}, o.GetKind())
+	})
+	for _, o := range objs {
+		if o.GetKind() != "Service" {
+			continue
+		}
+		ports, _, _ := unstructured.NestedSlice(o.Object, "spec", "ports")
+		for _, p := range ports {
+			if p := p.(map[string]any); p["protocol"] == "UDP" {
+				p["port"] = int64(lb.Addr.Port())
+			}
+		}
+		if err := unstructured.SetNestedSlice(o.Object, ports, "spec", "ports"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	const ns = "kube-public"
+	srv.WaitAllowedForTest(t, ns, "tsrelay",
+		authzv1.ResourceAttributes{Namespace: ns, Verb: "get", Resource: "secrets", Name: "tsrelay-state"},
+		authzv1.ResourceAttributes{Namespace: ns, Verb: "watch", Resource: "services", Name: "tsrelay"})
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := srv.WriteKubeconfig(kubeconfig, srv.ServiceAccountTokenForTest(t, ns, "tsrelay"), ns); err != nil {
+		t.Fatal(err)
+	}
+
+	control := tailnettest.StartControlForTest(t)
+	relay := startRelay(t, bins, "relay",
+		"KUBECONFIG="+kubeconfig,
+		"TS_KUBE_SECRET=tsrelay-state",
+		"TS_RELAY_SERVICE=tsrelay",
+		"TS_STATE_DIR="+t.TempDir(),
+		"TS_CONTROL_URL="+control.URL,
+		"TS_AUTHKEY="+control.AuthKey,
+		fmt.Sprintf("TS_RELAY_SERVER_PORT=%d", relayPort),
+	)
+	// Logged in and bound, but no address peers could use yet.
+	waitUnready(t, relay, "waiting for load balancer address: Service kube-public/tsrelay has no load-balancer address")
+
+	// The load-balancer controller assigns the address.
+	svc, err := admin.CoreV1().Services(ns).Get(ctx, "tsrelay", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: lb.Addr.Addr().String()}}
+	if _, err := admin.CoreV1().Services(ns).UpdateStatus(ctx, svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	assigned := time.Now()
+	waitReady(t, relay)
+	t.Logf("relay ready %v after the Service got its address", time.Since(assigned).Round(time.Millisecond))
+	rs, err := relay.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if eps := rs.Relay.StaticEndpoints; len(eps) != 1 || eps[0].Endpoint != lb.Addr.String() || eps[0].Source != "service" {
+		t.Errorf("relay static endpoints = %+v, want only %s from the service", eps, lb.Addr)
+	}
+
+	a, ipB := startLaptops(t, bins, control)
+	pingVia(t, ctx, a, ipB, "via peer-relay("+lb.Addr.String()+":vni:")
 }

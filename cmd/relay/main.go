@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 
+	"k8s.io/klog/v2"
+
 	"github.com/tsrelay/tsrelay/relay"
 )
 
@@ -52,6 +54,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
 	logger.Info("tsrelay", "version", version, "go", runtime.Version())
+	// client-go logs through klog (a watch that ended with an error, say);
+	// send that to the same log, structured like the rest.
+	klog.SetSlogLogger(logger.With("src", "client-go"))
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

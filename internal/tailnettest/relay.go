@@ -94,10 +94,14 @@ type RelayStatus struct {
 	BackendState string   `json:"backendState"`
 	TailscaleIPs []string `json:"tailscaleIPs"`
 	Relay        struct {
-		Port            uint16   `json:"port"`
-		Bound           bool     `json:"bound"`
-		StaticEndpoints []string `json:"staticEndpoints"`
-		SessionTable    []struct {
+		Port            uint16 `json:"port"`
+		Bound           bool   `json:"bound"`
+		StaticEndpoints []struct {
+			Endpoint string `json:"endpoint"`
+			Source   string `json:"source"` // explicit, service or dns
+		} `json:"staticEndpoints"`
+		Service      string `json:"service"`
+		SessionTable []struct {
 			VNI     uint32 `json:"vni"`
 			Clients [2]struct {
 				Endpoint  string `json:"endpoint"`

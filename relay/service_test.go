@@ -1,0 +1,186 @@
+package relay
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"tailscale.com/envknob"
+
+	"github.com/tsrelay/tsrelay/internal/kubeclient"
+	"github.com/tsrelay/tsrelay/internal/kubetest"
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
+	"github.com/tsrelay/tsrelay/lbaddr"
+)
+
+// TestEndpointsFollowService runs the appliance in process, following its
+// Service on a real kube-apiserver as a ServiceAccount limited to that one
+// Service, and changes the Service's load-balancer status step by step:
+// after each change the relay's prefs, read back through its local API,
+// must be the explicit endpoint followed by the load balancer's addresses
+// with the Service port (which differs from the relay's port).
+func TestEndpointsFollowService(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a tailnet and a kube-apiserver; skipped in -short mode")
+	}
+	envknob.Setenv("TS_DISABLE_PORTMAPPER", "1")
+	envknob.Setenv("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")
+	srv := kubetest.StartForTest(t)
+	admin := srv.AdminClientForTest(t)
+	control := tailnettest.StartControlForTest(t)
+	ctx := t.Context()
+
+	relayPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const servicePort = 41000
+	ns := srv.NamespaceForTest(t, nil)
+	svc, err := admin.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "tsrelay"},
+		Spec: corev1.ServiceSpec{
+			Type:     corev1.ServiceTypeLoadBalancer,
+			Selector: map[string]string{"app": "tsrelay"},
+			Ports: []corev1.ServicePort{{
+				Name: "relay", Protocol: corev1.ProtocolUDP,
+				Port: servicePort, TargetPort: intstr.FromInt32(int32(relayPort)),
+			}},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The relay acts as a ServiceAccount that may read this Service only.
+	srv.GrantForTest(t, ns, "tsrelay", rbacRule("services", "tsrelay", "get", "list", "watch"))
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := srv.WriteKubeconfig(kubeconfig, srv.ServiceAccountTokenForTest(t, ns, "tsrelay"), ns); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("KUBECONFIG", kubeconfig)
+	kc, err := kubeclient.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	explicit := netip.MustParseAddrPort("203.0.113.7:61441")
+	logger := slog.New(slog.NewTextHandler(t.Output(), nil))
+	a := newAppliance(Config{
+		AuthKey:                    control.AuthKey,
+		ControlURL:                 control.URL,
+		Hostname:                   "relay",
+		StateDir:                   t.TempDir(),
+		RelayServerPort:            Port(relayPort),
+		RelayServerStaticEndpoints: Endpoints{explicit},
+		RelayService:               "tsrelay",
+	}, nil, logger)
+	// The same wiring as Run.
+	svcCfg := lbaddr.Config{
+		Client: kc.Dynamic, Namespace: kc.Namespace, Name: "tsrelay",
+		RelayPort: uint16(relayPort), Logger: logger, OnChange: a.setFound,
+	}
+	a.status.followService(kc.Namespace + "/tsrelay")
+	if err := lbaddr.Check(ctx, svcCfg); err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 2)
+	go func() { done <- a.run(runCtx) }()
+	go func() { done <- lbaddr.Watch(runCtx, svcCfg) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		<-done
+		a.closeTailnet()
+	})
+
+	lc := func() bool { return a.localClient() != nil }
+	if err := tailnettest.WaitFor(ctx, 20*time.Millisecond, func() (bool, error) { return lc(), nil }); err != nil {
+		t.Fatal(err)
+	}
+	prefsEndpoints := func() ([]netip.AddrPort, error) {
+		p, err := a.localClient().GetPrefs(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return p.RelayServerStaticEndpoints, nil
+	}
+	// waitPrefs waits until the relay's prefs list exactly want, and
+	// returns how long that took from since.
+	waitPrefs := func(step string, since time.Time, want ...netip.AddrPort) time.Duration {
+		t.Helper()
+		wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+		defer wcancel()
+		var got []netip.AddrPort
+		err := tailnettest.WaitFor(wctx, 10*time.Millisecond, func() (bool, error) {
+			got, err = prefsEndpoints()
+			return err == nil && slices.Equal(got, want), nil
+		})
+		if err != nil {
+			t.Fatalf("%s: relay prefs have static endpoints %v, want %v (%v)", step, got, want, err)
+		}
+		return time.Since(since)
+	}
+	// The relay logs in with only the explicit endpoint: the Service has no
+	// load-balancer address yet.
+	waitPrefs("before any address", time.Now(), explicit)
+
+	ep := func(s string) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr(s), servicePort) }
+	// localhost stands in for an NLB's hostname; what it resolves to here
+	// comes from /etc/hosts.
+	hostAddrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", "localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fromHost []netip.AddrPort
+	for _, ip := range hostAddrs {
+		if ap := netip.AddrPortFrom(ip.Unmap(), servicePort); !slices.Contains(fromHost, ap) {
+			fromHost = append(fromHost, ap)
+		}
+	}
+	slices.SortFunc(fromHost, netip.AddrPort.Compare)
+
+	var worst time.Duration
+	for _, step := range []struct {
+		name    string
+		ingress []corev1.LoadBalancerIngress
+		want    []netip.AddrPort
+	}{
+		{"IPv4", []corev1.LoadBalancerIngress{{IP: "192.0.2.10"}}, []netip.AddrPort{ep("192.0.2.10")}},
+		{"IPv6", []corev1.LoadBalancerIngress{{IP: "2001:db8::10"}}, []netip.AddrPort{ep("2001:db8::10")}},
+		{"both", []corev1.LoadBalancerIngress{{IP: "2001:db8::10"}, {IP: "192.0.2.10"}}, []netip.AddrPort{ep("192.0.2.10"), ep("2001:db8::10")}},
+		{"hostname", []corev1.LoadBalancerIngress{{Hostname: "localhost"}}, fromHost},
+		{"changed", []corev1.LoadBalancerIngress{{IP: "192.0.2.11"}}, []netip.AddrPort{ep("192.0.2.11")}},
+		{"removed", nil, nil},
+	} {
+		svc.Status.LoadBalancer.Ingress = step.ingress
+		svc, err = admin.CoreV1().Services(ns).UpdateStatus(ctx, svc, metav1.UpdateOptions{})
+		if err != nil {
+			t.Fatalf("%s: update Service status: %v", step.name, err)
+		}
+		d := waitPrefs(step.name, time.Now(), append([]netip.AddrPort{explicit}, step.want...)...)
+		t.Logf("%-8s prefs followed the Service status in %v", step.name, d.Round(time.Millisecond))
+		worst = max(worst, d)
+	}
+	t.Logf("slowest: %v from a Service status update to the relay's new prefs (goal: under 2 s)", worst.Round(time.Millisecond))
+	st := a.status.snapshot()
+	if len(st.Relay.StaticEndpoints) != 1 || st.Relay.StaticEndpoints[0].Source != lbaddr.SourceExplicit {
+		t.Errorf("status endpoints after removal = %+v, want only the explicit one", st.Relay.StaticEndpoints)
+	}
+	if st.Relay.Service != ns+"/tsrelay" {
+		t.Errorf("status service = %q, want %s/tsrelay", st.Relay.Service, ns)
+	}
+}
+
+// rbacRule is a core-group rule on one named resource.
+func rbacRule(resource, name string, verbs ...string) rbacv1.PolicyRule {
+	return rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{resource}, ResourceNames: []string{name}, Verbs: verbs}
+}
