@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -15,6 +16,7 @@ import (
 	"tailscale.com/tailcfg"
 	"tailscale.com/tsnet"
 
+	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
@@ -25,6 +27,8 @@ type appliance struct {
 	logger *slog.Logger
 	ts     *tsnet.Server
 	status *status
+	stats  statsSource          // the state store's counters; nil for a directory
+	events *kubeevents.Recorder // nil outside a cluster: records nothing
 
 	// kick asks the reconcile loop to run now rather than at the next tick.
 	kick chan struct{}
@@ -35,11 +39,13 @@ type appliance struct {
 
 // newAppliance returns an appliance for cfg; store nil means TS_STATE_DIR.
 func newAppliance(cfg Config, store ipn.StateStore, logger *slog.Logger) *appliance {
+	stats, _ := store.(statsSource)
 	return &appliance{
 		cfg:    cfg,
 		logger: logger,
 		ts:     newTSNet(cfg, store, logger),
 		status: newStatus(cfg),
+		stats:  stats,
 		kick:   make(chan struct{}, 1),
 	}
 }
@@ -111,13 +117,24 @@ func (a *appliance) onNotify(n ipn.Notify) {
 	if n.ErrMessage != nil && a.status.setBackendError(*n.ErrMessage) {
 		// Login errors repeat with every retry; log each one once.
 		a.logger.Error("tailscale backend error", "err", *n.ErrMessage)
+		a.events.Warning("BackendError", *n.ErrMessage)
 	}
 	if n.BrowseToURL != nil && *n.BrowseToURL != "" {
 		a.logger.Warn("login needed: open this URL, or restart with TS_AUTHKEY set", "url", *n.BrowseToURL)
+		// The URL stays in the log: whoever opens it first owns the node.
+		a.events.Warning("LoginNeeded", "login needed: open the URL in the relay's log, or set TS_AUTHKEY and restart")
 	}
 	if n.State != nil {
 		if old, changed := a.status.setBackendState(*n.State); changed {
 			a.logger.Info("backend state", "from", old.String(), "to", n.State.String())
+			switch {
+			case *n.State == ipn.Running:
+				a.events.Normal("LoggedIn", "logged in to the tailnet")
+			case *n.State == ipn.NeedsLogin && old == ipn.Running:
+				// Not at start, where NeedsLogin passes by on the way to
+				// Running: here the node was logged out or its key expired.
+				a.events.Warning("LoginNeeded", "the node was logged out or its key expired: log in again (see the relay's log), or delete the state Secret and restart with TS_AUTHKEY")
+			}
 		}
 	}
 	if n.State != nil || n.Prefs != nil || n.LoginFinished != nil {
@@ -142,8 +159,11 @@ func (a *appliance) setFound(found []lbaddr.Endpoint, why string) {
 		return
 	}
 	a.logger.Info("static endpoints changed", "from", endpointList(old), "to", endpointList(merged), "why", why)
+	a.events.Normal("EndpointsChanged", fmt.Sprintf("static endpoints %s -> %s", orNone(endpointList(old)), orNone(endpointList(merged))))
 	a.wake()
 }
+
+func orNone(s string) string { return cmp.Or(s, "none") }
 
 // endpointList formats endpoints for the log as addr:port(source),...
 func endpointList(eps []lbaddr.Endpoint) string {
@@ -263,6 +283,7 @@ func (a *appliance) checkRelayBound(ctx context.Context, lc *local.Client) error
 		if err == nil && rs.UDPPort != nil && *rs.UDPPort == want {
 			if a.status.setRelay(true, true, len(rs.Sessions)) {
 				a.logger.Info("relay bound", "port", want)
+				a.events.Normal("RelayBound", fmt.Sprintf("peer relay listening on UDP port %d", want))
 			}
 			return nil
 		}
@@ -273,6 +294,7 @@ func (a *appliance) checkRelayBound(ctx context.Context, lc *local.Client) error
 			}
 			if a.status.setRelay(true, false, 0) {
 				a.logger.Error("relay not bound", "port", want, "err", err)
+				a.events.Warning("RelayNotBound", fmt.Sprintf("peer relay is not listening on UDP port %d (is the port in use?)", want))
 			}
 			if err != nil {
 				return fmt.Errorf("read relay status: %w", err)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/netip"
 	"net/url"
 	"os"
@@ -32,6 +33,9 @@ type Config struct {
 
 	KubeSecret   string `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
 	RelayService string `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with the Service port whose targetPort is TS_RELAY_SERVER_PORT, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change."`
+	PodName      string `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
+	PodNamespace string `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
+	PodUID       string `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
 	StateDir     string `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
 
 	RelayServerPort            Port      `envconfig:"TS_RELAY_SERVER_PORT" desc:"Required. UDP port the peer relay listens on, 1-65535 (1024 or above in an unprivileged pod)."`
@@ -40,8 +44,15 @@ type Config struct {
 	WireGuardPort Port   `envconfig:"TS_PORT" default:"0" desc:"UDP port for this node's own WireGuard traffic; 0 picks a free one."`
 	LocalAddrPort string `envconfig:"TS_LOCAL_ADDR_PORT" default:"[::]:9002" desc:"ip:port for the HTTP server with /healthz and /readyz."`
 
+	LogFormat LogFormat `envconfig:"TS_LOG_FORMAT" default:"text" desc:"Log format: text (logfmt-style key=value) or json."`
+	LogLevel  LogLevel  `envconfig:"TS_LOG_LEVEL" default:"info" desc:"Least severe log level shown: debug, info, warn or error."`
+
 	NoLogsNoSupport bool `envconfig:"TS_NO_LOGS_NO_SUPPORT" default:"false" desc:"Do not upload Tailscale's diagnostic logs to Tailscale (their support then cannot see this node)."`
 	BackendLogs     bool `envconfig:"TS_BACKEND_LOGS" default:"false" desc:"Include Tailscale's own verbose backend log in this process's log."`
+
+	// Version is tsrelay's version, set by main for build info; not read
+	// from the environment.
+	Version string `ignored:"true"`
 }
 
 // Port is a UDP port number read from the environment.
@@ -137,6 +148,44 @@ func parseEndpoint(s string) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("port %d out of range", port)
 	}
 	return netip.AddrPortFrom(addr, uint16(port)), nil
+}
+
+// LogFormat is how log lines are written: "text" or "json".
+type LogFormat string
+
+// Decode implements envconfig.Decoder.
+func (f *LogFormat) Decode(s string) error {
+	switch s := strings.ToLower(strings.TrimSpace(s)); s {
+	case "", "text":
+		*f = "text"
+	case "json":
+		*f = "json"
+	default:
+		return fmt.Errorf("unknown log format %q; want text or json", s)
+	}
+	return nil
+}
+
+// LogLevel is the least severe level logged.
+type LogLevel slog.Level
+
+// Decode implements envconfig.Decoder.
+func (l *LogLevel) Decode(s string) error {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(strings.TrimSpace(s))); err != nil {
+		return fmt.Errorf("unknown log level %q; want debug, info, warn or error", s)
+	}
+	*l = LogLevel(lv)
+	return nil
+}
+
+// NewLogger returns the logger the settings ask for, writing to w.
+func (c *Config) NewLogger(w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: slog.Level(c.LogLevel)}
+	if c.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
 }
 
 // Tags is a comma-separated list of ACL tags.
@@ -270,6 +319,9 @@ func PrintUsage(w io.Writer) error {
 	t := reflect.TypeFor[Config]()
 	for i := range t.NumField() {
 		tag := t.Field(i).Tag
+		if tag.Get("ignored") == "true" {
+			continue
+		}
 		def := tag.Get("default")
 		if def == "" {
 			def = "-"

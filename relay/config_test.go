@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"encoding/json"
 	"net/netip"
 	"os"
 	"slices"
@@ -17,6 +18,7 @@ func setEnv(t *testing.T, env map[string]string) {
 		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_PORT", "TS_LOCAL_ADDR_PORT",
 		"TS_NO_LOGS_NO_SUPPORT", "TS_BACKEND_LOGS", "KUBERNETES_SERVICE_HOST",
+		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_NAMESPACE", "POD_UID",
 	} {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
@@ -132,6 +134,16 @@ func TestLoadConfigErrors(t *testing.T) {
 			want: []string{"TS_AUTHKEY and TS_CLIENT_SECRET are both set"},
 		},
 		{
+			name: "bad log settings",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LOG_FORMAT": "xml", "TS_LOG_LEVEL": "loud"},
+			want: []string{"TS_LOG_FORMAT=xml: unknown log format \"xml\"; want text or json"},
+		},
+		{
+			name: "bad log level",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LOG_LEVEL": "loud"},
+			want: []string{"TS_LOG_LEVEL=loud: unknown log level \"loud\"; want debug, info, warn or error"},
+		},
+		{
 			name: "bad service name",
 			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE": "tsrelay.kube-public"},
 			want: []string{"TS_RELAY_SERVICE=tsrelay.kube-public: want a Service name"},
@@ -223,12 +235,32 @@ func TestPrintUsageListsEveryVariable(t *testing.T) {
 	}
 	for _, v := range []string{"TS_AUTHKEY", "TS_AUTH_KEY", "TS_CLIENT_SECRET", "TS_ADVERTISE_TAGS", "TS_HOSTNAME",
 		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
-		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_PORT", "TS_LOCAL_ADDR_PORT", "TS_NO_LOGS_NO_SUPPORT"} {
+		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_PORT", "TS_LOCAL_ADDR_PORT", "TS_NO_LOGS_NO_SUPPORT",
+		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_UID"} {
 		if !strings.Contains(b.String(), "\n"+v+" ") {
 			t.Errorf("usage does not list %s:\n%s", v, b.String())
 		}
 	}
 	if !strings.Contains(b.String(), "[::]:9002") {
 		t.Errorf("usage does not show the TS_LOCAL_ADDR_PORT default")
+	}
+}
+
+func TestNewLogger(t *testing.T) {
+	setEnv(t, map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LOG_FORMAT": "JSON", "TS_LOG_LEVEL": "warn"})
+	cfg, err := LoadConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	logger := cfg.NewLogger(&b)
+	logger.Info("hidden below warn")
+	logger.Warn("relay not bound", "port", 61441)
+	var line map[string]any
+	if err := json.Unmarshal([]byte(b.String()), &line); err != nil {
+		t.Fatalf("TS_LOG_FORMAT=json wrote %q: %v", b.String(), err)
+	}
+	if line["msg"] != "relay not bound" || line["level"] != "WARN" || line["port"] != float64(61441) {
+		t.Errorf("log line = %v", line)
 	}
 }

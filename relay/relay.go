@@ -4,12 +4,14 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -18,6 +20,7 @@ import (
 	"tailscale.com/tsnet"
 
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
+	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/kubestate"
 	"github.com/tsrelay/tsrelay/lbaddr"
 
@@ -56,9 +59,24 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 			return err
 		}
 	}
+	// Events about this pod, posted in the background; what is queued when
+	// Run returns (a failed state load, say) gets up to 2 s more.
+	var events *kubeevents.Recorder
+	if kc != nil && cfg.PodName != "" {
+		events = kubeevents.New(kc.Dynamic, kubeevents.Pod{Name: cfg.PodName, Namespace: cmp.Or(cfg.PodNamespace, kc.Namespace), UID: cfg.PodUID}, "tsrelay", logger)
+	}
+	eventsCtx, stopEvents := context.WithCancel(context.WithoutCancel(ctx))
+	eventsDone := make(chan struct{})
+	go func() { events.Run(eventsCtx); close(eventsDone) }()
+	defer func() { stopEvents(); <-eventsDone }()
+
 	store, err := newStateStore(ctx, cfg, kc, logger)
 	if err != nil {
+		events.Warning("StateLoadFailed", err.Error())
 		return err
+	}
+	if s, ok := store.(*kubestate.Store); ok {
+		events.Normal("StateLoaded", "node state loaded from Secret "+strings.TrimPrefix(s.String(), "kube:"))
 	}
 	ln, err := net.Listen("tcp", cfg.LocalAddrPort)
 	if err != nil {
@@ -66,6 +84,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 
 	a := newAppliance(cfg, store, logger)
+	a.events = events
 	var svc *lbaddr.Config
 	if cfg.RelayService != "" {
 		svc = &lbaddr.Config{

@@ -270,10 +270,12 @@ func (s *status) snapshot() statusJSON {
 //   - /readyz: the node is Running, the relay prefs are in force and the
 //     relay socket is bound. ?verbose or Accept: application/json gives the
 //     full status as JSON.
+//   - /metrics: Prometheus metrics (see metrics.go).
 func (a *appliance) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", a.serveHealthz)
 	mux.HandleFunc("GET /readyz", a.serveReadyz)
+	mux.Handle("GET /metrics", a.metricsHandler(a.stats))
 	return mux
 }
 

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/types/key"
@@ -185,6 +186,16 @@ func pingVia(t *testing.T, ctx context.Context, a *tailnettest.Laptop, ip netip.
 	}
 }
 
+// relayMetrics fetches and parses the relay's /metrics.
+func relayMetrics(t *testing.T, r *tailnettest.Relay) map[string]*dto.MetricFamily {
+	t.Helper()
+	m, err := r.Metrics(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
 // peerByIP returns the peer in st with the tailnet IP ip.
 func peerByIP(st *ipnstate.Status, ip string) (*ipnstate.PeerStatus, bool) {
 	for _, p := range st.Peer {
@@ -234,9 +245,31 @@ func TestRelayEndToEnd(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
+	before := relayMetrics(t, relay)
 	a, ipB := startLaptops(t, bins, control)
 	wantVia := "via peer-relay(" + endpoint + ":vni:"
 	pingVia(t, ctx, a, ipB, wantVia)
+
+	// /metrics: one valid exposition of tsrelay's series and Tailscale's,
+	// whose relay counters rose with the pings.
+	after := relayMetrics(t, relay)
+	for _, name := range []string{"tailscaled_peer_relay_forwarded_packets_total", "tailscaled_peer_relay_forwarded_bytes_total"} {
+		v0, _ := tailnettest.MetricSum(before, name)
+		v1, ok := tailnettest.MetricSum(after, name)
+		if !ok || v1 <= v0 {
+			t.Errorf("%s went from %v to %v (present: %v); want it to rise after relayed pings", name, v0, v1, ok)
+		}
+		t.Logf("%s: %v → %v", name, v0, v1)
+	}
+	if v, _ := tailnettest.MetricSum(after, "tsrelay_ready"); v != 1 {
+		t.Errorf("tsrelay_ready = %v while /readyz is 200", v)
+	}
+	if v, _ := tailnettest.MetricSum(after, "tsrelay_relay_sessions"); v < 1 {
+		t.Errorf("tsrelay_relay_sessions = %v after relaying, want at least 1", v)
+	}
+	if v, _ := tailnettest.MetricSum(after, "tsrelay_static_endpoints", "source", "explicit"); v != 1 {
+		t.Errorf(`tsrelay_static_endpoints{source="explicit"} = %v, want 1`, v)
+	}
 
 	st, err := a.LocalClient().Status(ctx)
 	if err != nil {
@@ -332,6 +365,13 @@ func TestRelayNotReadyWithoutLogin(t *testing.T) {
 	body := waitUnready(t, relay, "invalid")
 	if !strings.HasPrefix(body, "NeedsLogin") {
 		t.Errorf("/readyz = %q, want it to start with NeedsLogin", body)
+	}
+	m := relayMetrics(t, relay)
+	if v, ok := tailnettest.MetricSum(m, "tsrelay_ready"); !ok || v != 0 {
+		t.Errorf("tsrelay_ready = %v (present %v) while /readyz is 503", v, ok)
+	}
+	if v, _ := tailnettest.MetricSum(m, "tsrelay_backend_state", "state", "NeedsLogin"); v != 1 {
+		t.Errorf(`tsrelay_backend_state{state="NeedsLogin"} = %v, want 1`, v)
 	}
 	if code, _, err := relay.Get(t.Context(), "/healthz"); err != nil || code != http.StatusOK {
 		t.Errorf("/healthz = %d, %v; want 200: liveness must not depend on login", code, err)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -14,6 +15,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
@@ -67,8 +70,14 @@ func TestRelayKubeState(t *testing.T) {
 	// Each start gets a new scratch directory, as a new pod gets a new
 	// emptyDir: everything that survives must be in the Secret.
 	scratch := func() string { return "TS_STATE_DIR=" + t.TempDir() }
-	relay := startRelay(t, bins, "relay", append(env, scratch(), "TS_AUTHKEY="+control.AuthKey)...)
+	// The downward API's variables, as the Deployment sets them.
+	pod := func(name string) []string {
+		return []string{"POD_NAME=" + name, "POD_NAMESPACE=" + ns, "POD_UID=" + name + "-uid"}
+	}
+	relay := startRelay(t, bins, "relay", append(append(env, pod("tsrelay-1")...), scratch(), "TS_AUTHKEY="+control.AuthKey)...)
 	waitReady(t, relay)
+	// One Event per transition on the pod, and none per state write.
+	waitEvents(t, admin, ns, "tsrelay-1", map[string]int32{"StateLoaded": 1, "LoggedIn": 1, "RelayBound": 1})
 	rs, err := relay.Status(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -102,7 +111,7 @@ func TestRelayKubeState(t *testing.T) {
 	control.AllowRegisterWithoutKey()
 	relay.Kill()
 	killedAt := time.Now()
-	relay2 := startRelay(t, bins, "relay-restarted", append(env, scratch())...)
+	relay2 := startRelay(t, bins, "relay-restarted", append(append(env, pod("tsrelay-2")...), scratch())...)
 	waitReady(t, relay2)
 	t.Logf("restarted relay ready %v after kill -9; RSS %s", time.Since(killedAt).Round(time.Millisecond), rss(relay2.Pid()))
 	rs2, err := relay2.Status(ctx)
@@ -115,7 +124,33 @@ func TestRelayKubeState(t *testing.T) {
 	if n := control.Server.NumNodes(); n != nodesBefore {
 		t.Errorf("control has %d nodes after the restart, want %d: the relay logged in as a new node", n, nodesBefore)
 	}
+	waitEvents(t, admin, ns, "tsrelay-2", map[string]int32{"StateLoaded": 1, "LoggedIn": 1, "RelayBound": 1})
+}
 
+// waitEvents waits until the Events on pod are exactly want (reason →
+// count), and fails the test if they never are.
+func waitEvents(t *testing.T, admin kubernetes.Interface, ns, pod string, want map[string]int32) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	got := map[string]int32{}
+	err := tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
+		list, err := admin.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + pod})
+		if err != nil {
+			return false, err
+		}
+		clear(got)
+		for _, e := range list.Items {
+			if e.InvolvedObject.Kind != "Pod" || e.InvolvedObject.UID != types.UID(pod+"-uid") || e.Source.Component != "tsrelay" {
+				return false, fmt.Errorf("event %s is about %+v from %q", e.Name, e.InvolvedObject, e.Source.Component)
+			}
+			got[e.Reason] += e.Count
+		}
+		return maps.Equal(got, want), nil
+	})
+	if err != nil {
+		t.Fatalf("Events on pod %s = %v, want %v: %v", pod, got, want, err)
+	}
 }
 
 // TestRelayFollowsLoadBalancer is the load-balancer case end to end: the
@@ -179,6 +214,7 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 
 	control := tailnettest.StartControlForTest(t)
 	relay := startRelay(t, bins, "relay",
+		"POD_NAME=tsrelay-lb", "POD_NAMESPACE="+ns, "POD_UID=tsrelay-lb-uid",
 		"KUBECONFIG="+kubeconfig,
 		"TS_KUBE_SECRET=tsrelay-state",
 		"TS_RELAY_SERVICE=tsrelay",
@@ -209,6 +245,8 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 	if eps := rs.Relay.StaticEndpoints; len(eps) != 1 || eps[0].Endpoint != lb.Addr.String() || eps[0].Source != "service" {
 		t.Errorf("relay static endpoints = %+v, want only %s from the service", eps, lb.Addr)
 	}
+
+	waitEvents(t, admin, ns, "tsrelay-lb", map[string]int32{"StateLoaded": 1, "LoggedIn": 1, "RelayBound": 1, "EndpointsChanged": 1})
 
 	a, ipB := startLaptops(t, bins, control)
 	pingVia(t, ctx, a, ipB, "via peer-relay("+lb.Addr.String()+":vni:")

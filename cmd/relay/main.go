@@ -7,7 +7,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"runtime"
@@ -52,7 +51,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "relay: see `relay --help` for every setting")
 		return 2
 	}
-	logger := slog.New(slog.NewTextHandler(stderr, nil))
+	cfg.Version = version
+	logger := cfg.NewLogger(stderr)
 	logger.Info("tsrelay", "version", version, "go", runtime.Version())
 	// client-go logs through klog (a watch that ended with an error, say);
 	// send that to the same log, structured like the rest.

@@ -6,7 +6,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 )
 
 // Relay is the real relay binary (cmd/relay) running as a subprocess,
@@ -123,4 +128,62 @@ func (r *Relay) Status(ctx context.Context) (RelayStatus, error) {
 		return st, fmt.Errorf("%s status: %w: %s", r.Name(), err, body)
 	}
 	return st, nil
+}
+
+// Metrics fetches /metrics and parses it with Prometheus's own text parser,
+// which rejects an invalid exposition (a second HELP or TYPE line for one
+// family, say).
+func (r *Relay) Metrics(ctx context.Context) (map[string]*dto.MetricFamily, error) {
+	code, body, err := r.Get(ctx, "/metrics")
+	if err != nil {
+		return nil, fmt.Errorf("%s metrics: %w", r.Name(), err)
+	}
+	if code != http.StatusOK {
+		return nil, fmt.Errorf("%s metrics: HTTP %d: %s", r.Name(), code, body)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(strings.NewReader(body))
+	if err != nil {
+		return nil, fmt.Errorf("%s metrics: %w", r.Name(), err)
+	}
+	return fams, nil
+}
+
+// MetricSum returns the sum of every sample of family name whose labels
+// include labels (name, value pairs), and whether the family exists.
+func MetricSum(fams map[string]*dto.MetricFamily, name string, labels ...string) (float64, bool) {
+	f, ok := fams[name]
+	if !ok {
+		return 0, false
+	}
+	var sum float64
+	for _, m := range f.GetMetric() {
+		if !hasLabels(m, labels) {
+			continue
+		}
+		switch {
+		case m.Counter != nil:
+			sum += m.Counter.GetValue()
+		case m.Gauge != nil:
+			sum += m.Gauge.GetValue()
+		case m.Untyped != nil:
+			sum += m.Untyped.GetValue()
+		}
+	}
+	return sum, true
+}
+
+func hasLabels(m *dto.Metric, pairs []string) bool {
+	for i := 0; i+1 < len(pairs); i += 2 {
+		found := false
+		for _, l := range m.GetLabel() {
+			if l.GetName() == pairs[i] && l.GetValue() == pairs[i+1] {
+				found = true
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
 }

@@ -1,0 +1,171 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"runtime"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"tailscale.com/ipn"
+	tsversion "tailscale.com/version"
+
+	"github.com/tsrelay/tsrelay/kubestate"
+	"github.com/tsrelay/tsrelay/lbaddr"
+)
+
+// scrapeTimeout bounds the local API calls one scrape makes (Tailscale's
+// user metrics, the relay's session table). Both are in memory.
+const scrapeTimeout = 3 * time.Second
+
+// backendStates are the values of tsrelay_backend_state's state label.
+var backendStates = []ipn.State{ipn.NoState, ipn.NeedsLogin, ipn.NeedsMachineAuth, ipn.Stopped, ipn.Starting, ipn.Running}
+
+// statsSource is a state store that counts its writes (kubestate.Store).
+type statsSource interface{ Stats() kubestate.Stats }
+
+// collector exposes tsrelay's own series, read from the appliance's status
+// at scrape time so that they always agree with /readyz.
+type collector struct {
+	a     *appliance
+	store statsSource // nil when the state is in a directory
+
+	ready, backendState, bound, endpoints, sessions *prometheus.Desc
+	writes, failures, conflicts, buildInfo          *prometheus.Desc
+}
+
+func newCollector(a *appliance, store statsSource) *collector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("tsrelay_"+name, help, labels, nil)
+	}
+	return &collector{
+		a:            a,
+		store:        store,
+		ready:        d("ready", "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."),
+		backendState: d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
+		bound:        d("relay_bound", "1 when the peer relay's UDP socket is bound."),
+		endpoints:    d("static_endpoints", "Static endpoints advertised to peers, by where they came from.", "source"),
+		sessions:     d("relay_sessions", "Relay sessions (pairs of peers) the relay server holds now."),
+		writes:       d("state_writes_total", "State writes the Kubernetes API server accepted."),
+		failures:     d("state_write_failures_total", "State writes that failed; the node's identity may not survive a restart."),
+		conflicts:    d("state_write_conflicts_total", "State writes retried because someone else changed the Secret."),
+		buildInfo:    d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *collector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(c, ch) }
+
+// Collect implements prometheus.Collector.
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter := func(d *prometheus.Desc, v uint64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
+	}
+	st := c.a.status.snapshot()
+	gauge(c.ready, bit(st.Ready))
+	for _, s := range backendStates {
+		gauge(c.backendState, bit(st.BackendState == s.String()), s.String())
+	}
+	gauge(c.bound, bit(st.Relay.Bound))
+	for _, src := range []lbaddr.Source{lbaddr.SourceExplicit, lbaddr.SourceService, lbaddr.SourceDNS} {
+		n := 0
+		for _, e := range st.Relay.StaticEndpoints {
+			if e.Source == src {
+				n++
+			}
+		}
+		gauge(c.endpoints, float64(n), string(src))
+	}
+	gauge(c.sessions, float64(c.liveSessions(st.Relay.Bound, st.Relay.Sessions)))
+	if c.store != nil {
+		s := c.store.Stats()
+		counter(c.writes, s.Writes)
+		counter(c.failures, s.Failures)
+		counter(c.conflicts, s.Conflicts)
+	}
+	gauge(c.buildInfo, 1, c.a.cfg.Version, tsversion.Short(), runtime.Version())
+}
+
+// liveSessions asks the relay server how many sessions it holds, falling
+// back to the count from the last reconcile pass.
+func (c *collector) liveSessions(bound bool, last int) int {
+	lc := c.a.localClient()
+	if lc == nil || !bound {
+		return last
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
+	defer cancel()
+	rs, err := lc.DebugPeerRelaySessions(ctx)
+	if err != nil {
+		return last
+	}
+	return len(rs.Sessions)
+}
+
+func bit(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// metricsHandler serves GET /metrics: tsrelay's series, Go and process
+// series, and Tailscale's user metrics for this node (among them
+// tailscaled_peer_relay_forwarded_packets_total and _bytes_total), merged
+// into one exposition.
+func (a *appliance) metricsHandler(store statsSource) http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		newCollector(a, store),
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	g := prometheus.Gatherers{reg, prometheus.GathererFunc(a.tailscaleMetrics)}
+	return promhttp.HandlerFor(g, promhttp.HandlerOpts{
+		// A failure to read Tailscale's metrics must not hide ours.
+		ErrorHandling: promhttp.ContinueOnError,
+		ErrorLog:      promLogger{a.logger},
+	})
+}
+
+// tailscaleMetrics reads Tailscale's user metrics from the node's local API
+// and parses them, so that the Gatherers merge them with ours into one
+// valid exposition.
+func (a *appliance) tailscaleMetrics() ([]*dto.MetricFamily, error) {
+	lc := a.localClient()
+	if lc == nil {
+		return nil, nil // not started yet
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
+	defer cancel()
+	text, err := lc.UserMetrics(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read tailscale user metrics: %w", err)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(bytes.NewReader(text))
+	if err != nil {
+		return nil, fmt.Errorf("parse tailscale user metrics: %w", err)
+	}
+	out := make([]*dto.MetricFamily, 0, len(fams))
+	for _, f := range fams {
+		out = append(out, f)
+	}
+	return out, nil
+}
+
+// promLogger sends promhttp's errors to the relay's log.
+type promLogger struct{ l *slog.Logger }
+
+func (p promLogger) Println(v ...any) { p.l.Warn("metrics", "err", fmt.Sprint(v...)) }
