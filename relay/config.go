@@ -42,7 +42,7 @@ type Config struct {
 	RelayServerStaticEndpoints Endpoints `envconfig:"TS_RELAY_SERVER_STATIC_ENDPOINTS" desc:"Comma-separated addresses peers can reach the relay on, ip:port or [ipv6]:port (e.g. a LoadBalancer IP, or a router's WAN IP and forwarded port)."`
 
 	WireGuardPort Port   `envconfig:"TS_PORT" default:"0" desc:"UDP port for this node's own WireGuard traffic; 0 picks a free one."`
-	LocalAddrPort string `envconfig:"TS_LOCAL_ADDR_PORT" default:"[::]:9002" desc:"ip:port for the HTTP server with /healthz and /readyz."`
+	LocalAddrPort string `envconfig:"TS_LOCAL_ADDR_PORT" default:"[::]:9002" desc:"ip:port for the HTTP server with /healthz, /readyz and /metrics."`
 
 	LogFormat LogFormat `envconfig:"TS_LOG_FORMAT" default:"text" desc:"Log format: text (logfmt-style key=value) or json."`
 	LogLevel  LogLevel  `envconfig:"TS_LOG_LEVEL" default:"info" desc:"Least severe log level shown: debug, info, warn or error."`
