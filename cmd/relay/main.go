@@ -16,6 +16,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/tsrelay/tsrelay/relay"
+	"github.com/tsrelay/tsrelay/relaycheck"
 )
 
 // version is stamped at build time with -ldflags "-X main.version=…".
@@ -37,6 +38,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		case "-version", "--version", "version":
 			fmt.Fprintln(stdout, "tsrelay", version)
 			return 0
+		case "check":
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return relaycheck.Main(ctx, args[1:], stdout, stderr)
 		default:
 			fmt.Fprintf(stderr, "relay: unknown argument %q; the relay is configured through its environment\n\n", args[0])
 			usage(stderr)
@@ -71,10 +76,12 @@ func usage(w io.Writer) {
 	fmt.Fprintf(w, `tsrelay %s: a Tailscale peer relay for Kubernetes.
 
 Usage: relay [--help | --version]
+       relay check [flags] <peer>...   on a laptop: does traffic to <peer> ride
+                                       a peer relay? (relay check --help)
 
 The relay joins your tailnet as a userspace node (no TUN, no privileges),
 turns on Tailscale's peer relay on TS_RELAY_SERVER_PORT, and serves
-/healthz and /readyz on TS_LOCAL_ADDR_PORT. Peers use it only where the
+/healthz, /readyz and /metrics on TS_LOCAL_ADDR_PORT. Peers use it only where the
 tailnet policy grants "tailscale.com/cap/relay" to them for this node.
 
 Environment:
