@@ -100,9 +100,13 @@ func (a *appliance) localClient() *local.Client {
 	return a.lc
 }
 
-// closeTailnet stops the node. State writes are synchronous, so once this
-// returns the stored identity is consistent.
+// closeTailnet stops the node, if it started: closing a tsnet.Server whose
+// Start failed panics. State writes are synchronous, so once this returns
+// the stored identity is consistent.
 func (a *appliance) closeTailnet() {
+	if a.localClient() == nil {
+		return // never started
+	}
 	start := time.Now()
 	if err := a.ts.Close(); err != nil {
 		a.logger.Warn("closing tailscale", "err", err)

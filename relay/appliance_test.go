@@ -4,6 +4,9 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -86,4 +89,25 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 	if err != nil || rs.UDPPort == nil || *rs.UDPPort != uint16(port) {
 		t.Errorf("relay after drift: %+v, %v; want bound on %d", rs, err, port)
 	}
+}
+
+// TestFailedStartDoesNotPanic checks that a node that cannot start (here its
+// state directory is a file) makes run return the error, and that the
+// shutdown that follows does not close what never started.
+func TestFailedStartDoesNotPanic(t *testing.T) {
+	notADir := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(notADir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a := newAppliance(Config{
+		ControlURL:      "http://127.0.0.1:1",
+		Hostname:        "relay",
+		StateDir:        notADir,
+		RelayServerPort: 40000,
+	}, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
+	err := a.run(t.Context())
+	if err == nil || !strings.Contains(err.Error(), "start tailscale") {
+		t.Fatalf("run with an unusable state dir = %v, want a start error", err)
+	}
+	a.closeTailnet() // must not panic
 }
