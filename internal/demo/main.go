@@ -13,6 +13,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -34,7 +35,7 @@ func main() {
 
 // step prints a numbered heading.
 func step(w io.Writer, n int, format string, args ...any) {
-	fmt.Fprintf(w, "\n[%d/5] %s\n", n, fmt.Sprintf(format, args...))
+	fmt.Fprintf(w, "\n[%d/6] %s\n", n, fmt.Sprintf(format, args...))
 }
 
 // indent prints text indented under a step.
@@ -145,6 +146,15 @@ func run(ctx context.Context, w io.Writer) error {
 	}
 	fmt.Fprintln(w, "\nThe relay's session table (GET /readyz?verbose):")
 	indent(w, sessions)
+
+	// The same question, answered by the relay binary's own subcommand.
+	step(w, 6, "laptop-a$ relay check --relay=relay %s", ips[1])
+	check := exec.CommandContext(ctx, bins.Relay, "check", "--socket="+a.Socket, "--relay=relay", ips[1].String())
+	out, err = check.CombinedOutput()
+	indent(w, string(out))
+	if err != nil {
+		return fmt.Errorf("relay check: %w", err)
+	}
 	fmt.Fprintln(w, "\nThe first pong crossed DERP; the rest rode the peer relay. In a cluster the relay")
 	fmt.Fprintln(w, "sits behind a UDP LoadBalancer IP, and laptops see `via peer-relay(<LB IP>:<port>:vni:N)`.")
 	fmt.Fprintln(w, "Cleaning up.")
