@@ -1,0 +1,338 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
+)
+
+// Row is one measurement with its baseline from the same run.
+type Row struct {
+	Section  string  `json:"section"`  // paths, readiness, footprint
+	Scenario string  `json:"scenario"` // e.g. "tsrelay peer relay"
+	Metric   string  `json:"metric"`   // e.g. "TCP throughput"
+	Unit     string  `json:"unit"`
+	Value    float64 `json:"value"`
+	// Baseline names the row Value is compared with; empty when this row
+	// is itself a baseline or the baseline was not measured (Ratio 0).
+	Baseline      string  `json:"baseline,omitempty"`
+	BaselineValue float64 `json:"baselineValue,omitempty"`
+	Ratio         float64 `json:"ratio,omitempty"` // Value / BaselineValue
+	Better        string  `json:"better"`          // "higher" or "lower"
+	// IsBaseline marks the rows other rows are compared with.
+	IsBaseline bool   `json:"isBaseline,omitempty"`
+	Note       string `json:"note,omitempty"`
+}
+
+// Report is a run's results.
+type Report struct {
+	Time    time.Time `json:"time"`
+	Smoke   bool      `json:"smoke"`
+	Machine Machine   `json:"machine"`
+	// TransferSeconds and Pings are the per-path transfer time and ping
+	// count.
+	TransferSeconds float64  `json:"transferSeconds"`
+	Pings           int      `json:"pings"`
+	Rounds          int      `json:"rounds"`
+	Rows            []Row    `json:"rows"`
+	Errors          []string `json:"errors,omitempty"`
+	Seconds         float64  `json:"seconds"` // the whole run, build included
+}
+
+// Machine describes where the run happened.
+type Machine struct {
+	CPUs      int    `json:"cpus"`
+	CPUModel  string `json:"cpuModel,omitempty"`
+	Kernel    string `json:"kernel,omitempty"`
+	GoVersion string `json:"goVersion"`
+	// LoadStart and LoadEnd are /proc/loadavg's 1-minute figure at the
+	// start and the end of the run: other work on the machine skews every
+	// number here.
+	LoadStart float64 `json:"loadStart"`
+	LoadEnd   float64 `json:"loadEnd"`
+}
+
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return -1
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return -1
+	}
+	v, err := strconv.ParseFloat(f[0], 64)
+	if err != nil {
+		return -1
+	}
+	return v
+}
+
+func newReport(cfg Config) *Report {
+	m := Machine{CPUs: runtime.NumCPU(), GoVersion: runtime.Version(), LoadStart: loadAvg()}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "model name"); ok {
+				m.CPUModel = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	return &Report{
+		Time:            time.Now().UTC().Truncate(time.Second),
+		Smoke:           cfg.Smoke,
+		Machine:         m,
+		TransferSeconds: cfg.Transfer.Seconds(),
+		Pings:           cfg.Pings,
+		Rounds:          cfg.Rounds,
+	}
+}
+
+// add appends a row compared with baseline (skipped when not measured).
+func (r *Report) add(row Row, baseline string, bv float64, ok bool) {
+	switch {
+	case baseline == "":
+		row.IsBaseline = true
+	case ok && bv > 0:
+		row.Baseline, row.BaselineValue, row.Ratio = baseline, bv, row.Value/bv
+	default:
+		row.Note = strings.TrimPrefix(row.Note+"; baseline "+baseline+" not measured in this run", "; ")
+	}
+	r.Rows = append(r.Rows, row)
+}
+
+func (r *Report) addPaths(res map[string]*pathResult) {
+	direct, haveDirect := res[scDirect]
+	stock, haveStock := res[scStock]
+	for _, sc := range []string{scDirect, scDERP, scRelay, scStock} {
+		p, ok := res[sc]
+		if !ok {
+			continue
+		}
+		type cmp struct {
+			name string
+			base *pathResult
+			ok   bool
+		}
+		var cmps []cmp
+		switch sc {
+		case scDirect:
+			cmps = []cmp{{"", nil, false}}
+		case scRelay:
+			if haveStock {
+				cmps = append(cmps, cmp{scStock, stock, true})
+			}
+			if haveDirect {
+				cmps = append(cmps, cmp{scDirect, direct, true})
+			}
+			if len(cmps) == 0 {
+				cmps = []cmp{{scStock, nil, false}}
+			}
+		default:
+			cmps = []cmp{{scDirect, direct, haveDirect}}
+		}
+		for _, c := range cmps {
+			get := func(f func(*pathResult) float64) float64 {
+				if c.base == nil {
+					return 0
+				}
+				return f(c.base)
+			}
+			note := fmt.Sprintf("via %s; median of %s", p.Via, fmtRuns(p.MbpsRuns))
+			r.add(Row{Section: "paths", Scenario: sc, Metric: "TCP throughput a→b", Unit: "Mbit/s", Value: p.Mbps, Better: "higher", Note: note},
+				c.name, get(func(x *pathResult) float64 { return x.Mbps }), c.ok)
+			note = fmt.Sprintf("%d disco pings", p.Pongs)
+			r.add(Row{Section: "paths", Scenario: sc, Metric: "ping RTT p50", Unit: "ms", Value: p.P50, Better: "lower", Note: note},
+				c.name, get(func(x *pathResult) float64 { return x.P50 }), c.ok)
+			r.add(Row{Section: "paths", Scenario: sc, Metric: "ping RTT p99", Unit: "ms", Value: p.P99, Better: "lower", Note: note},
+				c.name, get(func(x *pathResult) float64 { return x.P99 }), c.ok)
+		}
+	}
+	// Footprint of the two relays: idle and while relaying the transfer.
+	if p, ok := res[scRelay]; ok {
+		var si, sl float64
+		if haveStock {
+			si, sl = float64(stock.RelayIdleKiB)/1024, float64(stock.RelayLoadKiB)/1024
+		}
+		r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "RSS idle (ready, no peers)", Unit: "MiB", Value: float64(p.RelayIdleKiB) / 1024, Better: "lower"},
+			"stock tailscaled relay", si, haveStock)
+		r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "RSS peak while relaying", Unit: "MiB", Value: float64(p.RelayLoadKiB) / 1024, Better: "lower", Note: "during the TCP transfer"},
+			"stock tailscaled relay", sl, haveStock)
+	}
+	if haveStock {
+		r.add(Row{Section: "footprint", Scenario: "stock tailscaled relay", Metric: "RSS idle (ready, no peers)", Unit: "MiB", Value: float64(stock.RelayIdleKiB) / 1024, Better: "lower"}, "", 0, false)
+		r.add(Row{Section: "footprint", Scenario: "stock tailscaled relay", Metric: "RSS peak while relaying", Unit: "MiB", Value: float64(stock.RelayLoadKiB) / 1024, Better: "lower", Note: "during the TCP transfer"}, "", 0, false)
+	}
+}
+
+func (r *Report) addReadiness(rd readiness, rounds int) {
+	const stock = "stock tailscaled relay"
+	note := fmt.Sprintf("median of %d", rounds)
+	if rd.RelayNew >= 0 {
+		r.add(Row{Section: "readiness", Scenario: "tsrelay", Metric: "start → /readyz 200, new identity", Unit: "s", Value: rd.RelayNew, Better: "lower", Note: note},
+			stock, rd.StockNew, rd.StockNew >= 0)
+	}
+	if rd.RelayRestart >= 0 {
+		r.add(Row{Section: "readiness", Scenario: "tsrelay", Metric: "start → /readyz 200, existing state", Unit: "s", Value: rd.RelayRestart, Better: "lower", Note: note},
+			stock, rd.StockRestart, rd.StockRestart >= 0)
+	}
+	if rd.StockNew >= 0 {
+		r.add(Row{Section: "readiness", Scenario: stock, Metric: "start → up → set --relay-server-port → socket bound", Unit: "s", Value: rd.StockNew, Better: "lower", Note: note}, "", 0, false)
+	}
+	if rd.StockRestart >= 0 {
+		r.add(Row{Section: "readiness", Scenario: stock, Metric: "start from state → socket bound", Unit: "s", Value: rd.StockRestart, Better: "lower", Note: note}, "", 0, false)
+	}
+}
+
+func (r *Report) addSizes(bins tailnettest.Binaries) error {
+	relay, err := binSize(bins.Relay)
+	if err != nil {
+		return err
+	}
+	tsd, err := binSize(bins.Tailscaled)
+	if err != nil {
+		return err
+	}
+	ts, err := binSize(bins.Tailscale)
+	if err != nil {
+		return err
+	}
+	const mb = 1e6
+	r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "stripped binary size (relay)", Unit: "MB", Value: float64(relay) / mb, Better: "lower"},
+		"tailscaled + tailscale", float64(tsd+ts)/mb, true)
+	r.add(Row{Section: "footprint", Scenario: "stock", Metric: "stripped binary size (tailscaled + tailscale)", Unit: "MB", Value: float64(tsd+ts) / mb, Better: "lower",
+		Note: fmt.Sprintf("tailscaled %.1f MB, tailscale %.1f MB", float64(tsd)/mb, float64(ts)/mb)}, "", 0, false)
+	return nil
+}
+
+// WriteMarkdown writes the report as Markdown tables.
+func (r *Report) WriteMarkdown(w io.Writer) error {
+	var b strings.Builder
+	mode := "full"
+	if r.Smoke {
+		mode = "smoke"
+	}
+	fmt.Fprintf(&b, "# tsrelay benchmark (%s run)\n\n", mode)
+	fmt.Fprintf(&b, "%s; %d CPUs (%s); Linux %s; %s; tailscale.com %s; %d × %.0f s TCP transfers and %d disco pings per path; %d readiness rounds; run took %.0f s; load average (1 min) %.2f at the start, %.2f at the end.\n\n",
+		r.Time.Format(time.RFC3339), r.Machine.CPUs, r.Machine.CPUModel, r.Machine.Kernel, r.Machine.GoVersion, tailscaleVersion(), r.Rounds, r.TransferSeconds, r.Pings, r.Rounds, r.Seconds, r.Machine.LoadStart, r.Machine.LoadEnd)
+	b.WriteString("All nodes on 127.0.0.1, userspace networking (no TUN), Tailscale's test control/DERP/STUN in the harness process. " +
+		"Ratio = value / baseline value from the same run; `better` says which way is good.\n")
+	sections := []struct{ key, title string }{
+		{"paths", "Paths: laptop a → laptop b"},
+		{"readiness", "Readiness"},
+		{"footprint", "Footprint"},
+	}
+	for _, s := range sections {
+		fmt.Fprintf(&b, "\n## %s\n\n", s.title)
+		b.WriteString("| Scenario | Metric | Value | Baseline | Baseline value | Ratio | Better | Note |\n")
+		b.WriteString("|---|---|---:|---|---:|---:|---|---|\n")
+		n := 0
+		for _, row := range r.Rows {
+			if row.Section != s.key {
+				continue
+			}
+			n++
+			base, bv, ratio := "—", "", ""
+			if row.IsBaseline {
+				base = "(is a baseline)"
+			}
+			if row.Baseline != "" {
+				base, bv, ratio = row.Baseline, fmtVal(row.BaselineValue, row.Unit), fmt.Sprintf("%.2f×", row.Ratio)
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s |\n",
+				row.Scenario, row.Metric, fmtVal(row.Value, row.Unit), base, bv, ratio, row.Better, row.Note)
+		}
+		if n == 0 {
+			b.WriteString("| (not measured in this run) | | | | | | | |\n")
+		}
+	}
+	if len(r.Errors) > 0 {
+		b.WriteString("\n## Errors\n\n")
+		for _, e := range r.Errors {
+			fmt.Fprintf(&b, "- %s\n", strings.ReplaceAll(e, "\n", " "))
+		}
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+func fmtRuns(xs []float64) string {
+	var parts []string
+	for _, x := range xs {
+		parts = append(parts, fmt.Sprintf("%.0f", x))
+	}
+	return "[" + strings.Join(parts, ", ") + "]"
+}
+
+func fmtVal(v float64, unit string) string {
+	switch unit {
+	case "ms":
+		return fmt.Sprintf("%.3f %s", v, unit)
+	case "s":
+		return fmt.Sprintf("%.2f %s", v, unit)
+	}
+	return fmt.Sprintf("%.1f %s", v, unit)
+}
+
+// tailscaleVersion is the tailscale.com module version linked into this
+// program (the one go.mod pins for the relay and the laptops).
+func tailscaleVersion() string {
+	if v := tailscaleModVersion(); v != "" {
+		return v
+	}
+	return "(unknown)"
+}
+
+// WriteFiles writes <dir>/<stamp>.md and .json and returns their paths.
+func (r *Report) WriteFiles(dir string) (md, js string, err error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", "", err
+	}
+	stamp := r.Time.Format("20060102T150405Z")
+	if r.Smoke {
+		stamp = "smoke-" + stamp
+	}
+	md = filepath.Join(dir, stamp+".md")
+	js = filepath.Join(dir, stamp+".json")
+	f, err := os.Create(md)
+	if err != nil {
+		return "", "", err
+	}
+	if err := r.WriteMarkdown(f); err != nil {
+		f.Close()
+		return "", "", err
+	}
+	if err := f.Close(); err != nil {
+		return "", "", err
+	}
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return "", "", err
+	}
+	return md, js, os.WriteFile(js, append(b, '\n'), 0o644)
+}
+
+func tailscaleModVersion() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return ""
+	}
+	for _, d := range bi.Deps {
+		if d.Path == "tailscale.com" {
+			return d.Version
+		}
+	}
+	return ""
+}
