@@ -32,19 +32,10 @@ func TestCheck(t *testing.T) {
 	// joins: testcontrol reads the field without a lock.
 	control.Server.PeerRelayGrants = false
 
-	relayPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	// As in TestRelayEndToEnd: the only way into the relay is its static
-	// endpoint, a port forward, so the endpoint check names can only be it.
-	sinkLocalAddrs(t, relayPort)
-	fwd, err := tailnettest.StartPortForward("127.0.0.1:0", netip.AddrPortFrom(netip.MustParseAddr(forwardTarget), uint16(relayPort)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { fwd.Close() })
-	endpoint := fwd.Addr.String()
+	// The only way into the relay is its static endpoint, a port forward,
+	// so the endpoint check names can only be it.
+	relayPort, fwdAddr := forwardedRelayPort(t, "127.0.0.1:0")
+	endpoint := fwdAddr.String()
 	relay := startRelay(t, bins, "relay",
 		"TS_CONTROL_URL="+control.URL,
 		"TS_STATE_DIR="+t.TempDir(),

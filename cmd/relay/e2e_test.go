@@ -70,6 +70,26 @@ func sinkLocalAddrs(t *testing.T, port int) {
 	}
 }
 
+// forwardedRelayPort picks the relay's UDP port and makes a port forward
+// from listen (e.g. "127.0.0.1:0") the only way to reach it: the forward
+// delivers to forwardTarget at that port, and sinkLocalAddrs swallows the
+// addresses the relay would discover by itself. The forward stands for a
+// home router or a load balancer; its address is the endpoint to advertise.
+func forwardedRelayPort(t *testing.T, listen string) (relayPort int, endpoint netip.AddrPort) {
+	t.Helper()
+	relayPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sinkLocalAddrs(t, relayPort)
+	fwd, err := tailnettest.StartPortForward(listen, netip.AddrPortFrom(netip.MustParseAddr(forwardTarget), uint16(relayPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fwd.Close() })
+	return relayPort, fwd.Addr
+}
+
 // buildOnce builds the relay and the laptops' tailscaled and tailscale once
 // per test binary run, into a directory that outlives the run so that go
 // build can skip an up-to-date link next time.
@@ -215,19 +235,10 @@ func peerByIP(st *ipnstate.Status, ip string) (*ipnstate.PeerStatus, bool) {
 func TestRelayEndToEnd(t *testing.T) {
 	bins := binaries(t)
 	control := tailnettest.StartControlForTest(t)
-	relayPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
 	// The static endpoint is a port forward to the relay on another port,
 	// as behind a home router or a load balancer.
-	sinkLocalAddrs(t, relayPort)
-	fwd, err := tailnettest.StartPortForward("127.0.0.1:0", netip.AddrPortFrom(netip.MustParseAddr(forwardTarget), uint16(relayPort)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { fwd.Close() })
-	endpoint := fwd.Addr.String()
+	relayPort, fwdAddr := forwardedRelayPort(t, "127.0.0.1:0")
+	endpoint := fwdAddr.String()
 	stateDir := t.TempDir()
 	env := []string{
 		"TS_CONTROL_URL=" + control.URL,
@@ -467,7 +478,10 @@ func TestNoTestCodeInBinary(t *testing.T) {
 		}
 		// The typed clients link every type in k8s.io/api: about 16 MB
 		// over the dynamic client, which breaks the size budget.
-		if strings.HasPrefix(pkg, "k8s.io/api/") || strings.HasPrefix(pkg, "k8s.io/client-go/kubernetes") {
+		// lbaddr and kubeevents are written against the dynamic client, and
+		// client-go's record package links the typed clients too.
+		if strings.HasPrefix(pkg, "k8s.io/api/") || strings.HasPrefix(pkg, "k8s.io/client-go/kubernetes") ||
+			pkg == "k8s.io/client-go/tools/record" {
 			t.Errorf("cmd/relay links %s; use the dynamic client (see DESIGN.md on binary size)", pkg)
 		}
 	}

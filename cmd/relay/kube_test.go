@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"maps"
-	"net/netip"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -166,16 +165,7 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 
-	relayPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sinkLocalAddrs(t, relayPort)
-	lb, err := tailnettest.StartPortForward("127.0.0.2:0", netip.AddrPortFrom(netip.MustParseAddr(forwardTarget), uint16(relayPort)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lb.Close() })
+	relayPort, lbAddr := forwardedRelayPort(t, "127.0.0.2:0")
 
 	// The ServiceAccount, Role, RoleBinding and Service as shipped, with the
 	// Service's port moved to the one the "load balancer" listens on.
@@ -193,7 +183,7 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 		ports, _, _ := unstructured.NestedSlice(o.Object, "spec", "ports")
 		for _, p := range ports {
 			if p := p.(map[string]any); p["protocol"] == "UDP" {
-				p["port"] = int64(lb.Addr.Port())
+				p["port"] = int64(lbAddr.Port())
 			}
 		}
 		if err := unstructured.SetNestedSlice(o.Object, ports, "spec", "ports"); err != nil {
@@ -231,7 +221,7 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: lb.Addr.Addr().String()}}
+	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: lbAddr.Addr().String()}}
 	if _, err := admin.CoreV1().Services(ns).UpdateStatus(ctx, svc, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -242,12 +232,12 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if eps := rs.Relay.StaticEndpoints; len(eps) != 1 || eps[0].Endpoint != lb.Addr.String() || eps[0].Source != "service" {
-		t.Errorf("relay static endpoints = %+v, want only %s from the service", eps, lb.Addr)
+	if eps := rs.Relay.StaticEndpoints; len(eps) != 1 || eps[0].Endpoint != lbAddr.String() || eps[0].Source != "service" {
+		t.Errorf("relay static endpoints = %+v, want only %s from the service", eps, lbAddr)
 	}
 
 	waitEvents(t, admin, ns, "tsrelay-lb", map[string]int32{"StateLoaded": 1, "LoggedIn": 1, "RelayBound": 1, "EndpointsChanged": 1})
 
 	a, ipB := startLaptops(t, bins, control)
-	pingVia(t, ctx, a, ipB, "via peer-relay("+lb.Addr.String()+":vni:")
+	pingVia(t, ctx, a, ipB, "via peer-relay("+lbAddr.String()+":vni:")
 }
