@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"tailscale.com/client/local"
@@ -18,16 +17,6 @@ import (
 
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
-
-// offMachineEnv keeps a tailscaled or tsnet process on this machine: no log
-// uploads, no port mapping probes, a crash rather than a dial to Tailscale's
-// control, and no wait for a "real" interface.
-var offMachineEnv = []string{
-	"TS_NO_LOGS_NO_SUPPORT=true",
-	"TS_DISABLE_PORTMAPPER=1",
-	"TS_PANIC_IF_HIT_MAIN_CONTROL=1",
-	"TS_ASSUME_NETWORK_UP_FOR_TEST=1",
-}
 
 // node is a tailscaled in userspace-networking mode: a laptop, or the stock
 // peer relay baseline. Unlike tailnettest.Laptop, whether it may use direct
@@ -58,7 +47,7 @@ func startNode(ctx context.Context, bins tailnettest.Binaries, dir, name string,
 		dir:    dir,
 		socket: filepath.Join(dir, "s.sock"),
 		bins:   bins,
-		env:    slices.Clone(offMachineEnv),
+		env:    tailnettest.OffMachineEnv(),
 	}
 	if neverDirect {
 		n.env = append(n.env, "TS_DEBUG_NEVER_DIRECT_UDP=1")
@@ -106,7 +95,7 @@ func startNode(ctx context.Context, bins tailnettest.Binaries, dir, name string,
 func (n *node) cli(ctx context.Context, args ...string) error {
 	cmd := exec.CommandContext(ctx, n.bins.Tailscale, append([]string{"--socket=" + n.socket}, args...)...)
 	cmd.Dir = n.dir
-	cmd.Env = append(scrubbedEnviron(), n.env...)
+	cmd.Env = append(tailnettest.ScrubbedEnviron(), n.env...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("%s: tailscale %s: %w\n%s", n.name, args[0], err, out)
 	}
@@ -183,14 +172,4 @@ func (n *node) close() error {
 		return nil
 	}
 	return n.proc.Close()
-}
-
-func scrubbedEnviron() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "TS_") {
-			env = append(env, kv)
-		}
-	}
-	return env
 }

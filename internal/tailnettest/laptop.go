@@ -24,22 +24,33 @@ const pollInterval = 50 * time.Millisecond
 // maxSocketPath leaves room for the NUL in sockaddr_un's 108-byte sun_path.
 const maxSocketPath = 100
 
-// laptopEnv returns the environment of every laptop's tailscaled and CLI.
-func laptopEnv() []string {
+// OffMachineEnv returns the environment that keeps a tailscaled, tsnet node
+// or relay on this machine.
+func OffMachineEnv() []string {
 	return []string{
-		// No direct UDP path between peers, so traffic must use DERP or a
-		// peer relay: that is what the tests want to observe.
-		"TS_DEBUG_NEVER_DIRECT_UDP=1",
 		// Don't pause the control client because no "real" interface is up.
 		"TS_ASSUME_NETWORK_UP_FOR_TEST=1",
 		// Everything is on loopback; never talk UPnP/NAT-PMP/PCP to a router.
 		"TS_DISABLE_PORTMAPPER=1",
 		// Crash rather than reach Tailscale's real control plane by mistake.
 		"TS_PANIC_IF_HIT_MAIN_CONTROL=1",
-		// No log uploads (also set as the --no-logs-no-support flag).
+		// No log uploads, nor the fallback dials to Tailscale's public DERP
+		// servers (also set as tailscaled's --no-logs-no-support flag).
 		"TS_NO_LOGS_NO_SUPPORT=true",
 	}
 }
+
+// laptopEnv returns the environment of every laptop's tailscaled and CLI.
+func laptopEnv() []string {
+	// No direct UDP path between peers, so traffic must use DERP or a peer
+	// relay: that is what the tests want to observe.
+	return append(OffMachineEnv(), "TS_DEBUG_NEVER_DIRECT_UDP=1")
+}
+
+// ScrubbedEnviron returns this process's environment without any TS_*
+// variable, so that a developer's shell (TS_AUTHKEY, TS_DEBUG_*) cannot leak
+// into a tailnet the tests or the bench start.
+func ScrubbedEnviron() []string { return scrubbedEnviron() }
 
 // Laptop is a real tailscaled process in userspace-networking mode, with its
 // own state directory, LocalAPI socket and WireGuard port, plus its CLI.

@@ -38,13 +38,7 @@ func StartRelay(ctx context.Context, bins Binaries, name, logFile string, env ..
 		Name:    name,
 		Path:    bins.Relay,
 		LogFile: logFile,
-		Env: append([]string{
-			"TS_LOCAL_ADDR_PORT=" + httpAddr,
-			"TS_NO_LOGS_NO_SUPPORT=true",
-			"TS_DISABLE_PORTMAPPER=1",
-			"TS_PANIC_IF_HIT_MAIN_CONTROL=1",
-			"TS_ASSUME_NETWORK_UP_FOR_TEST=1",
-		}, env...),
+		Env:     append(append(OffMachineEnv(), "TS_LOCAL_ADDR_PORT="+httpAddr), env...),
 	})
 	if err != nil {
 		return nil, err
