@@ -27,11 +27,13 @@ demo: ## Run a relay between two laptops on a private loopback tailnet and show 
 	$(GO) run ./internal/demo
 
 .PHONY: bench
-bench: ## Benchmark tsrelay against direct UDP, DERP and a stock tailscaled relay (< 5 min); writes bench/results/<time>.{md,json}.
+bench: ## Benchmark tsrelay against direct UDP, DERP and a stock tailscaled relay in network namespaces (< 5 min, root); writes bench/results/<time>.{md,json}.
+	scripts/net-tools
 	$(GO) run ./bench/cmd/bench -out bench/results
 
 .PHONY: bench-smoke
 bench-smoke: ## Run a seconds-long subset of make bench (make test runs it as a Go test too).
+	scripts/net-tools
 	$(GO) run ./bench/cmd/bench -smoke -out bench/results
 
 .PHONY: manifests
@@ -78,12 +80,17 @@ lint: ## Check formatting (gofmt) and run go vet.
 
 .PHONY: test
 test: lint ## Run every test, the end-to-end relay proof and the real kube-apiserver included.
+	scripts/net-tools
 	TSRELAY_KUBE_ASSETS=$$(scripts/kube-test-bins) && export TSRELAY_KUBE_ASSETS && \
 	  $(GO) test -count=1 -timeout 45m ./...
 
 .PHONY: test-image
 test-image: ## Run only the container image checks (make test runs them too); the empty-root run needs root.
 	$(GO) test -count=1 -v ./image/
+
+.PHONY: net-tools
+net-tools: ## Install ip, ping, iperf3 and iptables from Debian's packages if missing (make test and make bench do this).
+	scripts/net-tools
 
 .PHONY: kube-test-bins
 kube-test-bins: ## Install etcd and build kube-apiserver for the tests (once per machine; make test does this).
