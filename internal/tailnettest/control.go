@@ -37,7 +37,7 @@ import (
 	"tailscale.com/types/logger"
 )
 
-// loopback is the only address anything in this package listens on.
+// loopback is where StartControl listens.
 const loopback = "127.0.0.1"
 
 // derpRegionCode is the code of the only DERP region. `tailscale ping`
@@ -78,7 +78,18 @@ type Control struct {
 // tsnet tests do: netns binds sockets to the default-route interface (and
 // uses SO_MARK where permitted), which breaks in-process tsnet nodes talking
 // to 127.0.0.1. It is not re-enabled by Close.
-func StartControl(logf logger.Logf) (_ *Control, err error) {
+func StartControl(logf logger.Logf) (*Control, error) {
+	return StartControlAt(netip.MustParseAddr(loopback), logf)
+}
+
+// StartControlAt is StartControl listening on ip, an IPv4 address of this
+// process's network namespace, for nodes in other namespaces (the bench's
+// laptops) that cannot reach its loopback.
+func StartControlAt(ip netip.Addr, logf logger.Logf) (_ *Control, err error) {
+	if !ip.Is4() {
+		return nil, fmt.Errorf("start control: %v is not an IPv4 address", ip)
+	}
+	host := ip.String()
 	if logf == nil {
 		logf = logger.Discard
 	}
@@ -91,14 +102,14 @@ func StartControl(logf logger.Logf) (_ *Control, err error) {
 		}
 	}()
 
-	c.stun, err = startSTUN(logf)
+	c.stun, err = startSTUN(host, logf)
 	if err != nil {
 		return nil, err
 	}
 	c.STUNAddr = c.stun.addr
 
 	c.derp = derpserver.New(key.NewNode(), logf)
-	c.derpHTTP, err = startDERPHTTP(c.derp, logf)
+	c.derpHTTP, err = startDERPHTTP(host, c.derp, logf)
 	if err != nil {
 		return nil, err
 	}
@@ -112,13 +123,13 @@ func StartControl(logf logger.Logf) (_ *Control, err error) {
 				Nodes: []*tailcfg.DERPNode{{
 					Name:             "t1",
 					RegionID:         1,
-					HostName:         loopback,
-					IPv4:             loopback,
+					HostName:         host,
+					IPv4:             host,
 					IPv6:             "none",
 					STUNPort:         int(c.STUNAddr.Port()),
 					DERPPort:         derpPort,
 					InsecureForTests: true,
-					STUNTestIP:       loopback,
+					STUNTestIP:       host,
 				}},
 			},
 		},
@@ -130,7 +141,7 @@ func StartControl(logf logger.Logf) (_ *Control, err error) {
 		RequireAuthKey:  c.AuthKey,
 		Logf:            logf,
 	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(loopback, "0"))
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		return nil, fmt.Errorf("listen for control: %w", err)
 	}
@@ -145,9 +156,9 @@ func StartControl(logf logger.Logf) (_ *Control, err error) {
 }
 
 // startDERPHTTP serves d over TLS (a self-signed certificate, which nodes
-// accept because the DERP map says InsecureForTests) on 127.0.0.1.
-func startDERPHTTP(d *derpserver.Server, logf logger.Logf) (*httptest.Server, error) {
-	ln, err := net.Listen("tcp", net.JoinHostPort(loopback, "0"))
+// accept because the DERP map says InsecureForTests) on host.
+func startDERPHTTP(host string, d *derpserver.Server, logf logger.Logf) (*httptest.Server, error) {
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		return nil, fmt.Errorf("listen for DERP: %w", err)
 	}
@@ -192,8 +203,8 @@ type stunServer struct {
 	done chan struct{}
 }
 
-func startSTUN(logf logger.Logf) (*stunServer, error) {
-	pc, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(loopback+":0")))
+func startSTUN(host string, logf logger.Logf) (*stunServer, error) {
+	pc, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(host), 0)))
 	if err != nil {
 		return nil, fmt.Errorf("listen for STUN: %w", err)
 	}

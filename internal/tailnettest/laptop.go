@@ -52,8 +52,9 @@ func laptopEnv() []string {
 // into a tailnet the tests or the bench start.
 func ScrubbedEnviron() []string { return scrubbedEnviron() }
 
-// Laptop is a real tailscaled process in userspace-networking mode, with its
-// own state directory, LocalAPI socket and WireGuard port, plus its CLI.
+// Laptop is a real tailscaled process, by default in userspace-networking
+// mode, with its own state directory, LocalAPI socket and WireGuard port,
+// plus its CLI.
 type Laptop struct {
 	// Name is the laptop's label and, after Up, its tailnet hostname.
 	Name string
@@ -65,19 +66,64 @@ type Laptop struct {
 	// Port is tailscaled's WireGuard UDP port.
 	Port int
 
+	opts    LaptopOptions
 	bins    Binaries
 	proc    *Process
 	lc      *local.Client
 	sockDir string // a short temporary directory holding Socket, if Dir was too long
 }
 
+// LaptopOptions are the ways a laptop can differ from the default: a
+// userspace-networking tailscaled on this namespace's loopback that never
+// uses direct UDP, so that its traffic to peers takes DERP or a peer relay.
+type LaptopOptions struct {
+	// AllowDirect lets the laptop use direct UDP paths to its peers.
+	AllowDirect bool
+	// Netns runs tailscaled in this named network namespace (`ip netns
+	// add`) instead of the caller's.
+	Netns string
+	// KernelTUN gives tailscaled a kernel TUN device (tailscale0) instead of
+	// userspace networking; it needs root, /dev/net/tun and, so as not to
+	// touch the caller's routes and firewall, Netns. Up then turns off
+	// netfilter rules and DNS configuration.
+	KernelTUN bool
+	// Poll is how often the laptop's start and Up re-check what they wait
+	// for; zero means 50 ms. Timing measurements want less.
+	Poll time.Duration
+}
+
+// env returns the environment of the laptop's tailscaled and CLI.
+func (o LaptopOptions) env() []string {
+	if o.AllowDirect {
+		return OffMachineEnv()
+	}
+	return laptopEnv()
+}
+
+func (o LaptopOptions) poll() time.Duration {
+	if o.Poll > 0 {
+		return o.Poll
+	}
+	return pollInterval
+}
+
 // StartLaptop starts tailscaled for a laptop called name, keeping its files
 // in dir (created if needed), and waits until its LocalAPI socket accepts
 // connections. The laptop is logged out; call Up to join a tailnet. ctx
 // bounds only the start; Close stops the laptop.
-func StartLaptop(ctx context.Context, bins Binaries, dir, name string) (_ *Laptop, err error) {
+func StartLaptop(ctx context.Context, bins Binaries, dir, name string) (*Laptop, error) {
+	return StartLaptopWith(ctx, bins, dir, name, LaptopOptions{})
+}
+
+// StartLaptopWith is StartLaptop with options. Started again on the same
+// dir, a laptop resumes from its saved state: WaitRunning then waits for it
+// to be back on the tailnet.
+func StartLaptopWith(ctx context.Context, bins Binaries, dir, name string, opts LaptopOptions) (_ *Laptop, err error) {
 	if bins.Tailscaled == "" || bins.Tailscale == "" {
 		return nil, fmt.Errorf("start laptop %s: tailscaled or tailscale binary not built", name)
+	}
+	if opts.KernelTUN && opts.Netns == "" {
+		return nil, fmt.Errorf("start laptop %s: a kernel TUN laptop needs its own network namespace", name)
 	}
 	dir, err = filepath.Abs(dir)
 	if err != nil {
@@ -86,15 +132,18 @@ func StartLaptop(ctx context.Context, bins Binaries, dir, name string) (_ *Lapto
 	if err := os.MkdirAll(filepath.Join(dir, "state"), 0o700); err != nil {
 		return nil, fmt.Errorf("start laptop %s: %w", name, err)
 	}
-	port, err := FreeUDPPort()
-	if err != nil {
-		return nil, fmt.Errorf("start laptop %s: %w", name, err)
+	port := 41641 // tailscaled's default; the namespace is the laptop's own
+	if opts.Netns == "" {
+		if port, err = FreeUDPPort(); err != nil {
+			return nil, fmt.Errorf("start laptop %s: %w", name, err)
+		}
 	}
 	l := &Laptop{
 		Name:   name,
 		Dir:    dir,
 		Socket: filepath.Join(dir, "tailscaled.sock"),
 		Port:   port,
+		opts:   opts,
 		bins:   bins,
 	}
 	defer func() {
@@ -112,6 +161,10 @@ func StartLaptop(ctx context.Context, bins Binaries, dir, name string) (_ *Lapto
 	}
 	l.lc = &local.Client{Socket: l.Socket, UseSocketOnly: true}
 
+	tun := "--tun=userspace-networking"
+	if opts.KernelTUN {
+		tun = "--tun=tailscale0"
+	}
 	l.proc, err = StartProcess(ctx, ProcessConfig{
 		Name: "tailscaled[" + name + "]",
 		Path: bins.Tailscaled,
@@ -119,11 +172,12 @@ func StartLaptop(ctx context.Context, bins Binaries, dir, name string) (_ *Lapto
 			"--statedir=" + filepath.Join(dir, "state"),
 			"--socket=" + l.Socket,
 			"--port=" + strconv.Itoa(port),
-			"--tun=userspace-networking",
+			tun,
 			"--no-logs-no-support",
 		},
-		Env:     laptopEnv(),
+		Env:     opts.env(),
 		Dir:     dir,
+		Netns:   opts.Netns,
 		LogFile: filepath.Join(dir, "tailscaled.log"),
 	})
 	if err != nil {
@@ -133,7 +187,7 @@ func StartLaptop(ctx context.Context, bins Binaries, dir, name string) (_ *Lapto
 	// Connect rather than run `tailscale status`: its exit code 1 means
 	// both "no daemon" and "needs login".
 	var d net.Dialer
-	err = WaitFor(ctx, pollInterval, func() (bool, error) {
+	err = WaitFor(ctx, opts.poll(), func() (bool, error) {
 		select {
 		case <-l.proc.Done():
 			return false, fmt.Errorf("tailscaled exited: %w", l.proc.Wait(ctx))
@@ -163,17 +217,32 @@ func (l *Laptop) Up(ctx context.Context, controlURL, authKey string) error {
 	}
 	defer os.Remove(keyFile)
 
-	out, err := l.command(ctx, "up",
-		"--login-server="+controlURL,
-		"--auth-key=file:"+keyFile,
-		"--hostname="+l.Name,
-	).CombinedOutput()
+	args := []string{"up",
+		"--login-server=" + controlURL,
+		"--auth-key=file:" + keyFile,
+		"--hostname=" + l.Name,
+	}
+	if l.opts.KernelTUN {
+		// Leave the namespace's firewall and resolv.conf alone.
+		args = append(args, "--netfilter-mode=off", "--accept-dns=false")
+	}
+	out, err := l.command(ctx, args...).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("up %s: tailscale up: %w\n%s", l.Name, err, out)
 	}
+	return l.WaitRunning(ctx)
+}
 
+// WaitRunning waits until the laptop is Running with a tailnet IP: after
+// Up, or after a restart from saved state.
+func (l *Laptop) WaitRunning(ctx context.Context) error {
 	var last string
-	err = WaitFor(ctx, pollInterval, func() (bool, error) {
+	err := WaitFor(ctx, l.opts.poll(), func() (bool, error) {
+		select {
+		case <-l.proc.Done():
+			return false, fmt.Errorf("tailscaled exited: %w", l.proc.Wait(ctx))
+		default:
+		}
 		st, err := l.lc.StatusWithoutPeers(ctx)
 		if err != nil {
 			last = err.Error()
@@ -183,7 +252,7 @@ func (l *Laptop) Up(ctx context.Context, controlURL, authKey string) error {
 		return st.BackendState == ipn.Running.String() && len(st.TailscaleIPs) > 0, nil
 	})
 	if err != nil {
-		return fmt.Errorf("up %s: wait for Running (last: %s): %w", l.Name, last, err)
+		return fmt.Errorf("%s: wait for Running (last: %s): %w", l.Name, last, err)
 	}
 	return nil
 }
@@ -193,7 +262,7 @@ func (l *Laptop) Up(ctx context.Context, controlURL, authKey string) error {
 func (l *Laptop) command(ctx context.Context, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, l.bins.Tailscale, append([]string{"--socket=" + l.Socket}, args...)...)
 	cmd.Dir = l.Dir
-	cmd.Env = append(scrubbedEnviron(), laptopEnv()...)
+	cmd.Env = append(scrubbedEnviron(), l.opts.env()...)
 	return cmd
 }
 
@@ -206,6 +275,9 @@ func (l *Laptop) CLI(ctx context.Context, args ...string) ([]byte, error) {
 	}
 	return out, nil
 }
+
+// Pid returns the process ID of the laptop's tailscaled.
+func (l *Laptop) Pid() int { return l.proc.Pid() }
 
 // LocalClient returns a LocalAPI client for the laptop's tailscaled.
 func (l *Laptop) LocalClient() *local.Client { return l.lc }
@@ -228,7 +300,7 @@ func (l *Laptop) IP(ctx context.Context) (netip.Addr, error) {
 // address ip. Pinging a peer before that fails at once with "no matching
 // peer".
 func (l *Laptop) WaitForPeer(ctx context.Context, ip netip.Addr) error {
-	err := WaitFor(ctx, pollInterval, func() (bool, error) {
+	err := WaitFor(ctx, l.opts.poll(), func() (bool, error) {
 		st, err := l.lc.Status(ctx)
 		if err != nil {
 			return false, nil

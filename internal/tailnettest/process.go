@@ -32,6 +32,10 @@ type ProcessConfig struct {
 	Env []string
 	// Dir is the working directory; empty means the caller's.
 	Dir string
+	// Netns, if set, is a named network namespace (`ip netns add`) to run
+	// the process in, through `ip netns exec`, which execs the program: Pid
+	// is still the program's.
+	Netns string
 	// LogFile receives stdout and stderr (created, or appended to). Required:
 	// it is what LogTail reads.
 	LogFile string
@@ -84,6 +88,9 @@ func StartProcess(ctx context.Context, cfg ProcessConfig) (*Process, error) {
 	defer pr.Close()
 
 	cmd := exec.Command(cfg.Path, cfg.Args...)
+	if cfg.Netns != "" {
+		cmd = exec.Command("ip", append([]string{"netns", "exec", cfg.Netns, cfg.Path}, cfg.Args...)...)
+	}
 	cmd.Dir = cfg.Dir
 	cmd.Env = append(append(scrubbedEnviron(), "TS_PARENT_DEATH_FD=3"), cfg.Env...)
 	var out io.Writer = logFile

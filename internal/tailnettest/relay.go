@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -18,8 +19,14 @@ import (
 // configured only through its environment, as in a pod.
 type Relay struct {
 	*Process
-	// HTTPAddr is the relay's TS_LOCAL_ADDR_PORT, on 127.0.0.1.
+	// HTTPAddr is the relay's TS_LOCAL_ADDR_PORT, on 127.0.0.1 (of Netns,
+	// if set).
 	HTTPAddr string
+	// Netns is the named network namespace the relay runs in; empty means
+	// the caller's.
+	Netns string
+
+	client *http.Client
 }
 
 // StartRelay starts bins.Relay with env added to an environment that keeps it
@@ -43,7 +50,32 @@ func StartRelay(ctx context.Context, bins Binaries, name, logFile string, env ..
 	if err != nil {
 		return nil, err
 	}
-	return &Relay{Process: p, HTTPAddr: httpAddr}, nil
+	return &Relay{Process: p, HTTPAddr: httpAddr, client: http.DefaultClient}, nil
+}
+
+// StartRelayInNetns is StartRelay in the named network namespace netns
+// (`ip netns add`), for example a pod's behind a node that forwards the relay
+// port. Its HTTP server listens on that namespace's 127.0.0.1:9002, which Get
+// reaches with DialInNetns.
+func StartRelayInNetns(ctx context.Context, bins Binaries, netns, name, logFile string, env ...string) (*Relay, error) {
+	const httpAddr = "127.0.0.1:9002"
+	p, err := StartProcess(ctx, ProcessConfig{
+		Name:    name,
+		Path:    bins.Relay,
+		LogFile: logFile,
+		Netns:   netns,
+		Env:     append(append(OffMachineEnv(), "TS_LOCAL_ADDR_PORT="+httpAddr), env...),
+	})
+	if err != nil {
+		return nil, err
+	}
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return DialInNetns(ctx, netns, network, addr)
+		},
+		DisableKeepAlives: true,
+	}
+	return &Relay{Process: p, HTTPAddr: httpAddr, Netns: netns, client: &http.Client{Transport: tr}}, nil
 }
 
 // Get fetches path from the relay's HTTP server.
@@ -52,7 +84,7 @@ func (r *Relay) Get(ctx context.Context, path string) (code int, body string, er
 	if err != nil {
 		return 0, "", err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := r.client.Do(req)
 	if err != nil {
 		return 0, "", err
 	}
