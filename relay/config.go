@@ -49,6 +49,7 @@ type Config struct {
 
 	NoLogsNoSupport bool `envconfig:"TS_NO_LOGS_NO_SUPPORT" default:"false" desc:"Do not upload Tailscale's diagnostic logs to Tailscale (their support then cannot see this node)."`
 	BackendLogs     bool `envconfig:"TS_BACKEND_LOGS" default:"false" desc:"Include Tailscale's own verbose backend log in this process's log."`
+	DebugPprof      bool `envconfig:"TS_DEBUG_PPROF" default:"false" desc:"Serve Go's profiler at /debug/pprof/ on TS_LOCAL_ADDR_PORT, for performance investigations. Anyone who reaches that address can then read the process's memory profile: turn it on only where that address is private."`
 
 	// Version is tsrelay's version, set by main for build info; not read
 	// from the environment.

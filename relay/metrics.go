@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"runtime"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/tsrelay/tsrelay/kubestate"
 	"github.com/tsrelay/tsrelay/lbaddr"
+	"github.com/tsrelay/tsrelay/pathmtu"
 )
 
 // scrapeTimeout bounds the local API calls one scrape makes (Tailscale's
@@ -40,6 +42,7 @@ type collector struct {
 
 	ready, backendState, bound, endpoints, sessions *prometheus.Desc
 	writes, failures, conflicts, buildInfo          *prometheus.Desc
+	pathMTU, pathMTUNeeded, mtuTooSmall, tunnel     *prometheus.Desc
 }
 
 func newCollector(a *appliance, store statsSource) *collector {
@@ -47,17 +50,21 @@ func newCollector(a *appliance, store statsSource) *collector {
 		return prometheus.NewDesc("tsrelay_"+name, help, labels, nil)
 	}
 	return &collector{
-		a:            a,
-		store:        store,
-		ready:        d("ready", "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."),
-		backendState: d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
-		bound:        d("relay_bound", "1 when the peer relay's UDP socket is bound."),
-		endpoints:    d("static_endpoints", "Static endpoints advertised to peers, by where they came from.", "source"),
-		sessions:     d("relay_sessions", "Relay sessions (pairs of peers) the relay server holds now."),
-		writes:       d("state_writes_total", "State writes the Kubernetes API server accepted."),
-		failures:     d("state_write_failures_total", "State writes that failed; the node's identity may not survive a restart."),
-		conflicts:    d("state_write_conflicts_total", "State writes retried because someone else changed the Secret."),
-		buildInfo:    d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
+		a:             a,
+		store:         store,
+		ready:         d("ready", "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."),
+		backendState:  d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
+		bound:         d("relay_bound", "1 when the peer relay's UDP socket is bound."),
+		endpoints:     d("static_endpoints", "Static endpoints advertised to peers, by where they came from.", "source"),
+		sessions:      d("relay_sessions", "Relay sessions (pairs of peers) the relay server holds now."),
+		writes:        d("state_writes_total", "State writes the Kubernetes API server accepted."),
+		failures:      d("state_write_failures_total", "State writes that failed; the node's identity may not survive a restart."),
+		conflicts:     d("state_write_conflicts_total", "State writes retried because someone else changed the Secret."),
+		pathMTU:       d("path_mtu_bytes", "MTU of the route to the internet, by IP family and the interface it leaves through (the route's own MTU if it sets one).", "family", "interface"),
+		pathMTUNeeded: d("path_mtu_needed_bytes", "Largest relayed packet on a path of this IP family: Tailscale's 1280-byte inner MTU plus WireGuard, Geneve, UDP and IP headers.", "family"),
+		mtuTooSmall:   d("path_mtu_too_small", "1 when relayed packets do not fit the path MTU of some IP family: they are fragmented or dropped, and relaying slows down."),
+		tunnel:        d("path_tunnel_in_tunnel", "1 when the pod network looks like a tunnel inside a Tailscale tunnel (route through a WireGuard or Tailscale interface, or an MTU of 1280 minus an encapsulation)."),
+		buildInfo:     d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
 	}
 }
 
@@ -93,6 +100,16 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.writes, s.Writes)
 		counter(c.failures, s.Failures)
 		counter(c.conflicts, s.Conflicts)
+	}
+	if mtu := st.PathMTU; mtu != nil {
+		for _, p := range mtu.Paths {
+			gauge(c.pathMTU, float64(p.MTU), string(p.Family), p.Interface)
+		}
+		gauge(c.pathMTUNeeded, pathmtu.NeededIPv4, string(pathmtu.IPv4))
+		gauge(c.pathMTUNeeded, pathmtu.NeededIPv6, string(pathmtu.IPv6))
+		tooSmall := slices.ContainsFunc(mtu.Paths, func(p pathJSON) bool { return p.TooSmall })
+		gauge(c.mtuTooSmall, bit(tooSmall))
+		gauge(c.tunnel, bit(mtu.TunnelInTunnel != ""))
 	}
 	gauge(c.buildInfo, 1, c.a.cfg.Version, tsversion.Short(), runtime.Version())
 }

@@ -105,8 +105,13 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 		"staticEndpoints", cfg.RelayServerStaticEndpoints.String(), "service", cfg.RelayService,
 		"state", stateLocation(cfg), "http", ln.Addr().String())
 
+	// Checked before /readyz and /metrics answer, so that they never show
+	// an unchecked path; a check is two netlink round trips.
+	a.checkPathMTU(ctx)
+
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return serveHTTP(gctx, ln, a.handler(), logger) })
+	g.Go(func() error { return a.watchPathMTU(gctx) })
 	g.Go(func() error {
 		defer a.closeTailnet()
 		return a.run(gctx)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"slices"
 	"strings"
@@ -45,6 +46,7 @@ type status struct {
 	prefsApplied bool
 	bound        bool
 	sessions     int
+	mtu          mtuCheck // the last path MTU check; never affects readiness
 }
 
 func newStatus(cfg Config) *status {
@@ -203,6 +205,11 @@ type statusJSON struct {
 	TailscaleIPs []netip.Addr `json:"tailscaleIPs"`
 	Relay        relayJSON    `json:"relay"`
 	Health       []string     `json:"health,omitempty"`
+	// PathMTU is the last check of the path MTU; nil before the first.
+	PathMTU *pathMTUJSON `json:"pathMTU,omitempty"`
+	// Warnings are problems that slow relaying down without stopping it,
+	// one line each. They do not affect readiness.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 type relayJSON struct {
@@ -260,8 +267,18 @@ func (s *status) snapshot() statusJSON {
 			Service:         s.service,
 			Sessions:        s.sessions,
 		},
-		Health: append([]string(nil), s.health...),
+		Health:   append([]string(nil), s.health...),
+		PathMTU:  pathMTUStatus(s.mtu),
+		Warnings: s.warningsLocked(),
 	}
+}
+
+// warningsLocked lists what slows relaying down without stopping it.
+func (s *status) warningsLocked() []string {
+	if w := s.mtu.report.Summary(); w != "" {
+		return []string{w}
+	}
+	return nil
 }
 
 // handler serves the probes:
@@ -276,6 +293,12 @@ func (a *appliance) handler() http.Handler {
 	mux.HandleFunc("GET /healthz", a.serveHealthz)
 	mux.HandleFunc("GET /readyz", a.serveReadyz)
 	mux.Handle("GET /metrics", a.metricsHandler(a.stats))
+	if a.cfg.DebugPprof {
+		// Already linked (Tailscale's LocalAPI serves it too), so this
+		// costs no binary size.
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	}
 	return mux
 }
 

@@ -176,3 +176,19 @@ func TestReadyzHandler(t *testing.T) {
 		t.Errorf("GET /nope = %d, want 404", rec.Code)
 	}
 }
+
+// TestDebugPprof: the profiler is served only when TS_DEBUG_PPROF asks for
+// it, since a heap profile shows the process's memory.
+func TestDebugPprof(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		a := &appliance{status: testStatus(), cfg: Config{DebugPprof: on}}
+		rec := httptest.NewRecorder()
+		a.handler().ServeHTTP(rec, httptest.NewRequest("GET", "/debug/pprof/heap?debug=1", nil))
+		switch {
+		case on && (rec.Code != http.StatusOK || !strings.Contains(rec.Body.String(), "heap profile")):
+			t.Errorf("TS_DEBUG_PPROF=true: GET /debug/pprof/heap = %d %.80q, want 200 and a heap profile", rec.Code, rec.Body)
+		case !on && rec.Code != http.StatusNotFound:
+			t.Errorf("TS_DEBUG_PPROF=false: GET /debug/pprof/heap = %d, want 404", rec.Code)
+		}
+	}
+}
