@@ -1,12 +1,15 @@
-// Package bench measures tsrelay against its baselines on a loopback
-// tailnet: the data path between two laptops (direct UDP, DERP only, the
-// tsrelay peer relay, a stock tailscaled configured as a peer relay by
-// hand), readiness time, memory and binary size. cmd/bench runs it for
-// `make bench` and `make bench-smoke`; see README.md.
+// Package bench measures tsrelay against its baselines: the data path
+// between two laptops (direct UDP, DERP only, the tsrelay peer relay, a stock
+// tailscaled configured as a peer relay by hand), readiness time, memory
+// under load and binary size. cmd/bench runs it for `make bench` and `make
+// bench-smoke`; see README.md.
 //
-// Everything runs on 127.0.0.1 with Tailscale's test control, DERP and STUN
-// servers in this process (internal/tailnettest), and every tailscaled and
-// relay runs with log uploads, port mapping and Tailscale's control off.
+// Everything runs on this machine, in network namespaces the bench creates
+// inside its own (RunIsolated): laptops are kernel-TUN tailscaled processes,
+// each in its own namespace on a bridge; relays run in a pod namespace
+// behind a node namespace that forwards their UDP port, as a load balancer
+// does; Tailscale's test control, DERP and STUN servers run in the bench
+// process. iperf3 and ping measure the data path.
 package bench
 
 import (
@@ -14,11 +17,15 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"tailscale.com/types/logger"
 
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
@@ -26,23 +33,36 @@ import (
 
 // Config says what to run.
 type Config struct {
-	// Smoke runs a seconds-long subset: the tsrelay path, tsrelay
-	// readiness and sizes, with a 1 s transfer and 3 pings.
+	// Smoke runs a seconds-long subset: the tsrelay path with one pair,
+	// tsrelay readiness and sizes, with 1 s transfers and 10 pings.
 	Smoke bool
-	// BinDir is where the relay, tailscaled and tailscale are built (kept
-	// between runs so that go build can skip an up-to-date link).
+	// BinDir holds the binaries Build made: relay, tailscaled, tailscale
+	// and, if it was built, containerboot.
 	BinDir string
 	// WorkDir holds the nodes' state and logs; empty means a new
 	// temporary directory, removed at the end.
 	WorkDir string
-	// Transfer is how long each throughput run sends; Pings how many disco
-	// pings each RTT figure is made of. Zero means the mode's default.
+	// Transfer is how long each iperf3 run sends (whole seconds); Pings
+	// how many ICMP pings each RTT figure is made of. Zero means the mode's
+	// default.
 	Transfer time.Duration
 	Pings    int
 	// Rounds is how many times each throughput transfer and each readiness
 	// measurement runs; the report shows the median. Zero means 3 (1 with
 	// Smoke).
 	Rounds int
+	// Pairs are the numbers of laptop pairs sending through a relay at
+	// once for the memory-under-load rows. Nil means 1, 4 and 8 (1 with
+	// Smoke).
+	Pairs []int
+	// SmallMTU is the pod link MTU of the MTU row (tsrelay behind a pod
+	// network that is itself a tunnel; see README's MTU section). Zero
+	// means 1230; the row is skipped with Smoke.
+	SmallMTU int
+	// ProfileDir, if set, receives profiles of tsrelay (TS_DEBUG_PPROF):
+	// its heap when idle and after the load, and its CPU while k pairs
+	// send through it. Read them with `go tool pprof`.
+	ProfileDir string
 	// Logf receives progress; nil discards it.
 	Logf logger.Logf
 }
@@ -51,15 +71,13 @@ func (c *Config) defaults() {
 	if c.Logf == nil {
 		c.Logf = logger.Discard
 	}
-	if c.BinDir == "" {
-		c.BinDir = filepath.Join(os.TempDir(), "tsrelay-bench-bin")
-	}
 	if c.Transfer == 0 {
 		c.Transfer = 5 * time.Second
 		if c.Smoke {
 			c.Transfer = time.Second
 		}
 	}
+	c.Transfer = max(c.Transfer.Truncate(time.Second), time.Second)
 	if c.Rounds == 0 {
 		c.Rounds = 3
 		if c.Smoke {
@@ -67,10 +85,19 @@ func (c *Config) defaults() {
 		}
 	}
 	if c.Pings == 0 {
-		c.Pings = 100
+		c.Pings = 200
 		if c.Smoke {
-			c.Pings = 3
+			c.Pings = 10
 		}
+	}
+	if c.Pairs == nil {
+		c.Pairs = []int{1, 4, 8}
+		if c.Smoke {
+			c.Pairs = []int{1}
+		}
+	}
+	if c.SmallMTU == 0 {
+		c.SmallMTU = 1230
 	}
 }
 
@@ -82,15 +109,47 @@ const (
 	scStock  = "stock tailscaled peer relay"
 )
 
-// Run runs the benchmark. It returns the report even when a scenario
-// failed (its error is in Report.Errors, and Run returns them joined), so
-// that what was measured is not lost.
+// Pod link MTU of every relay but the MTU row's: an ordinary pod network.
+const podMTU = 1500
+
+// relayPort is the relays' UDP port, in their own pod namespaces.
+const relayPort = 40000
+
+// Build builds what the bench runs into dir: relay, tailscaled and tailscale
+// at the version go.mod pins, and with containerboot also Tailscale's
+// containerboot (for the image-size comparison). Call it before
+// RunIsolated: the isolated copy has no network to fetch modules with.
+func Build(ctx context.Context, dir string, containerboot bool, logf logger.Logf) error {
+	if _, err := tailnettest.Build(ctx, dir); err != nil {
+		return err
+	}
+	if containerboot {
+		if err := buildContainerboot(ctx, dir); err != nil {
+			logf("containerboot not built, so the size comparison leaves it out: %v", err)
+		}
+	}
+	return nil
+}
+
+// Run runs the benchmark. It must run in the copy of the program that
+// RunIsolated started, with binaries Build made. It returns the report even
+// when a scenario failed (its error is in Report.Errors, and Run returns
+// them joined), so that what was measured is not lost.
 func Run(ctx context.Context, cfg Config) (*Report, error) {
 	cfg.defaults()
 	start := time.Now()
 	rep := newReport(cfg)
 	logf := cfg.Logf
 
+	lab, err := newLab(ctx)
+	if err != nil {
+		return rep, err
+	}
+	bins := tailnettest.Binaries{
+		Tailscaled: filepath.Join(cfg.BinDir, "tailscaled"),
+		Tailscale:  filepath.Join(cfg.BinDir, "tailscale"),
+		Relay:      filepath.Join(cfg.BinDir, "relay"),
+	}
 	work := cfg.WorkDir
 	if work == "" {
 		d, err := os.MkdirTemp("", "tsrelay-bench-")
@@ -101,46 +160,57 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		work = d
 	}
 
-	logf("building relay, tailscaled and tailscale into %s", cfg.BinDir)
-	bctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
-	bins, err := tailnettest.Build(bctx, cfg.BinDir)
-	cancel()
-	if err != nil {
-		return rep, err
-	}
-
 	var errs []error
 	fail := func(scenario string, err error) {
 		logf("%s: FAILED: %v", scenario, err)
 		rep.Errors = append(rep.Errors, scenario+": "+err.Error())
 		errs = append(errs, fmt.Errorf("%s: %w", scenario, err))
 	}
+	b := &bench{cfg: cfg, lab: lab, bins: bins}
 
-	paths := []string{scDirect, scDERP, scRelay, scStock}
-	if cfg.Smoke {
-		paths = []string{scRelay}
-	}
 	res := map[string]*pathResult{}
-	for _, sc := range paths {
+	if !cfg.Smoke && ctx.Err() == nil {
+		logf("paths: %s and %s", scDirect, scDERP)
+		direct, derp, err := b.runUnrelayed(ctx, filepath.Join(work, "unrelayed"))
+		if err != nil {
+			fail(scDirect+", "+scDERP, err)
+		} else {
+			res[scDirect], res[scDERP] = direct, derp
+		}
+	}
+	kinds := []string{scRelay, scStock}
+	if cfg.Smoke {
+		kinds = kinds[:1]
+	}
+	for _, sc := range kinds {
 		if ctx.Err() != nil {
 			break
 		}
 		logf("path: %s", sc)
-		r, err := runPath(ctx, cfg, bins, filepath.Join(work, "path-"+strconv.Itoa(len(res))), sc)
+		r, err := b.runRelayed(ctx, filepath.Join(work, "relayed-"+strconv.Itoa(len(res))), sc, podMTU, cfg.Pairs)
 		if err != nil {
 			fail(sc, err)
 			continue
 		}
-		logf("path: %s: %.1f Mbit/s, RTT p50 %.3f ms p99 %.3f ms via %s", sc, r.Mbps, r.P50, r.P99, r.Via)
 		res[sc] = r
 	}
+	var small *pathResult
+	if !cfg.Smoke && ctx.Err() == nil {
+		logf("path: %s, pod link MTU %d", scRelay, cfg.SmallMTU)
+		small, err = b.runRelayed(ctx, filepath.Join(work, "small-mtu"), scRelay, cfg.SmallMTU, nil)
+		if err != nil {
+			fail(fmt.Sprintf("%s, MTU %d", scRelay, cfg.SmallMTU), err)
+		}
+	}
 	rep.addPaths(res)
+	rep.addMTU(res[scRelay], small, cfg.SmallMTU)
+	rep.addLoad(res[scRelay], res[scStock], cfg.Pairs)
 
 	if ctx.Err() == nil {
 		var rounds []readiness
 		for i := range cfg.Rounds {
 			logf("readiness, round %d of %d", i+1, cfg.Rounds)
-			rd, err := runReadiness(ctx, cfg, bins, filepath.Join(work, "ready-"+strconv.Itoa(i)))
+			rd, err := b.runReadiness(ctx, filepath.Join(work, "ready-"+strconv.Itoa(i)))
 			if err != nil {
 				fail("readiness", err)
 				break
@@ -153,7 +223,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 	}
 
-	if err := rep.addSizes(bins); err != nil {
+	if err := rep.addSizes(bins, filepath.Join(cfg.BinDir, "containerboot")); err != nil {
 		fail("sizes", err)
 	}
 	if err := ctx.Err(); err != nil {
@@ -164,15 +234,37 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	return rep, errors.Join(errs...)
 }
 
+// bench is one run's setting.
+type bench struct {
+	cfg  Config
+	lab  *lab
+	bins tailnettest.Binaries
+}
+
 // pathResult is what one path scenario measured.
 type pathResult struct {
-	Via      string  // the path the pongs took, e.g. peer-relay(127.0.0.1:41000:vni:1)
-	Mbps     float64 // TCP goodput a → b, median of MbpsRuns
+	Via      string  // the path the pongs took, e.g. peer-relay(10.88.0.3:40000:vni:1)
+	Mbps     float64 // iperf3 TCP goodput a → b, median of MbpsRuns
 	MbpsRuns []float64
-	P50, P99 float64 // disco ping RTT, ms
-	Pongs    int     // pongs over the wanted path (of Config.Pings)
-	// Relay footprint, for the two relay scenarios (KiB).
-	RelayIdleKiB, RelayLoadKiB int64
+	P50, P99 float64 // ICMP ping RTT, ms
+	Pongs    int     // replies (of Config.Pings)
+	// For the relay scenarios: the relay's RSS when ready with no peers,
+	// and its peak while k pairs send through it at once (KiB).
+	RelayIdleKiB int64
+	RelayIdle    map[string]int64 // its /proc status figures then (KiB)
+	Load         map[int]load
+	// MTUWarning is tsrelay's tsrelay_path_mtu_too_small gauge after the
+	// transfers (-1: not exported).
+	MTUWarning float64
+}
+
+// load is what one "k pairs at once" run measured.
+type load struct {
+	PeakKiB int64
+	Mbps    float64 // the pairs' goodput, summed
+	// CPUPerGB is the relay's CPU time (user + system) per gigabyte the
+	// pairs received.
+	CPUPerGB float64
 }
 
 // closers runs cleanup functions in reverse order.
@@ -185,163 +277,135 @@ func (c *closers) run() {
 	}
 }
 
-// runPath builds a fresh tailnet (control, DERP, STUN; a relay for the relay
-// scenarios; laptops a and b), checks that a reaches b over the scenario's
-// path, and measures ping RTT and TCP throughput.
-func runPath(ctx context.Context, cfg Config, bins tailnettest.Binaries, dir, sc string) (_ *pathResult, err error) {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	var cl closers
-	defer cl.run()
+// tailnet is one scenario's world: a control server and the namespaces and
+// processes started for it, all undone by close.
+type tailnet struct {
+	*bench
+	dir     string
+	control *tailnettest.Control
 
-	control, err := tailnettest.StartControl(nil)
-	if err != nil {
-		return nil, err
-	}
-	cl.add(control.Close)
-
-	res := &pathResult{}
-	want := pathRelay
-	relayPid := 0
-	switch sc {
-	case scDirect:
-		want = pathDirect
-	case scDERP:
-		want = pathDERP
-	case scRelay:
-		port, err := tailnettest.FreeUDPPort()
-		if err != nil {
-			return nil, err
-		}
-		r, err := startTSRelay(ctx, bins, filepath.Join(dir, "relay"), control, port, true)
-		if err != nil {
-			return nil, err
-		}
-		cl.add(func() { r.Close() })
-		if err := waitReadyz(ctx, r); err != nil {
-			return nil, fmt.Errorf("tsrelay: %w\n%s", err, r.LogTail(20))
-		}
-		relayPid = r.Pid()
-	case scStock:
-		n, err := startStockRelay(ctx, bins, filepath.Join(dir, "relay"), control)
-		if err != nil {
-			return nil, err
-		}
-		cl.add(func() { n.close() })
-		relayPid = n.proc.Pid()
-	}
-	if relayPid != 0 {
-		// Idle: ready, settled, before any laptop joins.
-		time.Sleep(settle(cfg))
-		if res.RelayIdleKiB, err = rssKiB(relayPid); err != nil {
-			return nil, err
-		}
-	}
-
-	neverDirect := sc != scDirect
-	a, err := startNode(ctx, bins, filepath.Join(dir, "a"), "a", neverDirect)
-	if err != nil {
-		return nil, err
-	}
-	cl.add(func() { a.close() })
-	b, err := startNode(ctx, bins, filepath.Join(dir, "b"), "b", neverDirect)
-	if err != nil {
-		return nil, err
-	}
-	cl.add(func() { b.close() })
-	if _, err := a.up(ctx, control); err != nil {
-		return nil, err
-	}
-	ipB, err := b.up(ctx, control)
-	if err != nil {
-		return nil, err
-	}
-	if err := a.waitPeer(ctx, ipB); err != nil {
-		return nil, fmt.Errorf("a never saw b: %w", err)
-	}
-	pctx, pcancel := context.WithTimeout(ctx, 45*time.Second)
-	res.Via, err = waitPath(pctx, a, ipB, want)
-	pcancel()
-	if err != nil {
-		return nil, err
-	}
-
-	rtts, other, err := pingRTT(ctx, a, ipB, cfg.Pings, want)
-	if err != nil {
-		return nil, err
-	}
-	if other > 0 {
-		cfg.Logf("%s: %d of %d pongs came over another path; left out", sc, other, cfg.Pings)
-	}
-	res.Pongs = len(rtts)
-	res.P50, res.P99 = percentile(rtts, 50), percentile(rtts, 99)
-
-	var s *rssSampler
-	if relayPid != 0 {
-		s = sampleRSS(relayPid)
-	}
-	if !cfg.Smoke {
-		// Warm-up, not counted: early transfers on a fresh pair of nodes
-		// tend to be the slowest (seen: 290 vs 430-560 Mbit/s).
-		if _, err := throughput(ctx, a, ipB, time.Second); err != nil {
-			s.Stop()
-			return nil, fmt.Errorf("warm-up transfer: %w", err)
-		}
-	}
-	for range cfg.Rounds {
-		mbps, err := throughput(ctx, a, ipB, cfg.Transfer)
-		if err != nil {
-			s.Stop()
-			return nil, fmt.Errorf("throughput: %w", err)
-		}
-		res.MbpsRuns = append(res.MbpsRuns, mbps)
-	}
-	res.RelayLoadKiB = s.Stop()
-	res.Mbps = percentile(res.MbpsRuns, 50)
-	// The data must have taken the same path as the pings.
-	vctx, vcancel := context.WithTimeout(ctx, 10*time.Second)
-	after, err := waitPath(vctx, a, ipB, want)
-	vcancel()
-	if err != nil {
-		return nil, fmt.Errorf("after the transfer: %w", err)
-	}
-	if after != res.Via {
-		cfg.Logf("%s: path changed during the run: %s → %s", sc, res.Via, after)
-	}
-	return res, nil
+	mu sync.Mutex // guards cl: pairs start in parallel
+	cl closers
 }
 
-func settle(cfg Config) time.Duration {
-	if cfg.Smoke {
-		return 500 * time.Millisecond
-	}
-	return 2 * time.Second
+// cleanup adds f to what close undoes.
+func (tn *tailnet) cleanup(f func()) {
+	tn.mu.Lock()
+	defer tn.mu.Unlock()
+	tn.cl.add(f)
 }
 
-// startTSRelay starts the relay binary with its state in dir, listening for
-// relay traffic on port and advertising 127.0.0.1:port.
-func startTSRelay(ctx context.Context, bins tailnettest.Binaries, dir string, c *tailnettest.Control, port int, withKey bool) (*tailnettest.Relay, error) {
+func (b *bench) newTailnet(dir string) (*tailnet, error) {
+	c, err := tailnettest.StartControlAt(worldGateway, nil)
+	if err != nil {
+		return nil, err
+	}
+	tn := &tailnet{bench: b, dir: dir, control: c}
+	tn.cl.add(c.Close)
+	return tn, nil
+}
+
+func (tn *tailnet) close() { tn.cl.run() }
+
+// laptop starts a kernel-TUN tailscaled in a new namespace and joins it to
+// the tailnet.
+func (tn *tailnet) laptop(ctx context.Context, name string, allowDirect bool) (*tailnettest.Laptop, string, error) {
+	ns, _, err := tn.lab.host(ctx, name)
+	tn.cleanup(func() { remove(ns) })
+	if err != nil {
+		return nil, "", err
+	}
+	l, err := tailnettest.StartLaptopWith(ctx, tn.bins, filepath.Join(tn.dir, name), name,
+		tailnettest.LaptopOptions{Netns: ns, KernelTUN: true, AllowDirect: allowDirect})
+	if err != nil {
+		return nil, "", err
+	}
+	tn.cleanup(func() { l.Close() })
+	if err := l.Up(ctx, tn.control.URL, tn.control.AuthKey); err != nil {
+		return nil, "", fmt.Errorf("%w\n%s", err, l.LogTail(20))
+	}
+	return l, ns, nil
+}
+
+// pair is two laptops, a sending to b, with an iperf3 server on b.
+type pair struct {
+	a, b     *tailnettest.Laptop
+	nsA, nsB string
+	ipB      netip.Addr
+}
+
+func (tn *tailnet) pair(ctx context.Context, name string, allowDirect bool) (*pair, error) {
+	p := &pair{}
+	var err error
+	if p.a, p.nsA, err = tn.laptop(ctx, name+"a", allowDirect); err != nil {
+		return nil, err
+	}
+	if p.b, p.nsB, err = tn.laptop(ctx, name+"b", allowDirect); err != nil {
+		return nil, err
+	}
+	if p.ipB, err = p.b.IP(ctx); err != nil {
+		return nil, err
+	}
+	if err := p.a.WaitForPeer(ctx, p.ipB); err != nil {
+		return nil, err
+	}
+	srv, err := startIperfServer(ctx, tn.dir, p.nsB, p.ipB)
+	if err != nil {
+		return nil, err
+	}
+	tn.cleanup(func() { srv.Close() })
+	return p, nil
+}
+
+// pairs starts n pairs, four at a time.
+func (tn *tailnet) pairs(ctx context.Context, n int) ([]*pair, error) {
+	ps := make([]*pair, n)
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(4)
+	for i := range ps {
+		g.Go(func() (err error) {
+			ps[i], err = tn.pair(gctx, "p"+strconv.Itoa(i), false)
+			return err
+		})
+	}
+	return ps, g.Wait()
+}
+
+// pod creates a node and a pod namespace for a relay on a link of the
+// given MTU.
+func (tn *tailnet) pod(ctx context.Context, name string, mtu int) (pod, error) {
+	p, err := tn.lab.pod(ctx, name, relayPort, mtu)
+	tn.cleanup(func() { remove(p.Netns, p.Netns+"-node") })
+	return p, err
+}
+
+// startTSRelay starts the relay binary in p, configured as in a cluster
+// with a load balancer: its static endpoint is the node's forwarded port.
+func (tn *tailnet) startTSRelay(ctx context.Context, p pod, dir string, withKey bool) (*tailnettest.Relay, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
 	env := []string{
-		"TS_CONTROL_URL=" + c.URL,
+		"TS_CONTROL_URL=" + tn.control.URL,
 		"TS_STATE_DIR=" + filepath.Join(dir, "state"),
 		"TS_HOSTNAME=relay",
-		"TS_RELAY_SERVER_PORT=" + strconv.Itoa(port),
-		"TS_RELAY_SERVER_STATIC_ENDPOINTS=127.0.0.1:" + strconv.Itoa(port),
+		"TS_RELAY_SERVER_PORT=" + strconv.Itoa(relayPort),
+		"TS_RELAY_SERVER_STATIC_ENDPOINTS=" + p.LB.String(),
 	}
 	if withKey {
-		env = append(env, "TS_AUTHKEY="+c.AuthKey)
+		env = append(env, "TS_AUTHKEY="+tn.control.AuthKey)
 	}
-	return tailnettest.StartRelay(ctx, bins, "relay", filepath.Join(dir, "relay.log"), env...)
+	if tn.cfg.ProfileDir != "" {
+		env = append(env, "TS_DEBUG_PPROF=true")
+	}
+	return tailnettest.StartRelayInNetns(ctx, tn.bins, p.Netns, "relay", filepath.Join(dir, "relay.log"), env...)
 }
 
 // waitReadyz polls the relay's /readyz every 10 ms until it answers 200.
 func waitReadyz(ctx context.Context, r *tailnettest.Relay) error {
 	wctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	return tailnettest.WaitFor(wctx, 10*time.Millisecond, func() (bool, error) {
+	err := tailnettest.WaitFor(wctx, 10*time.Millisecond, func() (bool, error) {
 		select {
 		case <-r.Done():
 			return false, fmt.Errorf("relay exited: %v", r.Wait(wctx))
@@ -350,42 +414,280 @@ func waitReadyz(ctx context.Context, r *tailnettest.Relay) error {
 		code, _, err := r.Get(wctx, "/readyz")
 		return err == nil && code == http.StatusOK, nil
 	})
-}
-
-// startStockRelay is the baseline: a stock tailscaled (the same version)
-// made a peer relay by hand, the way its documentation says: `tailscale up`,
-// then `tailscale set --relay-server-port=… --relay-server-static-endpoints=…`.
-// It returns once the relay socket is bound.
-func startStockRelay(ctx context.Context, bins tailnettest.Binaries, dir string, c *tailnettest.Control) (*node, error) {
-	port, err := tailnettest.FreeUDPPort()
 	if err != nil {
-		return nil, err
-	}
-	n, err := startNode(ctx, bins, dir, "stock-relay", false)
-	if err != nil {
-		return nil, err
-	}
-	if err := stockRelayUp(ctx, n, c, port); err != nil {
-		n.close()
-		return nil, err
-	}
-	return n, nil
-}
-
-func stockRelayUp(ctx context.Context, n *node, c *tailnettest.Control, port int) error {
-	if _, err := n.up(ctx, c); err != nil {
-		return err
-	}
-	p := strconv.Itoa(port)
-	if err := n.cli(ctx, "set", "--relay-server-port="+p, "--relay-server-static-endpoints=127.0.0.1:"+p); err != nil {
-		return err
-	}
-	wctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	if err := n.waitRelayBound(wctx); err != nil {
-		return fmt.Errorf("stock relay socket never bound: %w", err)
+		return fmt.Errorf("tsrelay never ready: %w\n%s", err, r.LogTail(20))
 	}
 	return nil
+}
+
+// startStock starts the baseline in p: a stock tailscaled (the same
+// version) in userspace-networking mode, as the tailscale/tailscale image
+// runs it by default. With up it is then made a peer relay the way users do
+// by hand: `tailscale up`, then `tailscale set --relay-server-port=…
+// --relay-server-static-endpoints=…`; without, it is expected to resume from
+// its saved state. It returns once the relay socket is bound.
+func (tn *tailnet) startStock(ctx context.Context, p pod, dir string, up bool) (*tailnettest.Laptop, error) {
+	l, err := tailnettest.StartLaptopWith(ctx, tn.bins, dir, "stock-relay",
+		tailnettest.LaptopOptions{Netns: p.Netns, AllowDirect: true, Poll: 5 * time.Millisecond})
+	if err != nil {
+		return nil, err
+	}
+	err = func() error {
+		if !up {
+			return l.WaitRunning(ctx)
+		}
+		if err := l.Up(ctx, tn.control.URL, tn.control.AuthKey); err != nil {
+			return err
+		}
+		_, err := l.CLI(ctx, "set", "--relay-server-port="+strconv.Itoa(relayPort), "--relay-server-static-endpoints="+p.LB.String())
+		return err
+	}()
+	if err == nil {
+		wctx, cancel := context.WithTimeout(ctx, time.Minute)
+		err = tailnettest.WaitFor(wctx, 5*time.Millisecond, func() (bool, error) {
+			st, err := l.LocalClient().DebugPeerRelaySessions(wctx)
+			return err == nil && st.UDPPort != nil, nil
+		})
+		cancel()
+	}
+	if err != nil {
+		l.Close()
+		return nil, fmt.Errorf("stock relay: %w\n%s", err, l.LogTail(20))
+	}
+	return l, nil
+}
+
+// runUnrelayed measures the direct and the DERP-only path, on one tailnet
+// with no relay: pair d may use direct UDP, pair n may not.
+func (b *bench) runUnrelayed(ctx context.Context, dir string) (direct, derp *pathResult, err error) {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	tn, err := b.newTailnet(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer tn.close()
+	d, err := tn.pair(ctx, "d", true)
+	if err != nil {
+		return nil, nil, err
+	}
+	n, err := tn.pair(ctx, "n", false)
+	if err != nil {
+		return nil, nil, err
+	}
+	if direct, err = b.measurePath(ctx, scDirect, d, pathDirect); err != nil {
+		return nil, nil, err
+	}
+	if derp, err = b.measurePath(ctx, scDERP, n, pathDERP); err != nil {
+		return nil, nil, err
+	}
+	return direct, derp, nil
+}
+
+// runRelayed starts a relay of kind sc (tsrelay or the stock baseline) in a
+// pod with the given link MTU, records its idle RSS, measures the path of
+// one pair through it, and then its peak RSS while each count in loads of
+// pairs sends through it at once.
+func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, loads []int) (*pathResult, error) {
+	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
+	defer cancel()
+	tn, err := b.newTailnet(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer tn.close()
+	p, err := tn.pod(ctx, "relay", mtu)
+	if err != nil {
+		return nil, err
+	}
+	var pid int
+	var ts *tailnettest.Relay
+	switch sc {
+	case scRelay:
+		if ts, err = tn.startTSRelay(ctx, p, filepath.Join(dir, "relay"), true); err != nil {
+			return nil, err
+		}
+		tn.cleanup(func() { ts.Close() })
+		if err := waitReadyz(ctx, ts); err != nil {
+			return nil, err
+		}
+		pid = ts.Pid()
+	case scStock:
+		l, err := tn.startStock(ctx, p, filepath.Join(dir, "relay"), true)
+		if err != nil {
+			return nil, err
+		}
+		tn.cleanup(func() { l.Close() })
+		pid = l.Pid()
+	}
+	// Idle: ready, settled, before any laptop joins.
+	time.Sleep(b.settle())
+	idle, err := procStatus(pid)
+	if err != nil {
+		return nil, err
+	}
+	b.profile(ctx, ts, fmt.Sprintf("mtu%d-idle.heap", mtu), "/debug/pprof/heap")
+
+	n := 1
+	for _, k := range loads {
+		n = max(n, k)
+	}
+	b.cfg.Logf("%s: starting %d laptop pairs", sc, n)
+	pairs, err := tn.pairs(ctx, n)
+	if err != nil {
+		return nil, err
+	}
+	res, err := b.measurePath(ctx, sc, pairs[0], pathRelay)
+	if err != nil {
+		return nil, err
+	}
+	res.RelayIdleKiB, res.RelayIdle = idle["VmRSS"], idle
+	res.MTUWarning = -1
+	if ts != nil {
+		if fams, err := ts.Metrics(ctx); err == nil {
+			if v, ok := tailnettest.MetricSum(fams, "tsrelay_path_mtu_too_small"); ok {
+				res.MTUWarning = v
+			}
+		}
+	}
+
+	res.Load = map[int]load{}
+	for _, k := range loads {
+		var g errgroup.Group
+		g.Go(func() error {
+			secs := int(b.loadTransfer().Seconds())
+			b.profile(ctx, ts, fmt.Sprintf("mtu%d-%dpairs.cpu", mtu, k), "/debug/pprof/profile?seconds="+strconv.Itoa(secs))
+			return nil
+		})
+		l, err := b.loadRelay(ctx, pid, pairs[:k])
+		g.Wait()
+		if err != nil {
+			return nil, fmt.Errorf("%d pairs at once: %w", k, err)
+		}
+		b.cfg.Logf("%s: %d pairs at once: %.0f Mbit/s in all, relay RSS peak %.1f MiB", sc, k, l.Mbps, float64(l.PeakKiB)/1024)
+		res.Load[k] = l
+	}
+	b.profile(ctx, ts, fmt.Sprintf("mtu%d-loaded.heap", mtu), "/debug/pprof/heap")
+	return res, nil
+}
+
+// profile saves tsrelay's profile at path to Config.ProfileDir/name, when
+// profiling and r is tsrelay. A failure is logged, not fatal.
+func (b *bench) profile(ctx context.Context, r *tailnettest.Relay, name, path string) {
+	if b.cfg.ProfileDir == "" || r == nil {
+		return
+	}
+	code, body, err := r.Get(ctx, path)
+	if err == nil && code != http.StatusOK {
+		err = fmt.Errorf("HTTP %d", code)
+	}
+	if err == nil {
+		err = os.WriteFile(filepath.Join(b.cfg.ProfileDir, "tsrelay-"+name), []byte(body), 0o644)
+	}
+	if err != nil {
+		b.cfg.Logf("profile %s: %v", name, err)
+	}
+}
+
+// loadRelay has every pair send through the relay at once (after checking
+// that each pair's path is the relay) and samples the relay's RSS.
+func (b *bench) loadRelay(ctx context.Context, pid int, pairs []*pair) (load, error) {
+	g, gctx := errgroup.WithContext(ctx)
+	for _, p := range pairs {
+		g.Go(func() error {
+			wctx, cancel := context.WithTimeout(gctx, 45*time.Second)
+			defer cancel()
+			_, err := waitPath(wctx, p.a, p.ipB, pathRelay)
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return load{}, err
+	}
+	s := sampleRSS(pid)
+	cpu0, err := cpuSeconds(pid)
+	if err != nil {
+		s.Stop()
+		return load{}, err
+	}
+	mbps := make([]float64, len(pairs))
+	g, gctx = errgroup.WithContext(ctx)
+	for i, p := range pairs {
+		g.Go(func() (err error) {
+			mbps[i], err = throughput(gctx, p.nsA, p.ipB, b.loadTransfer())
+			return err
+		})
+	}
+	err = g.Wait()
+	l := load{PeakKiB: s.Stop()}
+	for _, m := range mbps {
+		l.Mbps += m
+	}
+	if cpu1, cerr := cpuSeconds(pid); cerr == nil && l.Mbps > 0 {
+		gb := l.Mbps * b.loadTransfer().Seconds() / 8 / 1000
+		l.CPUPerGB = (cpu1 - cpu0) / gb
+	}
+	return l, err
+}
+
+// measurePath checks that p.a reaches p.b over want, and measures ping RTT
+// and iperf3 throughput; then checks the path again.
+func (b *bench) measurePath(ctx context.Context, sc string, p *pair, want pathKind) (*pathResult, error) {
+	res := &pathResult{}
+	pctx, cancel := context.WithTimeout(ctx, 45*time.Second)
+	via, err := waitPath(pctx, p.a, p.ipB, want)
+	cancel()
+	if err != nil {
+		return nil, err
+	}
+	res.Via = via
+	rtts, err := pingRTT(ctx, p.nsA, p.ipB, b.cfg.Pings)
+	if err != nil {
+		return nil, err
+	}
+	res.Pongs = len(rtts)
+	res.P50, res.P99 = percentile(rtts, 50), percentile(rtts, 99)
+	if !b.cfg.Smoke {
+		// Warm-up, not counted: the first transfer on a new path is the
+		// slowest (WireGuard handshakes, path discovery).
+		if _, err := throughput(ctx, p.nsA, p.ipB, time.Second); err != nil {
+			return nil, fmt.Errorf("warm-up transfer: %w", err)
+		}
+	}
+	for range b.cfg.Rounds {
+		mbps, err := throughput(ctx, p.nsA, p.ipB, b.cfg.Transfer)
+		if err != nil {
+			return nil, err
+		}
+		res.MbpsRuns = append(res.MbpsRuns, mbps)
+	}
+	res.Mbps = percentile(res.MbpsRuns, 50)
+	// The data must have taken the same path as the pings.
+	vctx, vcancel := context.WithTimeout(ctx, 10*time.Second)
+	after, err := waitPath(vctx, p.a, p.ipB, want)
+	vcancel()
+	if err != nil {
+		return nil, fmt.Errorf("after the transfers: %w", err)
+	}
+	if after != res.Via {
+		b.cfg.Logf("%s: path changed during the run: %s → %s", sc, res.Via, after)
+	}
+	b.cfg.Logf("%s: %.0f Mbit/s %s, RTT p50 %.3f ms p99 %.3f ms, via %s", sc, res.Mbps, fmtRuns(res.MbpsRuns), res.P50, res.P99, res.Via)
+	return res, nil
+}
+
+func (b *bench) settle() time.Duration {
+	if b.cfg.Smoke {
+		return 500 * time.Millisecond
+	}
+	return 2 * time.Second
+}
+
+func (b *bench) loadTransfer() time.Duration {
+	if b.cfg.Smoke {
+		return time.Second
+	}
+	return 3 * time.Second
 }
 
 // readiness is what the readiness scenario measured, in seconds; a
@@ -412,67 +714,61 @@ func medianReadiness(rounds []readiness) readiness {
 	}
 }
 
-// runReadiness times, on a fresh tailnet: tsrelay from process start to
-// /readyz 200 with a new identity and again from the saved state; the stock
-// tailscaled from process start through `tailscale up` and `tailscale set
-// --relay-server-port` to a bound relay socket, and again from its saved
-// state (which keeps the relay prefs) to a bound socket.
-func runReadiness(ctx context.Context, cfg Config, bins tailnettest.Binaries, dir string) (readiness, error) {
+// runReadiness times, on a fresh tailnet and in pods: tsrelay from process
+// start to /readyz 200 with a new identity and again from the saved state;
+// the stock tailscaled from process start through `tailscale up` and
+// `tailscale set --relay-server-port` to a bound relay socket, and again
+// from its saved state (which keeps the relay prefs) to a bound socket.
+func (b *bench) runReadiness(ctx context.Context, dir string) (readiness, error) {
 	rd := readiness{-1, -1, -1, -1}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	control, err := tailnettest.StartControl(nil)
+	tn, err := b.newTailnet(dir)
 	if err != nil {
 		return rd, err
 	}
-	defer control.Close()
-
-	relayPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		return rd, err
-	}
-	stockPort, err := tailnettest.FreeUDPPort()
+	defer tn.close()
+	rp, err := tn.pod(ctx, "relay", podMTU)
 	if err != nil {
 		return rd, err
 	}
 
 	// tsrelay, new identity.
 	t0 := time.Now()
-	r, err := startTSRelay(ctx, bins, filepath.Join(dir, "relay"), control, relayPort, true)
+	r, err := tn.startTSRelay(ctx, rp, filepath.Join(dir, "relay"), true)
 	if err != nil {
 		return rd, err
 	}
 	if err := waitReadyz(ctx, r); err != nil {
 		r.Close()
-		return rd, fmt.Errorf("tsrelay (new): %w\n%s", err, r.LogTail(20))
+		return rd, err
 	}
 	rd.RelayNew = time.Since(t0).Seconds()
 	if err := r.Close(); err != nil {
 		return rd, fmt.Errorf("stop tsrelay: %w", err)
 	}
 
-	// Stock tailscaled, new identity.
-	if !cfg.Smoke {
+	var sp pod
+	if !b.cfg.Smoke {
+		if sp, err = tn.pod(ctx, "stock", podMTU); err != nil {
+			return rd, err
+		}
 		t0 = time.Now()
-		n, err := startNode(ctx, bins, filepath.Join(dir, "stock"), "stock-relay", false)
+		n, err := tn.startStock(ctx, sp, filepath.Join(dir, "stock"), true)
 		if err != nil {
 			return rd, err
 		}
-		if err := stockRelayUp(ctx, n, control, stockPort); err != nil {
-			n.close()
-			return rd, err
-		}
 		rd.StockNew = time.Since(t0).Seconds()
-		if err := n.close(); err != nil {
+		if err := n.Close(); err != nil {
 			return rd, fmt.Errorf("stop stock relay: %w", err)
 		}
 	}
 
 	// Restarts from saved state, with no auth key: testcontrol checks the
 	// key on every register request, unlike Tailscale's control.
-	control.AllowRegisterWithoutKey()
+	tn.control.AllowRegisterWithoutKey()
 	t0 = time.Now()
-	r, err = startTSRelay(ctx, bins, filepath.Join(dir, "relay"), control, relayPort, false)
+	r, err = tn.startTSRelay(ctx, rp, filepath.Join(dir, "relay"), false)
 	if err != nil {
 		return rd, err
 	}
@@ -480,28 +776,60 @@ func runReadiness(ctx context.Context, cfg Config, bins tailnettest.Binaries, di
 	rd.RelayRestart = time.Since(t0).Seconds()
 	r.Close()
 	if err != nil {
-		return rd, fmt.Errorf("tsrelay (restart): %w", err)
+		return rd, fmt.Errorf("restart: %w", err)
 	}
 
-	if !cfg.Smoke {
+	if !b.cfg.Smoke {
 		t0 = time.Now()
-		n, err := startNode(ctx, bins, filepath.Join(dir, "stock"), "stock-relay", false)
+		n, err := tn.startStock(ctx, sp, filepath.Join(dir, "stock"), false)
 		if err != nil {
-			return rd, err
-		}
-		defer n.close()
-		if _, err := n.waitRunning(ctx); err != nil {
-			return rd, err
-		}
-		wctx, wcancel := context.WithTimeout(ctx, time.Minute)
-		err = n.waitRelayBound(wctx)
-		wcancel()
-		if err != nil {
-			return rd, fmt.Errorf("stock relay (restart): %w", err)
+			return rd, fmt.Errorf("restart: %w", err)
 		}
 		rd.StockRestart = time.Since(t0).Seconds()
+		n.Close()
 	}
 	return rd, nil
+}
+
+// buildContainerboot builds Tailscale's containerboot (the tailscale/tailscale
+// image's entry point) at the version go.mod pins, stripped and static like
+// the other binaries, into dir. It needs modules this module does not
+// require (the Kubernetes operator's), so it is built in a throwaway module
+// next to it; a second call finds it built.
+func buildContainerboot(ctx context.Context, dir string) error {
+	out := filepath.Join(dir, "containerboot")
+	ver := tailscaleModVersion()
+	stamp := out + ".version"
+	if b, err := os.ReadFile(stamp); err == nil && string(b) == ver {
+		return nil
+	}
+	if ver == "" {
+		return errors.New("no tailscale.com version in this program's build info")
+	}
+	mod, err := os.MkdirTemp("", "tsrelay-containerboot-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(mod)
+	if err := os.WriteFile(filepath.Join(mod, "go.mod"), []byte("module containerbootbuild\n\ngo 1.26\n"), 0o644); err != nil {
+		return err
+	}
+	absOut, err := filepath.Abs(out)
+	if err != nil {
+		return err
+	}
+	for _, args := range [][]string{
+		{"get", "tailscale.com/cmd/containerboot@" + ver},
+		{"build", "-trimpath", "-ldflags=-s -w", "-o", absOut, "tailscale.com/cmd/containerboot"},
+	} {
+		cmd := exec.CommandContext(ctx, "go", args...)
+		cmd.Dir = mod
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod", "GOTOOLCHAIN=local")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("go %s: %w\n%s", args[0], err, lastLines(string(b), 5))
+		}
+	}
+	return os.WriteFile(stamp, []byte(ver), 0o644)
 }
 
 // binSize is the size of a file in bytes.

@@ -1,14 +1,13 @@
 package bench
 
 import (
-	"bufio"
 	"context"
-	"errors"
+	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -17,6 +16,8 @@ import (
 
 	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/tailcfg"
+
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
 // pathKind is the way a disco ping's pong came back.
@@ -54,11 +55,11 @@ func describe(r *ipnstate.PingResult) string {
 
 // waitPath disco-pings ip from n until a pong comes back over want, and
 // returns that path's description.
-func waitPath(ctx context.Context, n *node, ip netip.Addr, want pathKind) (string, error) {
+func waitPath(ctx context.Context, n *tailnettest.Laptop, ip netip.Addr, want pathKind) (string, error) {
 	var last string
 	for {
 		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		r, err := n.lc.Ping(pctx, ip, tailcfg.PingDisco)
+		r, err := n.LocalClient().Ping(pctx, ip, tailcfg.PingDisco)
 		cancel()
 		switch {
 		case err != nil:
@@ -79,30 +80,38 @@ func waitPath(ctx context.Context, n *node, ip netip.Addr, want pathKind) (strin
 	}
 }
 
-// pingRTT sends count disco pings, 10 ms apart, and returns the round-trip
-// times of the pongs that came back over want, in milliseconds.
-func pingRTT(ctx context.Context, n *node, ip netip.Addr, count int, want pathKind) (rtts []float64, other int, err error) {
-	for range count {
-		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		r, err := n.lc.Ping(pctx, ip, tailcfg.PingDisco)
-		cancel()
-		if err != nil {
-			return rtts, other, err
-		}
-		if r.Err != "" {
-			return rtts, other, errors.New(r.Err)
-		}
-		if kindOf(r) != want {
-			other++
-		} else {
-			rtts = append(rtts, r.LatencySeconds*1000)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+// pingRTT sends count ICMP echo requests, 10 ms apart, from namespace ns to
+// ip through the tailnet (kernel TUN, WireGuard, the path under test), and
+// returns the round-trip times of the replies in milliseconds.
+func pingRTT(ctx context.Context, ns string, ip netip.Addr, count int) ([]float64, error) {
+	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", ns,
+		"ping", "-n", "-c", strconv.Itoa(count), "-i", "0.01", "-W", "2", ip.String()).CombinedOutput()
+	rtts := parsePing(string(out))
 	if len(rtts) == 0 {
-		return nil, other, fmt.Errorf("no pong of %d came over %s", count, want)
+		return nil, fmt.Errorf("ping %v from %s: no reply (%v): %s", ip, ns, err, lastLines(string(out), 3))
 	}
-	return rtts, other, nil
+	return rtts, nil
+}
+
+// parsePing returns the "time=… ms" figures of ping's per-reply lines.
+func parsePing(out string) []float64 {
+	var rtts []float64
+	for _, l := range strings.Split(out, "\n") {
+		_, v, ok := strings.Cut(l, " time=")
+		if !ok {
+			continue
+		}
+		v, _, _ = strings.Cut(v, " ")
+		if x, err := strconv.ParseFloat(v, 64); err == nil {
+			rtts = append(rtts, x)
+		}
+	}
+	return rtts
+}
+
+func lastLines(s string, n int) string {
+	l := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(l[max(0, len(l)-n):], " / ")
 }
 
 // percentile returns the p-th percentile (nearest rank) of xs.
@@ -117,99 +126,131 @@ func percentile(xs []float64, p float64) float64 {
 	return s[i]
 }
 
-// throughput sends data over TCP from a to b's tailnet address for d and
-// returns the goodput the receiver saw, in Mbit/s. The receiver is a
-// listener on 127.0.0.1 in this process: b runs in userspace-networking
-// mode, whose netstack hands TCP to its own tailnet IP to the host's
-// loopback on the same port. a's side is a LocalAPI dial (a's netstack).
-func throughput(ctx context.Context, a *node, ipB netip.Addr, d time.Duration) (float64, error) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	port := ln.Addr().(*net.TCPAddr).Port
+// iperfPort is where each laptop b's iperf3 server listens, on its tailnet
+// address.
+const iperfPort = "5201"
 
-	type result struct {
-		n           int64
-		first, last time.Time
-		err         error
-	}
-	done := make(chan result, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		defer c.Close()
-		var r result
-		buf := make([]byte, 256<<10)
-		for {
-			k, err := c.Read(buf)
-			if k > 0 {
-				now := time.Now()
-				if r.n == 0 {
-					r.first = now
-				}
-				r.n += int64(k)
-				r.last = now
-			}
-			if err != nil {
-				if !errors.Is(err, io.EOF) {
-					r.err = err
-				}
-				done <- r
-				return
-			}
-		}
-	}()
-
-	conn, err := a.lc.DialTCP(ctx, ipB.String(), uint16(port))
+// startIperfServer starts iperf3 in server mode in namespace ns, bound to
+// the tailnet address ip, and waits until it listens.
+func startIperfServer(ctx context.Context, dir, ns string, ip netip.Addr) (*tailnettest.Process, error) {
+	p, err := tailnettest.StartProcess(ctx, tailnettest.ProcessConfig{
+		Name:    "iperf3[" + ns + "]",
+		Path:    "iperf3",
+		Args:    []string{"--server", "--bind", ip.String(), "--port", iperfPort, "--forceflush"},
+		Netns:   ns,
+		LogFile: filepath.Join(dir, "iperf3-"+ns+".log"),
+	})
 	if err != nil {
-		return 0, fmt.Errorf("dial %v:%d through %s: %w", ipB, port, a.name, err)
+		return nil, err
 	}
-	buf := make([]byte, 64<<10)
-	end := time.Now().Add(d)
-	conn.SetWriteDeadline(end.Add(10 * time.Second))
-	for time.Now().Before(end) {
-		if _, err := conn.Write(buf); err != nil {
-			conn.Close()
-			return 0, fmt.Errorf("write: %w", err)
+	err = tailnettest.WaitFor(ctx, 10*time.Millisecond, func() (bool, error) {
+		select {
+		case <-p.Done():
+			return false, fmt.Errorf("iperf3 server exited: %v: %s", p.Wait(ctx), p.LogTail(5))
+		default:
+		}
+		b, _ := os.ReadFile(p.LogPath())
+		return strings.Contains(string(b), "Server listening"), nil
+	})
+	if err != nil {
+		p.Close()
+		return nil, err
+	}
+	return p, nil
+}
+
+// throughput runs an iperf3 TCP test for d from namespace ns to the server
+// on ip and returns the receiver's goodput in Mbit/s. The first second
+// (TCP slow start) is left out of tests longer than 2 s.
+func throughput(ctx context.Context, ns string, ip netip.Addr, d time.Duration) (float64, error) {
+	args := []string{"netns", "exec", ns, "iperf3", "--client", ip.String(), "--port", iperfPort,
+		"--time", strconv.Itoa(int(d.Seconds())), "--json"}
+	if d > 2*time.Second {
+		args = append(args, "--omit", "1")
+	}
+	var last error
+	for attempt := 0; attempt < 5; attempt++ {
+		out, err := exec.CommandContext(ctx, "ip", args...).Output()
+		var res struct {
+			Error string `json:"error"`
+			End   struct {
+				SumReceived struct {
+					BitsPerSecond float64 `json:"bits_per_second"`
+				} `json:"sum_received"`
+			} `json:"end"`
+		}
+		if jerr := json.Unmarshal(out, &res); jerr != nil {
+			last = fmt.Errorf("iperf3 to %v from %s: %v; output: %s", ip, ns, err, lastLines(string(out), 3))
+		} else if res.Error != "" {
+			// The server serves one test at a time; a busy or not yet
+			// reachable server is worth another try.
+			last = fmt.Errorf("iperf3 to %v from %s: %s", ip, ns, res.Error)
+		} else if res.End.SumReceived.BitsPerSecond > 0 {
+			return res.End.SumReceived.BitsPerSecond / 1e6, nil
+		} else {
+			last = fmt.Errorf("iperf3 to %v from %s: no data received", ip, ns)
+		}
+		select {
+		case <-ctx.Done():
+			return 0, context.Cause(ctx)
+		case <-time.After(time.Second):
 		}
 	}
-	conn.Close()
-	select {
-	case r := <-done:
-		if r.err != nil {
-			return 0, fmt.Errorf("receive: %w", r.err)
-		}
-		el := r.last.Sub(r.first).Seconds()
-		if r.n == 0 || el <= 0 {
-			return 0, fmt.Errorf("received %d bytes", r.n)
-		}
-		return float64(r.n) * 8 / el / 1e6, nil
-	case <-time.After(15 * time.Second):
-		return 0, errors.New("receiver did not see the end of the stream within 15 s")
-	case <-ctx.Done():
-		return 0, context.Cause(ctx)
-	}
+	return 0, last
 }
 
 // rssKiB returns a process's resident set size (VmRSS) in KiB.
 func rssKiB(pid int) (int64, error) {
-	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/status")
+	m, err := procStatus(pid)
+	return m["VmRSS"], err
+}
+
+// procStatus returns the kB figures of /proc/<pid>/status (VmRSS, RssAnon,
+// RssFile, …), in KiB.
+func procStatus(pid int) (map[string]int64, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return nil, err
+	}
+	m := map[string]int64{}
+	for _, l := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		v, isKB := strings.CutSuffix(strings.TrimSpace(v), " kB")
+		if !ok || !isKB {
+			continue
+		}
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+			m[k] = n
+		}
+	}
+	if _, ok := m["VmRSS"]; !ok {
+		return nil, fmt.Errorf("no VmRSS for pid %d", pid)
+	}
+	return m, nil
+}
+
+// cpuSeconds returns the user plus system CPU time a process has used.
+func cpuSeconds(pid int) (float64, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		if v, ok := strings.CutPrefix(s.Text(), "VmRSS:"); ok {
-			return strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-		}
+	// Fields after the command name, which may hold spaces: state is the
+	// first, utime and stime the 12th and 13th (stat(5): 14 and 15).
+	i := strings.LastIndexByte(string(b), ')')
+	f := strings.Fields(string(b[i+1:]))
+	if i < 0 || len(f) < 13 {
+		return 0, fmt.Errorf("unexpected /proc/%d/stat", pid)
 	}
-	return 0, fmt.Errorf("no VmRSS for pid %d", pid)
+	var ticks float64
+	for _, s := range f[11:13] {
+		n, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += n
+	}
+	return ticks / 100, nil // USER_HZ is 100 on Linux
 }
 
 // rssSampler records the peak RSS of a process every 50 ms until stopped.

@@ -153,28 +153,81 @@ func (r *Report) addPaths(res map[string]*pathResult) {
 			note := fmt.Sprintf("via %s; median of %s", p.Via, fmtRuns(p.MbpsRuns))
 			r.add(Row{Section: "paths", Scenario: sc, Metric: "TCP throughput a→b", Unit: "Mbit/s", Value: p.Mbps, Better: "higher", Note: note},
 				c.name, get(func(x *pathResult) float64 { return x.Mbps }), c.ok)
-			note = fmt.Sprintf("%d disco pings", p.Pongs)
+			note = fmt.Sprintf("%d ICMP pings through the tailnet", p.Pongs)
 			r.add(Row{Section: "paths", Scenario: sc, Metric: "ping RTT p50", Unit: "ms", Value: p.P50, Better: "lower", Note: note},
 				c.name, get(func(x *pathResult) float64 { return x.P50 }), c.ok)
 			r.add(Row{Section: "paths", Scenario: sc, Metric: "ping RTT p99", Unit: "ms", Value: p.P99, Better: "lower", Note: note},
 				c.name, get(func(x *pathResult) float64 { return x.P99 }), c.ok)
 		}
 	}
-	// Footprint of the two relays: idle and while relaying the transfer.
-	if p, ok := res[scRelay]; ok {
-		var si, sl float64
-		if haveStock {
-			si, sl = float64(stock.RelayIdleKiB)/1024, float64(stock.RelayLoadKiB)/1024
+}
+
+// addMTU adds the row that compares tsrelay behind a pod link of MTU small
+// with tsrelay behind an ordinary one (podMTU).
+func (r *Report) addMTU(normal, small *pathResult, mtu int) {
+	if small == nil {
+		return
+	}
+	sc := fmt.Sprintf("%s, pod link MTU %d", scRelay, mtu)
+	base := fmt.Sprintf("%s, pod link MTU %d", scRelay, podMTU)
+	var bm, b50 float64
+	if normal != nil {
+		bm, b50 = normal.Mbps, normal.P50
+	}
+	warn := "tsrelay_path_mtu_too_small not exported"
+	if small.MTUWarning >= 0 {
+		warn = fmt.Sprintf("tsrelay_path_mtu_too_small %g", small.MTUWarning)
+	}
+	r.add(Row{Section: "mtu", Scenario: sc, Metric: "TCP throughput a→b", Unit: "Mbit/s", Value: small.Mbps, Better: "higher",
+		Note: fmt.Sprintf("via %s; median of %s; %s", small.Via, fmtRuns(small.MbpsRuns), warn)}, base, bm, normal != nil)
+	r.add(Row{Section: "mtu", Scenario: sc, Metric: "ping RTT p50", Unit: "ms", Value: small.P50, Better: "lower",
+		Note: fmt.Sprintf("%d ICMP pings through the tailnet", small.Pongs)}, base, b50, normal != nil)
+}
+
+// addLoad adds the relays' memory rows: idle, and peak while k pairs send
+// through them at once.
+func (r *Report) addLoad(ts, stock *pathResult, pairs []int) {
+	const base = "stock tailscaled relay"
+	mib := func(kib int64) float64 { return float64(kib) / 1024 }
+	if ts != nil {
+		var si float64
+		if stock != nil {
+			si = mib(stock.RelayIdleKiB)
 		}
-		r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "RSS idle (ready, no peers)", Unit: "MiB", Value: float64(p.RelayIdleKiB) / 1024, Better: "lower"},
-			"stock tailscaled relay", si, haveStock)
-		r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "RSS peak while relaying", Unit: "MiB", Value: float64(p.RelayLoadKiB) / 1024, Better: "lower", Note: "during the TCP transfer"},
-			"stock tailscaled relay", sl, haveStock)
+		r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "RSS idle (ready, no peers)", Unit: "MiB", Value: mib(ts.RelayIdleKiB), Better: "lower",
+			Note: rssParts(ts.RelayIdle)}, base, si, stock != nil)
 	}
-	if haveStock {
-		r.add(Row{Section: "footprint", Scenario: "stock tailscaled relay", Metric: "RSS idle (ready, no peers)", Unit: "MiB", Value: float64(stock.RelayIdleKiB) / 1024, Better: "lower"}, "", 0, false)
-		r.add(Row{Section: "footprint", Scenario: "stock tailscaled relay", Metric: "RSS peak while relaying", Unit: "MiB", Value: float64(stock.RelayLoadKiB) / 1024, Better: "lower", Note: "during the TCP transfer"}, "", 0, false)
+	if stock != nil {
+		r.add(Row{Section: "footprint", Scenario: base, Metric: "RSS idle (ready, no peers)", Unit: "MiB", Value: mib(stock.RelayIdleKiB), Better: "lower",
+			Note: rssParts(stock.RelayIdle)}, "", 0, false)
 	}
+	for _, k := range pairs {
+		metric := fmt.Sprintf("RSS peak, %d pair(s) sending at once", k)
+		sl, haveStock := load{}, false
+		if stock != nil {
+			sl, haveStock = stock.Load[k]
+		}
+		if ts != nil {
+			if l, ok := ts.Load[k]; ok {
+				r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: metric, Unit: "MiB", Value: mib(l.PeakKiB), Better: "lower",
+					Note: loadNote(l)}, base, mib(sl.PeakKiB), haveStock)
+			}
+		}
+		if haveStock {
+			r.add(Row{Section: "footprint", Scenario: base, Metric: metric, Unit: "MiB", Value: mib(sl.PeakKiB), Better: "lower",
+				Note: loadNote(sl)}, "", 0, false)
+		}
+	}
+}
+
+// rssParts says what an RSS figure is made of: anonymous memory (heap,
+// stacks) and file pages (the executable's code and data).
+func rssParts(m map[string]int64) string {
+	return fmt.Sprintf("anonymous %.1f MiB, file %.1f MiB", float64(m["RssAnon"])/1024, float64(m["RssFile"])/1024)
+}
+
+func loadNote(l load) string {
+	return fmt.Sprintf("%.0f Mbit/s in all; relay CPU %.2f s per GB relayed", l.Mbps, l.CPUPerGB)
 }
 
 func (r *Report) addReadiness(rd readiness, rounds int) {
@@ -196,7 +249,10 @@ func (r *Report) addReadiness(rd readiness, rounds int) {
 	}
 }
 
-func (r *Report) addSizes(bins tailnettest.Binaries) error {
+// addSizes compares the relay binary with what the tailscale/tailscale
+// image carries: tailscaled, tailscale and containerboot (left out, with a
+// note, if it was not built).
+func (r *Report) addSizes(bins tailnettest.Binaries, containerboot string) error {
 	relay, err := binSize(bins.Relay)
 	if err != nil {
 		return err
@@ -210,10 +266,18 @@ func (r *Report) addSizes(bins tailnettest.Binaries) error {
 		return err
 	}
 	const mb = 1e6
+	name, total := "tailscaled + tailscale", tsd+ts
+	note := fmt.Sprintf("tailscaled %.1f MB, tailscale %.1f MB", float64(tsd)/mb, float64(ts)/mb)
+	if cb, err := binSize(containerboot); err == nil {
+		name, total = "tailscaled + tailscale + containerboot", total+cb
+		note += fmt.Sprintf(", containerboot %.1f MB", float64(cb)/mb)
+	} else {
+		note += "; containerboot not built in this run"
+	}
 	r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "stripped binary size (relay)", Unit: "MB", Value: float64(relay) / mb, Better: "lower"},
-		"tailscaled + tailscale", float64(tsd+ts)/mb, true)
-	r.add(Row{Section: "footprint", Scenario: "stock", Metric: "stripped binary size (tailscaled + tailscale)", Unit: "MB", Value: float64(tsd+ts) / mb, Better: "lower",
-		Note: fmt.Sprintf("tailscaled %.1f MB, tailscale %.1f MB", float64(tsd)/mb, float64(ts)/mb)}, "", 0, false)
+		name, float64(total)/mb, true)
+	r.add(Row{Section: "footprint", Scenario: "stock", Metric: "stripped binary size (" + name + ")", Unit: "MB", Value: float64(total) / mb, Better: "lower",
+		Note: note}, "", 0, false)
 	return nil
 }
 
@@ -225,12 +289,13 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 		mode = "smoke"
 	}
 	fmt.Fprintf(&b, "# tsrelay benchmark (%s run)\n\n", mode)
-	fmt.Fprintf(&b, "%s; %d CPUs (%s); Linux %s; %s; tailscale.com %s; %d × %.0f s TCP transfers and %d disco pings per path; %d readiness rounds; run took %.0f s; load average (1 min) %.2f at the start, %.2f at the end.\n\n",
+	fmt.Fprintf(&b, "%s; %d CPUs (%s); Linux %s; %s; tailscale.com %s; %d × %.0f s iperf3 TCP transfers and %d ICMP pings per path; %d readiness rounds; run took %.0f s; load average (1 min) %.2f at the start, %.2f at the end.\n\n",
 		r.Time.Format(time.RFC3339), r.Machine.CPUs, r.Machine.CPUModel, r.Machine.Kernel, r.Machine.GoVersion, tailscaleVersion(), r.Rounds, r.TransferSeconds, r.Pings, r.Rounds, r.Seconds, r.Machine.LoadStart, r.Machine.LoadEnd)
-	b.WriteString("All nodes on 127.0.0.1, userspace networking (no TUN), Tailscale's test control/DERP/STUN in the harness process. " +
-		"Ratio = value / baseline value from the same run; `better` says which way is good.\n")
+	b.WriteString("Laptops: kernel-TUN tailscaled, each in its own network namespace on one bridge. Relays: in a pod namespace behind a node namespace that forwards their UDP port (DNAT) and masquerades their traffic, reached only at that forwarded address. " +
+		"Tailscale's test control/DERP/STUN in the harness process. Ratio = value / baseline value from the same run; `better` says which way is good.\n")
 	sections := []struct{ key, title string }{
 		{"paths", "Paths: laptop a → laptop b"},
+		{"mtu", "Pod network MTU: relayed packets that do not fit"},
 		{"readiness", "Readiness"},
 		{"footprint", "Footprint"},
 	}

@@ -1,42 +1,91 @@
 // Command bench runs tsrelay's benchmark (make bench, make bench-smoke) and
 // writes its results as Markdown and JSON. See bench/README.md.
+//
+// It builds what it runs, then runs itself again in new network and mount
+// namespaces (bench.RunIsolated), where the benchmark creates its hosts;
+// nothing it creates outlives that copy.
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log"
 	"os"
+	"os/exec"
 	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
+	"time"
 
 	"github.com/tsrelay/tsrelay/bench"
 )
 
 func main() {
-	smoke := flag.Bool("smoke", false, "run the seconds-long subset (tsrelay path, tsrelay readiness, sizes)")
+	smoke := flag.Bool("smoke", false, "run the seconds-long subset (tsrelay path with one pair, tsrelay readiness, sizes)")
 	out := flag.String("out", "bench/results", "directory for <time>.md and <time>.json")
-	binDir := flag.String("bin", "", "where to build relay, tailscaled and tailscale (default $TMPDIR/tsrelay-bench-bin)")
-	transfer := flag.Duration("transfer", 0, "TCP transfer time per path (default 5s, 1s with -smoke)")
-	pings := flag.Int("pings", 0, "disco pings per path (default 100, 3 with -smoke)")
+	binDir := flag.String("bin", filepath.Join(os.TempDir(), "tsrelay-bench-bin"), "where to build relay, tailscaled, tailscale and containerboot")
+	transfer := flag.Duration("transfer", 0, "iperf3 transfer time per round, whole seconds (default 5s, 1s with -smoke)")
+	pings := flag.Int("pings", 0, "ICMP pings per path (default 200, 10 with -smoke)")
 	rounds := flag.Int("rounds", 0, "throughput transfers per path and readiness rounds; the median is reported (default 3, 1 with -smoke)")
+	pairs := flag.String("pairs", "", "comma-separated numbers of laptop pairs sending through a relay at once, for the memory rows (default 1,4,8; 1 with -smoke)")
+	mtu := flag.Int("mtu", 0, "pod link MTU of the small-MTU row (default 1230)")
+	profile := flag.String("profile", "", "save tsrelay's heap and CPU profiles in this directory (go tool pprof reads them)")
+	work := flag.String("work", "", "keep the nodes' state and logs in this directory (default: a temporary one, removed)")
 	flag.Parse()
 
 	// Ctrl-C or SIGTERM cancels the run; Run's deferred cleanup then stops
 	// every process it started (which also die with this one: Pdeathsig).
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
-	rep, err := bench.Run(ctx, bench.Config{
+
+	if !bench.Isolated() {
+		if err := bench.CheckHost(); err != nil {
+			log.Fatalf("bench: %v", err)
+		}
+		start := time.Now()
+		log.Printf("building relay, tailscaled and tailscale into %s", *binDir)
+		if err := bench.Build(ctx, *binDir, !*smoke, log.Printf); err != nil {
+			log.Fatalf("bench: build: %v", err)
+		}
+		log.Printf("built in %v; running in new network namespaces", time.Since(start).Round(100*time.Millisecond))
+		err := bench.RunIsolated(ctx, os.Args[1:], os.Stdout, os.Stderr)
+		if ee := (*exec.ExitError)(nil); errors.As(err, &ee) {
+			os.Exit(ee.ExitCode())
+		} else if err != nil {
+			log.Fatalf("bench: %v", err)
+		}
+		return
+	}
+
+	cfg := bench.Config{
 		Smoke:    *smoke,
 		BinDir:   *binDir,
 		Transfer: *transfer,
 		Pings:    *pings,
 		Rounds:   *rounds,
+		SmallMTU: *mtu,
 		Logf:     log.Printf,
-	})
+		WorkDir:  *work,
+	}
+	if *profile != "" {
+		if err := os.MkdirAll(*profile, 0o755); err != nil {
+			log.Fatalf("bench: -profile: %v", err)
+		}
+		cfg.ProfileDir = *profile
+	}
+	for _, f := range strings.FieldsFunc(*pairs, func(r rune) bool { return r == ',' }) {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			log.Fatalf("bench: -pairs: %q is not a positive number (want e.g. 1,4,8)", f)
+		}
+		cfg.Pairs = append(cfg.Pairs, n)
+	}
+	rep, err := bench.Run(ctx, cfg)
 	if rep != nil && len(rep.Rows) > 0 {
 		rep.WriteMarkdown(os.Stdout)
 		md, js, werr := rep.WriteFiles(*out)
