@@ -403,18 +403,10 @@ func (tn *tailnet) startTSRelay(ctx context.Context, p pod, dir string, withKey 
 
 // waitReadyz polls the relay's /readyz every 10 ms until it answers 200.
 func waitReadyz(ctx context.Context, r *tailnettest.Relay) error {
-	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	err := tailnettest.WaitFor(wctx, 10*time.Millisecond, func() (bool, error) {
-		select {
-		case <-r.Done():
-			return false, fmt.Errorf("relay exited: %v", r.Wait(wctx))
-		default:
-		}
-		code, _, err := r.Get(wctx, "/readyz")
-		return err == nil && code == http.StatusOK, nil
-	})
-	if err != nil {
+	r.Poll = 10 * time.Millisecond
+	if err := r.WaitReady(ctx, nil); err != nil {
 		return fmt.Errorf("tsrelay never ready: %w\n%s", err, r.LogTail(20))
 	}
 	return nil

@@ -1,6 +1,7 @@
 package tailnettest
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -25,6 +26,9 @@ type Relay struct {
 	// Netns is the named network namespace the relay runs in; empty means
 	// the caller's.
 	Netns string
+	// Poll is how often WaitReady asks; zero means 50 ms. Timing
+	// measurements want less.
+	Poll time.Duration
 
 	client *http.Client
 }
@@ -98,7 +102,7 @@ func (r *Relay) Get(ctx context.Context, path string) (code int, body string, er
 // fails at once if the relay exits.
 func (r *Relay) WaitReady(ctx context.Context, answer func(code int, body string)) error {
 	last := ""
-	return WaitFor(ctx, 50*time.Millisecond, func() (bool, error) {
+	return WaitFor(ctx, cmp.Or(r.Poll, pollInterval), func() (bool, error) {
 		select {
 		case <-r.Done():
 			return false, fmt.Errorf("%s exited: %v", r.Name(), r.Wait(ctx))
