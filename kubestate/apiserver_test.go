@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -34,15 +33,10 @@ func TestAgainstAPIServer(t *testing.T) {
 	// granted rules, and points KUBECONFIG at a kubeconfig with its token.
 	kubeconfigFor := func(t *testing.T, rules ...rbacv1.PolicyRule) (ns string) {
 		ns = srv.NamespaceForTest(t, nil)
-		token := srv.ServiceAccountTokenForTest(t, ns, "relay")
+		t.Setenv("KUBECONFIG", srv.KubeconfigForTest(t, ns, "relay"))
 		if len(rules) > 0 {
 			srv.GrantForTest(t, ns, "relay", rules...)
 		}
-		path := filepath.Join(t.TempDir(), "kubeconfig")
-		if err := srv.WriteKubeconfig(path, token, ns); err != nil {
-			t.Fatal(err)
-		}
-		t.Setenv("KUBECONFIG", path)
 		return ns
 	}
 	// The Role the manifests grant (see manifests/rbac.yaml).

@@ -5,7 +5,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -61,10 +60,7 @@ func TestEndpointsFollowService(t *testing.T) {
 	}
 	// The relay acts as a ServiceAccount that may read this Service only.
 	srv.GrantForTest(t, ns, "tsrelay", rbacRule("services", "tsrelay", "get", "list", "watch"))
-	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := srv.WriteKubeconfig(kubeconfig, srv.ServiceAccountTokenForTest(t, ns, "tsrelay"), ns); err != nil {
-		t.Fatal(err)
-	}
+	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")
 	t.Setenv("KUBECONFIG", kubeconfig)
 	kc, err := kubeclient.New()
 	if err != nil {

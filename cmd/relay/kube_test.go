@@ -35,25 +35,13 @@ func TestRelayKubeState(t *testing.T) {
 	ctx := t.Context()
 
 	// The ServiceAccount, Role and RoleBinding exactly as shipped.
-	objs, err := kubetest.ReadManifests(filepath.Join("..", "..", "manifests", "install.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs = slices.DeleteFunc(objs, func(o *unstructured.Unstructured) bool {
-		return !slices.Contains([]string{"ServiceAccount", "Role", "RoleBinding"}, o.GetKind())
-	})
-	if len(objs) != 3 {
-		t.Fatalf("install.yaml has %d ServiceAccount, Role and RoleBinding objects, want 3", len(objs))
-	}
+	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
 	if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	const ns, secret = "kube-public", "tsrelay-state"
 	srv.WaitAllowedForTest(t, ns, "tsrelay", authzv1.ResourceAttributes{Namespace: ns, Verb: "get", Resource: "secrets", Name: secret})
-	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := srv.WriteKubeconfig(kubeconfig, srv.ServiceAccountTokenForTest(t, ns, "tsrelay"), ns); err != nil {
-		t.Fatal(err)
-	}
+	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")
 
 	control := tailnettest.StartControlForTest(t)
 	port, err := tailnettest.FreeUDPPort()
@@ -169,13 +157,7 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 
 	// The ServiceAccount, Role, RoleBinding and Service as shipped, with the
 	// Service's port moved to the one the "load balancer" listens on.
-	objs, err := kubetest.ReadManifests(filepath.Join("..", "..", "manifests", "install.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs = slices.DeleteFunc(objs, func(o *unstructured.Unstructured) bool {
-		return !slices.Contains([]string{"ServiceAccount", "Role", "RoleBinding", "Service"}, o.GetKind())
-	})
+	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding", "Service")
 	for _, o := range objs {
 		if o.GetKind() != "Service" {
 			continue
@@ -197,10 +179,7 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 	srv.WaitAllowedForTest(t, ns, "tsrelay",
 		authzv1.ResourceAttributes{Namespace: ns, Verb: "get", Resource: "secrets", Name: "tsrelay-state"},
 		authzv1.ResourceAttributes{Namespace: ns, Verb: "watch", Resource: "services", Name: "tsrelay"})
-	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := srv.WriteKubeconfig(kubeconfig, srv.ServiceAccountTokenForTest(t, ns, "tsrelay"), ns); err != nil {
-		t.Fatal(err)
-	}
+	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")
 
 	control := tailnettest.StartControlForTest(t)
 	relay := startRelay(t, bins, "relay",
@@ -240,4 +219,21 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 
 	a, ipB := startLaptops(t, bins, control)
 	pingVia(t, ctx, a, ipB, "via peer-relay("+lbAddr.String()+":vni:")
+}
+
+// shippedObjects returns the objects of manifests/install.yaml of the given
+// kinds, one of each, exactly as users apply them.
+func shippedObjects(t *testing.T, kinds ...string) []*unstructured.Unstructured {
+	t.Helper()
+	objs, err := kubetest.ReadManifests(filepath.Join("..", "..", "manifests", "install.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs = slices.DeleteFunc(objs, func(o *unstructured.Unstructured) bool {
+		return !slices.Contains(kinds, o.GetKind())
+	})
+	if len(objs) != len(kinds) {
+		t.Fatalf("install.yaml has %d objects of kinds %v, want one of each", len(objs), kinds)
+	}
+	return objs
 }

@@ -5,15 +5,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	authzv1 "k8s.io/api/authorization/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tsrelay/tsrelay/internal/kubetest"
@@ -193,13 +190,7 @@ func testRelayPathMTU(t *testing.T, mtu int) {
 func kubeForRelay(t *testing.T, ns string) (kubernetes.Interface, []string) {
 	t.Helper()
 	srv := kubetest.StartForTest(t)
-	objs, err := kubetest.ReadManifests(filepath.Join("..", "..", "manifests", "install.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs = slices.DeleteFunc(objs, func(o *unstructured.Unstructured) bool {
-		return !slices.Contains([]string{"ServiceAccount", "Role", "RoleBinding"}, o.GetKind())
-	})
+	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
 	if err := kubetest.Apply(t.Context(), srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -207,10 +198,7 @@ func kubeForRelay(t *testing.T, ns string) (kubernetes.Interface, []string) {
 	srv.WaitAllowedForTest(t, ns, "tsrelay",
 		authzv1.ResourceAttributes{Namespace: ns, Verb: "get", Resource: "secrets", Name: secret},
 		authzv1.ResourceAttributes{Namespace: ns, Verb: "create", Resource: "events"})
-	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := srv.WriteKubeconfig(kubeconfig, srv.ServiceAccountTokenForTest(t, ns, "tsrelay"), ns); err != nil {
-		t.Fatal(err)
-	}
+	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")
 	return srv.AdminClientForTest(t), []string{"KUBECONFIG=" + kubeconfig, "TS_KUBE_SECRET=" + secret}
 }
 

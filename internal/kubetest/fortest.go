@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -80,6 +81,19 @@ func (s *Server) ServiceAccountTokenForTest(t testing.TB, ns, name string) strin
 		t.Fatal(err)
 	}
 	return tok
+}
+
+// KubeconfigForTest writes a kubeconfig that acts as ServiceAccount sa in
+// namespace ns (created if need be) with a TokenRequest token, into a
+// directory under t.TempDir(), and returns its path: what the relay gets
+// outside a pod, or through KUBECONFIG in the end-to-end tests.
+func (s *Server) KubeconfigForTest(t testing.TB, ns, sa string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := s.WriteKubeconfig(path, s.ServiceAccountTokenForTest(t, ns, sa), ns); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
 
 func (s *Server) serviceAccountToken(ctx context.Context, cs kubernetes.Interface, ns, name string) (string, error) {
