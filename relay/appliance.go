@@ -32,6 +32,9 @@ type appliance struct {
 
 	// kick asks the reconcile loop to run now rather than at the next tick.
 	kick chan struct{}
+	// resync is how often the reconcile loop runs without being asked
+	// (resyncInterval; tests lengthen it to see that wake-ups suffice).
+	resync time.Duration
 	// netChanged asks watchPathMTU to check the path MTU now.
 	netChanged chan struct{}
 
@@ -49,6 +52,7 @@ func newAppliance(cfg Config, store ipn.StateStore, logger *slog.Logger) *applia
 		status: newStatus(cfg),
 		stats:  stats,
 		kick:   make(chan struct{}, 1),
+		resync: resyncInterval,
 
 		netChanged: make(chan struct{}, 1),
 	}
@@ -191,11 +195,11 @@ func (a *appliance) wake() {
 	}
 }
 
-// reconcileLoop runs reconcile on every wake-up and every resyncInterval.
+// reconcileLoop runs reconcile on every wake-up and every a.resync.
 // It is level-triggered: each pass reads the current state instead of
 // trusting the events that caused it.
 func (a *appliance) reconcileLoop(ctx context.Context, lc *local.Client) error {
-	t := time.NewTicker(resyncInterval)
+	t := time.NewTicker(a.resync)
 	defer t.Stop()
 	for {
 		if err := a.reconcile(ctx, lc); err != nil && ctx.Err() == nil {

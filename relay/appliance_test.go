@@ -18,7 +18,9 @@ import (
 
 // TestReappliesDriftedPrefs runs the appliance in process against the
 // loopback control server, turns the relay off behind its back through the
-// node's local API, and checks that the relay comes back without a restart.
+// node's local API, and checks that the relay comes back without a restart,
+// woken by the prefs change on the IPN bus: the periodic resync is pushed
+// past the test's deadline, so it cannot be what restores them.
 func TestReappliesDriftedPrefs(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs a tailnet; skipped in -short mode")
@@ -41,6 +43,7 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 		RelayServerPort:            Port(port),
 		RelayServerStaticEndpoints: Endpoints{ep},
 	}, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
+	a.resync = time.Hour
 
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -105,6 +108,7 @@ func TestFailedStartDoesNotPanic(t *testing.T) {
 		StateDir:        notADir,
 		RelayServerPort: 40000,
 	}, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
+	a.resync = time.Hour
 	err := a.run(t.Context())
 	if err == nil || !strings.Contains(err.Error(), "start tailscale") {
 		t.Fatalf("run with an unusable state dir = %v, want a start error", err)
