@@ -10,7 +10,6 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/uuid"
-	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tsrelay/tsrelay/internal/kubetest"
@@ -34,14 +33,7 @@ func TestAgainstAPIServer(t *testing.T) {
 	recorderFor := func(t *testing.T, rules ...rbacv1.PolicyRule) (*Recorder, Pod, *logBuffer) {
 		t.Helper()
 		ns := srv.NamespaceForTest(t, nil)
-		token := srv.ServiceAccountTokenForTest(t, ns, "relay")
-		if len(rules) > 0 {
-			srv.GrantForTest(t, ns, "relay", rules...)
-		}
-		dc, err := dynamic.NewForConfig(srv.Config(token))
-		if err != nil {
-			t.Fatal(err)
-		}
+		dc := srv.DynamicClientForTest(t, ns, "relay", rules...)
 		// The pod need not exist: an Event's involvedObject is not
 		// checked. Its UID looks like a real one.
 		pod := Pod{Name: "tsrelay-5d8f7b9c4d-x2k9q", Namespace: ns, UID: string(uuid.NewUUID())}

@@ -13,7 +13,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"k8s.io/client-go/dynamic"
 
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 )
@@ -29,20 +28,7 @@ func TestAgainstAPIServer(t *testing.T) {
 	srv := kubetest.StartForTest(t)
 	admin := srv.AdminClientForTest(t)
 
-	// clientFor returns a dynamic client acting as ServiceAccount sa in ns,
-	// granted rules.
-	clientFor := func(t *testing.T, ns, sa string, rules ...rbacv1.PolicyRule) dynamic.Interface {
-		t.Helper()
-		token := srv.ServiceAccountTokenForTest(t, ns, sa)
-		if len(rules) > 0 {
-			srv.GrantForTest(t, ns, sa, rules...)
-		}
-		dc, err := dynamic.NewForConfig(srv.Config(token))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return dc
-	}
+	clientFor := srv.DynamicClientForTest
 	// The Role the relay needs (see the package comment).
 	relayRule := rbacv1.PolicyRule{
 		APIGroups: []string{""}, Resources: []string{"services"}, ResourceNames: []string{"tsrelay"},

@@ -15,6 +15,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
@@ -81,6 +82,22 @@ func (s *Server) ServiceAccountTokenForTest(t testing.TB, ns, name string) strin
 		t.Fatal(err)
 	}
 	return tok
+}
+
+// DynamicClientForTest returns a dynamic client that acts as
+// ServiceAccount sa in namespace ns (created if need be), granted rules
+// first if there are any (GrantForTest).
+func (s *Server) DynamicClientForTest(t testing.TB, ns, sa string, rules ...rbacv1.PolicyRule) dynamic.Interface {
+	t.Helper()
+	token := s.ServiceAccountTokenForTest(t, ns, sa)
+	if len(rules) > 0 {
+		s.GrantForTest(t, ns, sa, rules...)
+	}
+	dc, err := dynamic.NewForConfig(s.Config(token))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dc
 }
 
 // KubeconfigForTest writes a kubeconfig that acts as ServiceAccount sa in
