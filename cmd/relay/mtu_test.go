@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"strings"
@@ -17,25 +16,6 @@ import (
 	"github.com/tsrelay/tsrelay/internal/netnstest"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
-
-// mtuStatus is the path MTU part of the relay's verbose /readyz, declared
-// here so that a change to the JSON users see breaks the test.
-type mtuStatus struct {
-	Ready    bool     `json:"ready"`
-	Warnings []string `json:"warnings"`
-	PathMTU  *struct {
-		OK       bool `json:"ok"`
-		NeedIPv4 int  `json:"needIPv4"`
-		Paths    []struct {
-			Family    string `json:"family"`
-			Interface string `json:"interface"`
-			Kind      string `json:"kind"`
-			MTU       int    `json:"mtu"`
-			TooSmall  bool   `json:"tooSmall"`
-		} `json:"paths"`
-		TunnelInTunnel string `json:"tunnelInTunnel"`
-	} `json:"pathMTU"`
-}
 
 // Log lines the relay writes when the verdict on the path MTU changes.
 const (
@@ -91,7 +71,10 @@ func testRelayPathMTU(t *testing.T, mtu int) {
 	waitReady(t, relay)
 
 	bad := mtu < 1348
-	st := mtuReadyz(t, relay)
+	st, err := relay.Status(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
 	if !st.Ready || st.PathMTU == nil || len(st.PathMTU.Paths) == 0 {
 		t.Fatalf("/readyz?verbose = %+v, want ready with the path MTU", st)
 	}
@@ -200,20 +183,6 @@ func kubeForRelay(t *testing.T, ns string) (kubernetes.Interface, []string) {
 		authzv1.ResourceAttributes{Namespace: ns, Verb: "create", Resource: "events"})
 	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")
 	return srv.AdminClientForTest(t), []string{"KUBECONFIG=" + kubeconfig, "TS_KUBE_SECRET=" + secret}
-}
-
-// mtuReadyz fetches and decodes /readyz?verbose.
-func mtuReadyz(t *testing.T, r *tailnettest.Relay) mtuStatus {
-	t.Helper()
-	_, body, err := r.Get(t.Context(), "/readyz?verbose")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st mtuStatus
-	if err := json.Unmarshal([]byte(body), &st); err != nil {
-		t.Fatalf("/readyz?verbose: %v: %s", err, body)
-	}
-	return st
 }
 
 func bit(b bool) float64 {

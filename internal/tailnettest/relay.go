@@ -145,6 +145,19 @@ type RelayStatus struct {
 			} `json:"clients"`
 		} `json:"sessionTable"`
 	} `json:"relay"`
+	Warnings []string `json:"warnings"`
+	PathMTU  *struct {
+		OK       bool `json:"ok"`
+		NeedIPv4 int  `json:"needIPv4"`
+		Paths    []struct {
+			Family    string `json:"family"`
+			Interface string `json:"interface"`
+			Kind      string `json:"kind"`
+			MTU       int    `json:"mtu"`
+			TooSmall  bool   `json:"tooSmall"`
+		} `json:"paths"`
+		TunnelInTunnel string `json:"tunnelInTunnel"`
+	} `json:"pathMTU"`
 }
 
 // Status fetches and decodes /readyz?verbose.
