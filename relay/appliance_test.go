@@ -25,10 +25,6 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs a tailnet; skipped in -short mode")
 	}
-	// Keep the in-process node on this machine: no UPnP/PCP probes of the
-	// gateway, and a panic rather than a dial to Tailscale's control.
-	envknob.Setenv("TS_DISABLE_PORTMAPPER", "1")
-	envknob.Setenv("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")
 	control := tailnettest.StartControlForTest(t)
 	port, err := tailnettest.FreeUDPPort()
 	if err != nil {
@@ -44,15 +40,8 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 		RelayServerStaticEndpoints: Endpoints{ep},
 	}, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
 	a.resync = time.Hour
-
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- a.run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		a.closeTailnet()
-	})
+	ctx := t.Context()
+	runForTest(t, a)
 
 	waitReady := func(what string) {
 		t.Helper()
@@ -92,6 +81,28 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 	if err != nil || rs.UDPPort == nil || *rs.UDPPort != uint16(port) {
 		t.Errorf("relay after drift: %+v, %v; want bound on %d", rs, err, port)
 	}
+}
+
+// runForTest runs a in process, with the loops in also (the Service watch,
+// say), until the test ends. It keeps the node on this machine: no UPnP/PCP
+// probes of the gateway, and a panic rather than a dial to Tailscale's
+// control.
+func runForTest(t *testing.T, a *appliance, also ...func(context.Context) error) {
+	envknob.Setenv("TS_DISABLE_PORTMAPPER", "1")
+	envknob.Setenv("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")
+	ctx, cancel := context.WithCancel(t.Context())
+	loops := append([]func(context.Context) error{a.run}, also...)
+	done := make(chan error, len(loops))
+	for _, run := range loops {
+		go func() { done <- run(ctx) }()
+	}
+	t.Cleanup(func() {
+		cancel()
+		for range loops {
+			<-done
+		}
+		a.closeTailnet()
+	})
 }
 
 // TestFailedStartDoesNotPanic checks that a node that cannot start (here its

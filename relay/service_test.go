@@ -13,7 +13,6 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"tailscale.com/envknob"
 
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/internal/kubetest"
@@ -31,8 +30,6 @@ func TestEndpointsFollowService(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs a tailnet and a kube-apiserver; skipped in -short mode")
 	}
-	envknob.Setenv("TS_DISABLE_PORTMAPPER", "1")
-	envknob.Setenv("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")
 	srv := kubetest.StartForTest(t)
 	admin := srv.AdminClientForTest(t)
 	control := tailnettest.StartControlForTest(t)
@@ -87,16 +84,7 @@ func TestEndpointsFollowService(t *testing.T) {
 	if err := lbaddr.Check(ctx, svcCfg); err != nil {
 		t.Fatal(err)
 	}
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 2)
-	go func() { done <- a.run(runCtx) }()
-	go func() { done <- lbaddr.Watch(runCtx, svcCfg) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		<-done
-		a.closeTailnet()
-	})
+	runForTest(t, a, func(ctx context.Context) error { return lbaddr.Watch(ctx, svcCfg) })
 
 	lc := func() bool { return a.localClient() != nil }
 	if err := tailnettest.WaitFor(ctx, 20*time.Millisecond, func() (bool, error) { return lc(), nil }); err != nil {
