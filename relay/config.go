@@ -313,7 +313,7 @@ func (c *Config) setDefaults() error {
 // PrintUsage writes every environment variable with its default and
 // meaning, read from Config's struct tags. It walks the tags itself rather
 // than through envconfig's template-based usage: text/template makes the
-// linker keep every exported method in the program, about 7 MB.
+// linker keep every exported method in the program, megabytes of them.
 func PrintUsage(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "VARIABLE\tDEFAULT\tMEANING")

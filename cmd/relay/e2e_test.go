@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -217,12 +218,10 @@ func relayMetrics(t *testing.T, r *tailnettest.Relay) map[string]*dto.MetricFami
 }
 
 // peerByIP returns the peer in st with the tailnet IP ip.
-func peerByIP(st *ipnstate.Status, ip string) (*ipnstate.PeerStatus, bool) {
+func peerByIP(st *ipnstate.Status, ip netip.Addr) (*ipnstate.PeerStatus, bool) {
 	for _, p := range st.Peer {
-		for _, a := range p.TailscaleIPs {
-			if a.String() == ip {
-				return p, true
-			}
+		if slices.Contains(p.TailscaleIPs, ip) {
+			return p, true
 		}
 	}
 	return nil, false
@@ -286,7 +285,7 @@ func TestRelayEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	peerB, ok := peerByIP(st, ipB.String())
+	peerB, ok := peerByIP(st, ipB)
 	if !ok || !strings.HasPrefix(peerB.PeerRelay, endpoint+":vni:") {
 		t.Errorf("a's status for b: PeerRelay = %q, want %s:vni:N", peerB.PeerRelay, endpoint)
 	}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
+	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
 // TestRelayKubeState runs the real relay binary outside a cluster, with a
@@ -211,7 +212,7 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if eps := rs.Relay.StaticEndpoints; len(eps) != 1 || eps[0].Endpoint != lbAddr.String() || eps[0].Source != "service" {
+	if eps := rs.Relay.StaticEndpoints; len(eps) != 1 || eps[0].AddrPort.String() != lbAddr.String() || eps[0].Source != string(lbaddr.SourceService) {
 		t.Errorf("relay static endpoints = %+v, want only %s from the service", eps, lbAddr)
 	}
 
