@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -47,28 +48,62 @@ const forwardTarget = "127.0.0.3"
 // advertised and works.
 func sinkLocalAddrs(t *testing.T, port int) {
 	t.Helper()
+	sinkInterfaceAddrs(t, port, func(netip.Addr) bool { return true })
+}
+
+// sinkInterfaceAddrs is sinkLocalAddrs for the interface addresses that
+// keep reports true.
+func sinkInterfaceAddrs(t *testing.T, port int, keep func(netip.Addr) bool) {
+	t.Helper()
 	addrs, err := net.InterfaceAddrs()
 	if err != nil {
 		t.Fatal(err)
 	}
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		err := c.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-		})
-		return errors.Join(err, serr)
-	}}
 	for _, a := range addrs {
 		ipn, ok := a.(*net.IPNet)
 		if !ok || ipn.IP.IsLinkLocalUnicast() {
 			continue
 		}
-		pc, err := lc.ListenPacket(t.Context(), "udp", net.JoinHostPort(ipn.IP.String(), strconv.Itoa(port)))
-		if err != nil {
-			t.Fatalf("bind a sink on %s:%d: %v", ipn.IP, port, err)
+		ip, ok := netip.AddrFromSlice(ipn.IP)
+		if !ok || !keep(ip.Unmap()) {
+			continue
 		}
-		t.Cleanup(func() { pc.Close() })
+		sinkUDP(t, netip.AddrPortFrom(ip.Unmap(), uint16(port)), netip.AddrPort{})
 	}
+}
+
+// reusePort sets SO_REUSEPORT, so that a sink can share the relay's port.
+func reusePort(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+	})
+	return errors.Join(err, serr)
+}
+
+// sinkUDP binds a socket on local that reads nothing, and returns a function
+// that closes it (early; t.Cleanup closes it too). With from valid the
+// socket is connected to from and swallows only from's datagrams to local:
+// the kernel prefers a connected socket to a merely bound one, and a bound
+// one to the relay's wildcard sockets.
+func sinkUDP(t *testing.T, local, from netip.AddrPort) (closeSink func()) {
+	t.Helper()
+	var c io.Closer
+	var err error
+	if from.IsValid() {
+		d := net.Dialer{LocalAddr: net.UDPAddrFromAddrPort(local), Control: reusePort}
+		c, err = d.DialContext(t.Context(), "udp", from.String())
+	} else {
+		lc := net.ListenConfig{Control: reusePort}
+		c, err = lc.ListenPacket(t.Context(), "udp", local.String())
+	}
+	if err != nil {
+		t.Fatalf("bind a sink on %s (from %s): %v", local, from, err)
+	}
+	var once sync.Once
+	closeSink = func() { once.Do(func() { c.Close() }) }
+	t.Cleanup(closeSink)
+	return closeSink
 }
 
 // forwardedRelayPort picks the relay's UDP port and makes a port forward
