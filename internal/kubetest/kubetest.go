@@ -163,7 +163,9 @@ func Start(ctx context.Context, assets, dir string) (_ *Server, err error) {
 			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 			"--service-account-key-file=" + pki.saKey,
 			"--service-account-signing-key-file=" + pki.saKey,
-			"--service-cluster-ip-range=10.96.0.0/16",
+			// Dual-stack, as the clusters of dual-stack users are, so that
+			// a PreferDualStack Service gets both families.
+			"--service-cluster-ip-range=10.96.0.0/16,fd00:96::/112",
 			// Defaults, named because tests rely on them: PodSecurity
 			// admission is on; ServiceAccount admission checks pods' SAs.
 			"--enable-admission-plugins=PodSecurity,ServiceAccount",
