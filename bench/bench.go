@@ -22,6 +22,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -106,6 +107,7 @@ const (
 	scDirect = "direct UDP"
 	scDERP   = "DERP only"
 	scRelay  = "tsrelay peer relay"
+	scRelay6 = "tsrelay peer relay over IPv6"
 	scStock  = "stock tailscaled peer relay"
 )
 
@@ -178,7 +180,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			res[scDirect], res[scDERP] = direct, derp
 		}
 	}
-	kinds := []string{scRelay, scStock}
+	// The IPv6 row comes right after the IPv4 one, so that the two are
+	// measured under much the same load on the machine; it has no memory
+	// rows (loads nil).
+	kinds := []string{scRelay, scRelay6, scStock}
 	if cfg.Smoke {
 		kinds = kinds[:1]
 	}
@@ -187,7 +192,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			break
 		}
 		logf("path: %s", sc)
-		r, err := b.runRelayed(ctx, filepath.Join(work, "relayed-"+strconv.Itoa(len(res))), sc, podMTU, cfg.Pairs)
+		loads := cfg.Pairs
+		if sc == scRelay6 {
+			loads = nil
+		}
+		r, err := b.runRelayed(ctx, filepath.Join(work, "relayed-"+strconv.Itoa(len(res))), sc, podMTU, sc == scRelay6, loads)
 		if err != nil {
 			fail(sc, err)
 			continue
@@ -197,7 +206,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	var small *pathResult
 	if !cfg.Smoke && ctx.Err() == nil {
 		logf("path: %s, pod link MTU %d", scRelay, cfg.SmallMTU)
-		small, err = b.runRelayed(ctx, filepath.Join(work, "small-mtu"), scRelay, cfg.SmallMTU, nil)
+		small, err = b.runRelayed(ctx, filepath.Join(work, "small-mtu"), scRelay, cfg.SmallMTU, false, nil)
 		if err != nil {
 			fail(fmt.Sprintf("%s, MTU %d", scRelay, cfg.SmallMTU), err)
 		}
@@ -256,6 +265,10 @@ type pathResult struct {
 	// MTUWarning is tsrelay's tsrelay_path_mtu_too_small gauge after the
 	// transfers (-1: not exported).
 	MTUWarning float64
+	// Forwarded is tsrelay's tailscaled_peer_relay_forwarded_packets_total
+	// after the transfers, by "transport_in→transport_out" (e.g.
+	// "udp6→udp6"); nil for the stock relay.
+	Forwarded map[string]float64
 }
 
 // load is what one "k pairs at once" run measured.
@@ -283,6 +296,9 @@ type tailnet struct {
 	*bench
 	dir     string
 	control *tailnettest.Control
+	// ipv6 gives the hosts IPv6 addresses and makes pods reachable over
+	// IPv6 only (lab.pod).
+	ipv6 bool
 
 	mu sync.Mutex // guards cl: pairs start in parallel
 	cl closers
@@ -310,7 +326,7 @@ func (tn *tailnet) close() { tn.cl.run() }
 // laptop starts a kernel-TUN tailscaled in a new namespace and joins it to
 // the tailnet.
 func (tn *tailnet) laptop(ctx context.Context, name string, allowDirect bool) (*tailnettest.Laptop, string, error) {
-	ns, _, err := tn.lab.host(ctx, name)
+	ns, _, _, err := tn.lab.host(ctx, name, tn.ipv6)
 	tn.cleanup(func() { remove(ns) })
 	if err != nil {
 		return nil, "", err
@@ -374,7 +390,7 @@ func (tn *tailnet) pairs(ctx context.Context, n int) ([]*pair, error) {
 // pod creates a node and a pod namespace for a relay on a link of the
 // given MTU.
 func (tn *tailnet) pod(ctx context.Context, name string, mtu int) (pod, error) {
-	p, err := tn.lab.pod(ctx, name, relayPort, mtu)
+	p, err := tn.lab.pod(ctx, name, relayPort, mtu, tn.ipv6)
 	tn.cleanup(func() { remove(p.Netns, p.Netns+"-node") })
 	return p, err
 }
@@ -479,8 +495,9 @@ func (b *bench) runUnrelayed(ctx context.Context, dir string) (direct, derp *pat
 // runRelayed starts a relay of kind sc (tsrelay or the stock baseline) in a
 // pod with the given link MTU, records its idle RSS, measures the path of
 // one pair through it, and then its peak RSS while each count in loads of
-// pairs sends through it at once.
-func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, loads []int) (*pathResult, error) {
+// pairs sends through it at once. With ipv6 the peers reach the relay over
+// IPv6 only, and the path must show its IPv6 load-balancer address.
+func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, ipv6 bool, loads []int) (*pathResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
 	defer cancel()
 	tn, err := b.newTailnet(dir)
@@ -488,6 +505,7 @@ func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, loads [
 		return nil, err
 	}
 	defer tn.close()
+	tn.ipv6 = ipv6
 	p, err := tn.pod(ctx, "relay", mtu)
 	if err != nil {
 		return nil, err
@@ -495,7 +513,7 @@ func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, loads [
 	var pid int
 	var ts *tailnettest.Relay
 	switch sc {
-	case scRelay:
+	case scRelay, scRelay6:
 		if ts, err = tn.startTSRelay(ctx, p, filepath.Join(dir, "relay"), true); err != nil {
 			return nil, err
 		}
@@ -533,6 +551,9 @@ func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, loads [
 	if err != nil {
 		return nil, err
 	}
+	if want := "peer-relay(" + p.LB.String() + ":vni:"; ipv6 && !strings.HasPrefix(res.Via, want) {
+		return nil, fmt.Errorf("relayed path went via %s, want %s…): not the relay's IPv6 address", res.Via, want)
+	}
 	res.RelayIdleKiB, res.RelayIdle = idle["VmRSS"], idle
 	res.MTUWarning = -1
 	if ts != nil {
@@ -540,7 +561,17 @@ func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, loads [
 			if v, ok := tailnettest.MetricSum(fams, "tsrelay_path_mtu_too_small"); ok {
 				res.MTUWarning = v
 			}
+			res.Forwarded = map[string]float64{}
+			for _, in := range []string{"udp4", "udp6"} {
+				for _, out := range []string{"udp4", "udp6"} {
+					v, _ := tailnettest.MetricSum(fams, "tailscaled_peer_relay_forwarded_packets_total", "transport_in", in, "transport_out", out)
+					res.Forwarded[in+"→"+out] = v
+				}
+			}
 		}
+	}
+	if ipv6 && res.Forwarded["udp6→udp6"] == 0 {
+		return nil, fmt.Errorf("tsrelay forwarded no packets from udp6 to udp6 (%v)", res.Forwarded)
 	}
 
 	res.Load = map[int]load{}
