@@ -98,6 +98,7 @@ type lab struct {
 	mu    sync.Mutex
 	hosts int // hosts created so far, for addresses
 	pods  int
+	ipv6  bool // the world bridge has its IPv6 address
 }
 
 // newLab makes this process's namespaces the lab's internet. It must run
@@ -122,9 +123,6 @@ func newLab(ctx context.Context) (*lab, error) {
 		"ip link set lo up",
 		"ip link add "+worldBridge+" type bridge",
 		fmt.Sprintf("ip addr add %v/%d dev %s", worldGateway, worldPrefix, worldBridge),
-		// nodad: the address is usable at once, not after duplicate
-		// address detection.
-		fmt.Sprintf("ip addr add %v/%d dev %s nodad", world6Gateway, world6Prefix, worldBridge),
 		"ip link set "+worldBridge+" up",
 	)
 	if err != nil {
@@ -141,6 +139,17 @@ func (l *lab) host(ctx context.Context, name string, ipv6 bool) (ns string, addr
 	l.mu.Lock()
 	l.hosts++
 	n := l.hosts
+	// The world gets IPv6 with the first host that needs it, so that the
+	// IPv4 rows run in the same world as before there was an IPv6 row.
+	// nodad: the address is usable at once, not after duplicate address
+	// detection.
+	if ipv6 && !l.ipv6 {
+		if err := run(ctx, fmt.Sprintf("ip addr add %v/%d dev %s nodad", world6Gateway, world6Prefix, worldBridge)); err != nil {
+			l.mu.Unlock()
+			return "", netip.Addr{}, netip.Addr{}, err
+		}
+		l.ipv6 = true
+	}
 	l.mu.Unlock()
 	ns = "tsb-" + name
 	addr = netip.AddrFrom4([4]byte{10, 88, byte(n / 250), byte(n%250 + 2)}) // .0.1 is the gateway
