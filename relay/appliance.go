@@ -252,13 +252,13 @@ func (a *appliance) takeFound(f found) {
 // whether the relay is serving.
 func (a *appliance) reconcile(ctx context.Context, lc *local.Client) error {
 	// Read first: a state change after this makes what the pass finds stale.
-	a.relay.seq = a.status.backendSeq()
-	defer func() { a.status.setRelay(a.relay) }()
-
+	seq := a.status.backendSeq()
 	st, err := lc.StatusWithoutPeers(ctx)
 	if err != nil {
 		return fmt.Errorf("read status: %w", err)
 	}
+	a.relay.seq = seq
+	defer func() { a.status.setRelay(a.relay) }()
 	node := nodeFrom(st)
 	defer func() { a.status.setNode(node) }()
 	running := st.BackendState == ipn.Running.String()
