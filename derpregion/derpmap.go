@@ -23,6 +23,10 @@ const (
 	MaxRegionID       = 999
 )
 
+// RegionNamePrefix starts the name Region gives a region by default, so
+// that `relay check` on a laptop can tell a tsrelay's region.
+const RegionNamePrefix = "tsrelay in-cluster"
+
 // regionCodeRE is what a region code may look like: `tailscale ping` and
 // `tailscale status` print it as "DERP(<code>)".
 var regionCodeRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,31}$`)
@@ -46,7 +50,7 @@ type RegionOptions struct {
 	RegionID   int
 	RegionCode string
 	// RegionName is shown in the admin console and `tailscale netcheck`;
-	// empty means "tsrelay in-cluster (<code>)".
+	// empty means RegionNamePrefix + " (<code>)".
 	RegionName string
 	// Cert is the server's certificate: it gives HostName and CertName.
 	Cert *Cert
@@ -97,7 +101,7 @@ func Region(o RegionOptions) (*tailcfg.DERPRegion, error) {
 	}
 	name := o.RegionName
 	if name == "" {
-		name = "tsrelay in-cluster (" + o.RegionCode + ")"
+		name = RegionNamePrefix + " (" + o.RegionCode + ")"
 	}
 	return &tailcfg.DERPRegion{
 		RegionID:   o.RegionID,
