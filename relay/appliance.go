@@ -29,6 +29,7 @@ type appliance struct {
 	status *status
 	stats  statsSource          // the state store's counters; nil for a directory
 	events *kubeevents.Recorder // nil outside a cluster: records nothing
+	derp   *derpRegion          // nil unless TS_DERP_PORT is set
 
 	// kick asks the reconcile loop to run now rather than at the next tick.
 	kick chan struct{}

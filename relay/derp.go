@@ -259,6 +259,39 @@ func (r *derpRegion) serveDERPMap(w http.ResponseWriter, req *http.Request) {
 	w.Write(out)
 }
 
+// derpStatusJSON is the region's part of /readyz?verbose.
+type derpStatusJSON struct {
+	Serving    bool   `json:"serving"`
+	RegionID   int    `json:"regionID"`
+	RegionCode string `json:"regionCode"`
+	// CertName is what the derpMap pins: sha256-raw:<hex> for the
+	// self-signed certificate, empty for a user-provided one.
+	CertName string `json:"certName,omitempty"`
+	// DERPMap is the value for the policy file's "derpMap"; absent until
+	// an address is known, with NoDERPMap saying why.
+	DERPMap   *tailcfg.DERPMap `json:"derpMap,omitempty"`
+	NoDERPMap string           `json:"noDERPMap,omitempty"`
+}
+
+// statusJSON returns the region's state for /readyz?verbose; nil when the
+// region is off.
+func (r *derpRegion) statusJSON() *derpStatusJSON {
+	if r == nil {
+		return nil
+	}
+	r.mu.Lock()
+	region, why := r.region, r.why
+	r.mu.Unlock()
+	s := &derpStatusJSON{
+		Serving: r.srv.Serving(), RegionID: r.cfg.RegionID, RegionCode: r.cfg.RegionCode,
+		CertName: r.cert.CertName(), NoDERPMap: why,
+	}
+	if region != nil {
+		s.DERPMap = &tailcfg.DERPMap{Regions: map[int]*tailcfg.DERPRegion{region.RegionID: region}}
+	}
+	return s
+}
+
 // derpReadiness is the region's part of /readyz.
 func (r *derpRegion) readiness() (ready bool, reason string) {
 	if r == nil {

@@ -19,6 +19,7 @@ import (
 	"tailscale.com/ipn"
 	tsversion "tailscale.com/version"
 
+	"github.com/tsrelay/tsrelay/derpregion"
 	"github.com/tsrelay/tsrelay/kubestate"
 	"github.com/tsrelay/tsrelay/lbaddr"
 	"github.com/tsrelay/tsrelay/pathmtu"
@@ -148,6 +149,9 @@ func (a *appliance) metricsHandler(store statsSource) http.Handler {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	if a.derp != nil {
+		reg.MustRegister(derpregion.NewCollector(a.derp.srv, applianceNode{a}, a.derp.cfg.RegionCode, a.logger))
+	}
 	g := prometheus.Gatherers{reg, prometheus.GathererFunc(a.tailscaleMetrics)}
 	return promhttp.HandlerFor(g, promhttp.HandlerOpts{
 		// A failure to read Tailscale's metrics must not hide ours.

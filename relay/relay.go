@@ -85,6 +85,13 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 
 	a := newAppliance(cfg, store, logger)
 	a.events = events
+	if cfg.DERPConfig.enabled() {
+		a.derp, err = newDERPRegion(cfg.DERPConfig, cfg.StateDir, store, applianceNode{a}, a.status.endpointAddrs, events, logger)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+	}
 	var svc *lbaddr.Config
 	if cfg.RelayService != "" {
 		svc = &lbaddr.Config{
@@ -118,6 +125,9 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	})
 	if svc != nil {
 		g.Go(func() error { return lbaddr.Watch(gctx, *svc) })
+	}
+	if a.derp != nil {
+		g.Go(func() error { return a.derp.run(gctx) })
 	}
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {

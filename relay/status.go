@@ -210,6 +210,8 @@ type statusJSON struct {
 	// Warnings are problems that slow relaying down without stopping it,
 	// one line each. They do not affect readiness.
 	Warnings []string `json:"warnings,omitempty"`
+	// DERP is the in-cluster DERP region (derp.go); absent when off.
+	DERP *derpStatusJSON `json:"derp,omitempty"`
 }
 
 type relayJSON struct {
@@ -293,6 +295,9 @@ func (a *appliance) handler() http.Handler {
 	mux.HandleFunc("GET /healthz", a.serveHealthz)
 	mux.HandleFunc("GET /readyz", a.serveReadyz)
 	mux.Handle("GET /metrics", a.metricsHandler(a.stats))
+	if a.derp != nil {
+		mux.HandleFunc("GET /derpmap", a.derp.serveDERPMap)
+	}
 	if a.cfg.DebugPprof {
 		// Already linked (Tailscale's LocalAPI serves it too), so this
 		// costs no binary size.
@@ -329,6 +334,10 @@ func (a *appliance) serveReadyz(w http.ResponseWriter, r *http.Request) {
 				snap.Relay.Sessions = len(rs.Sessions)
 			}
 		}
+		snap.DERP = a.derp.statusJSON()
+		if ok, why := a.derp.readiness(); snap.Ready && !ok {
+			snap.Ready, snap.Reason = false, why
+		}
 		w.Header().Set("Content-Type", "application/json")
 		if !snap.Ready {
 			w.WriteHeader(http.StatusServiceUnavailable)
@@ -339,6 +348,9 @@ func (a *appliance) serveReadyz(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ready, reason := a.status.readiness()
+	if ok, why := a.derp.readiness(); ready && !ok {
+		ready, reason = false, why
+	}
 	if !ready {
 		http.Error(w, reason, http.StatusServiceUnavailable)
 		return
