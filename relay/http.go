@@ -26,12 +26,12 @@ type httpServer struct {
 
 // newHTTPServer listens on cfg.LocalAddrPort, so that a port in use fails
 // the start before anything is contacted; run serves it.
-func newHTTPServer(cfg Config, st *status, a *appliance, stats statsSource, logger *slog.Logger) (*httpServer, error) {
+func newHTTPServer(cfg Config, st *status, a *appliance, derp *derpRegion, stats statsSource, logger *slog.Logger) (*httpServer, error) {
 	ln, err := net.Listen("tcp", cfg.LocalAddrPort)
 	if err != nil {
 		return nil, fmt.Errorf("listen on TS_LOCAL_ADDR_PORT=%s: %w", cfg.LocalAddrPort, err)
 	}
-	h := &handlers{cfg: cfg, status: st, node: a, logger: logger}
+	h := &handlers{cfg: cfg, status: st, node: a, derp: derp, logger: logger}
 	return &httpServer{ln: ln, handler: h.mux(stats), logger: logger}, nil
 }
 
@@ -66,6 +66,7 @@ type handlers struct {
 	cfg    Config
 	status *status
 	node   *appliance
+	derp   *derpRegion // nil unless TS_DERP_PORT is set
 	logger *slog.Logger
 }
 
@@ -76,11 +77,16 @@ type handlers struct {
 //     relay socket is bound. ?verbose or Accept: application/json gives the
 //     full status as JSON (internal/readyz).
 //   - /metrics: Prometheus metrics (see metrics.go).
+//   - /derpmap: with the DERP region on, the derpMap to paste into the
+//     tailnet policy file (?format=headscale: Headscale's YAML).
 func (h *handlers) mux(stats statsSource) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", h.healthz)
 	mux.HandleFunc("GET /readyz", h.readyz)
 	mux.Handle("GET /metrics", h.metrics(stats))
+	if h.derp != nil {
+		mux.HandleFunc("GET /derpmap", h.derp.serveDERPMap)
+	}
 	if h.cfg.DebugPprof {
 		// Already linked (Tailscale's LocalAPI serves it too), so this
 		// costs no binary size.
@@ -123,6 +129,7 @@ func (h *handlers) readyz(w http.ResponseWriter, r *http.Request) {
 			snap.Relay.Sessions = len(table)
 		}
 	}
+	snap.DERP = h.derp.statusJSON()
 	w.Header().Set("Content-Type", "application/json")
 	if !snap.Ready {
 		w.WriteHeader(http.StatusServiceUnavailable)

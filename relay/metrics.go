@@ -18,6 +18,7 @@ import (
 	"tailscale.com/ipn"
 	tsversion "tailscale.com/version"
 
+	"github.com/tsrelay/tsrelay/derpregion"
 	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/kubestate"
 	"github.com/tsrelay/tsrelay/lbaddr"
@@ -134,6 +135,9 @@ func (h *handlers) metrics(store statsSource) http.Handler {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	if h.derp != nil {
+		reg.MustRegister(derpregion.NewCollector(h.derp.srv, applianceNode{h.node}, h.derp.cfg.RegionCode, h.logger))
+	}
 	g := prometheus.Gatherers{reg, prometheus.GathererFunc(h.tailscaleMetrics)}
 	return promhttp.HandlerFor(g, promhttp.HandlerOpts{
 		// A failure to read Tailscale's metrics must not hide ours.

@@ -73,9 +73,14 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	stats, _ := store.(statsSource)
-	web, err := newHTTPServer(cfg, st, node, stats, logger)
+	derp, err := newDERPRegion(cfg, store, st, node, events, logger)
 	if err != nil {
+		return err
+	}
+	stats, _ := store.(statsSource)
+	web, err := newHTTPServer(cfg, st, node, derp, stats, logger)
+	if err != nil {
+		derp.close()
 		return err
 	}
 	logger.Info("starting", "hostname", cfg.Hostname, "relayPort", uint16(cfg.RelayServerPort),
@@ -88,6 +93,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	g.Go(func() error { return mtu.run(gctx) })     // path MTU checks
 	g.Go(func() error { return node.run(gctx) })    // tailnet node + reconcile loop
 	g.Go(func() error { return service.run(gctx) }) // endpoints from the Service
+	g.Go(func() error { return derp.run(gctx) })    // in-cluster DERP region (TS_DERP_PORT)
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		err = nil

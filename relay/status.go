@@ -10,6 +10,7 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
 
+	"github.com/tsrelay/tsrelay/internal/chans"
 	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/lbaddr"
 	"github.com/tsrelay/tsrelay/pathmtu"
@@ -21,9 +22,13 @@ import (
 //   - node and relay: the reconcile loop, which also owns the desired relay
 //     settings and publishes what it applied here.
 //   - mtu: the path MTU watcher.
+//   - derp: the DERP region, once, when it is set up.
 type status struct {
 	port    uint16 // TS_RELAY_SERVER_PORT
 	service string // namespace/name of the Service followed, or ""
+	// advertisedChanged is poked when the endpoints to advertise change
+	// (for the DERP region's derpMap, which lists their IPs).
+	advertisedChanged chan struct{}
 
 	mu sync.Mutex
 	// backend is the IPN state as the bus announced it.
@@ -31,6 +36,13 @@ type status struct {
 	node    nodeView
 	relay   relayView
 	mtu     mtuCheck // the last path MTU check; never affects readiness
+	derp    derpView
+}
+
+// derpView is the DERP region's part of readiness; zero when it is off.
+type derpView struct {
+	code    string      // the region's code, for the readiness reason
+	serving func() bool // reports whether DERP and STUN both serve
 }
 
 // backendView is what the IPN bus announced last.
@@ -77,7 +89,7 @@ type mtuCheck struct {
 // newStatus returns the status of a relay on port that follows the
 // Service ref ("namespace/name"; "" for none).
 func newStatus(port uint16, service string) *status {
-	return &status{port: port, service: service}
+	return &status{port: port, service: service, advertisedChanged: make(chan struct{}, 1)}
 }
 
 // setBackendState records the IPN state and reports the previous one.
@@ -135,7 +147,29 @@ func nodeFrom(st *ipnstate.Status) nodeView {
 func (s *status) setRelay(r relayView) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if !slices.Equal(s.relay.endpoints, r.endpoints) {
+		chans.Poke(s.advertisedChanged)
+	}
+	r.endpoints = slices.Clone(r.endpoints)
 	s.relay = r
+}
+
+// advertised returns the addresses of the endpoints to advertise.
+func (s *status) advertised() []netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return endpointAddrs(s.relay.endpoints)
+}
+
+// endpointsChanged is poked when what advertised returns changes; it has
+// one reader.
+func (s *status) endpointsChanged() <-chan struct{} { return s.advertisedChanged }
+
+// setDERP records how to tell whether the DERP region serves.
+func (s *status) setDERP(d derpView) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.derp = d
 }
 
 // setPathMTU records a check and reports whether its verdict differs from
@@ -203,6 +237,8 @@ func (s *status) readinessLocked() (bool, string) {
 		return false, "relay prefs not applied yet"
 	case !s.relay.bound:
 		return false, fmt.Sprintf("relay not bound on UDP port %d", s.port)
+	case s.derp.serving != nil && !s.derp.serving():
+		return false, "DERP region " + s.derp.code + " not serving"
 	}
 	return true, "ok"
 }

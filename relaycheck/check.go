@@ -96,6 +96,7 @@ type LocalAPI interface {
 	Ping(ctx context.Context, ip netip.Addr, pingtype tailcfg.PingType) (*ipnstate.PingResult, error)
 	WhoIs(ctx context.Context, remoteAddr string) (*apitype.WhoIsResponse, error)
 	DebugResultJSON(ctx context.Context, action string) (any, error)
+	CurrentDERPMap(ctx context.Context) (*tailcfg.DERPMap, error)
 }
 
 // Options configure a check.
@@ -146,6 +147,9 @@ type PeerReport struct {
 	Error                  string     `json:"error,omitempty"`
 	Note                   string     `json:"note,omitempty"`
 	Diagnosis              *Diagnosis `json:"diagnosis,omitempty"`
+	// Home is the peer's home DERP region (its first packets' path), and
+	// for a tsrelay's in-cluster region whether this laptop reaches it.
+	Home *HomeRegion `json:"home,omitempty"`
 }
 
 // RelayUse says which relay carried a peer's traffic.
@@ -221,6 +225,17 @@ func Run(ctx context.Context, lc LocalAPI, opts Options) (*Report, error) {
 			peers.Go(func() { runs[i] = pingPeer(ctx, lc, t.ip, opts, start) })
 		}
 	}
+	// Home regions while the pings run: DERP checks take a second or two.
+	var homes map[string]*HomeRegion
+	peers.Go(func() {
+		var codes []string
+		for _, t := range targets {
+			if t.node != nil {
+				codes = append(codes, t.node.Relay)
+			}
+		}
+		homes = homeRegions(ctx, lc, codes)
+	})
 	peers.Wait()
 	if !slices.ContainsFunc(runs, func(r peerRun) bool { return len(r.pongs) > 0 && r.last().kind == ViaDERP }) {
 		stopProbes()
@@ -232,6 +247,9 @@ func Run(ctx context.Context, lc LocalAPI, opts Options) (*Report, error) {
 	for i := range opts.Peers {
 		rep.Peers[i] = peerReport(opts, targets[i], runs[i], exp, relays)
 		rep.Peers[i].Peer = opts.Peers[i]
+		if t := targets[i]; t.node != nil {
+			rep.Peers[i].Home = homes[t.node.Relay]
+		}
 		rep.OK = rep.OK && rep.Peers[i].OK
 	}
 	return rep, nil

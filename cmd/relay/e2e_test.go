@@ -132,7 +132,11 @@ func forwardedRelayPort(t *testing.T, listen string) (relayPort int, endpoint ne
 var buildOnce = sync.OnceValues(func() (tailnettest.Binaries, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	return tailnettest.Build(ctx, filepath.Join(os.TempDir(), "tsrelay-e2e-bin"))
+	dir, err := tailnettest.CheckoutBinDir(ctx, "tsrelay-e2e-bin")
+	if err != nil {
+		return tailnettest.Binaries{}, err
+	}
+	return tailnettest.Build(ctx, dir)
 })
 
 func binaries(t *testing.T) tailnettest.Binaries {

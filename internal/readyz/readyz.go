@@ -5,7 +5,11 @@
 // It holds nothing secret.
 package readyz
 
-import "net/netip"
+import (
+	"net/netip"
+
+	"tailscale.com/tailcfg"
+)
 
 // Status is the whole document.
 type Status struct {
@@ -25,6 +29,8 @@ type Status struct {
 	// Warnings are problems that slow relaying down without stopping it,
 	// one line each. They do not affect readiness.
 	Warnings []string `json:"warnings,omitempty"`
+	// DERP is the in-cluster DERP region; absent when it is off.
+	DERP *DERP `json:"derp,omitempty"`
 }
 
 // Relay is the peer relay's part of the status.
@@ -94,4 +100,20 @@ type Path struct {
 	RouteMTU int    `json:"routeMTU,omitempty"`
 	MTU      int    `json:"mtu"`
 	TooSmall bool   `json:"tooSmall"`
+}
+
+// DERP is the in-cluster DERP region's part of the status.
+type DERP struct {
+	// Serving is true when both the DERP and the STUN server serve; the
+	// relay is not ready otherwise.
+	Serving    bool   `json:"serving"`
+	RegionID   int    `json:"regionID"`
+	RegionCode string `json:"regionCode"`
+	// CertName is what the derpMap pins: sha256-raw:<hex> for the
+	// self-signed certificate, empty for a user-provided one.
+	CertName string `json:"certName,omitempty"`
+	// DERPMap is the value for the policy file's "derpMap"; absent until
+	// an address is known, with NoDERPMap saying why.
+	DERPMap   *tailcfg.DERPMap `json:"derpMap,omitempty"`
+	NoDERPMap string           `json:"noDERPMap,omitempty"`
 }

@@ -25,7 +25,9 @@ func TestFieldNames(t *testing.T) {
 	  "pathMTU": {"ok": false, "needIPv4": 1348, "needIPv6": 1368,
 	    "paths": [{"family": "ipv4", "interface": "eth0", "kind": "veth", "linkMTU": 1230, "mtu": 1230, "tooSmall": true}],
 	    "tunnelInTunnel": "t", "error": "e"},
-	  "warnings": ["w"]
+	  "warnings": ["w"],
+	  "derp": {"serving": true, "regionID": 900, "regionCode": "tsrelay", "certName": "sha256-raw:ab",
+	    "derpMap": {"Regions": {"900": {"RegionID": 900}}}, "noDERPMap": "n"}
 	}`
 	dec := json.NewDecoder(strings.NewReader(doc))
 	dec.DisallowUnknownFields() // a renamed field is unknown here
@@ -40,7 +42,9 @@ func TestFieldNames(t *testing.T) {
 		r.Service == "" || r.Sessions != 1 || len(r.SessionTable) != 1 || r.SessionTable[0].VNI != 7 ||
 		r.SessionTable[0].Clients[1].BytesTx != 400 || len(s.Health) != 1 || len(s.Warnings) != 1 ||
 		p == nil || p.NeedIPv4 != 1348 || p.NeedIPv6 != 1368 || len(p.Paths) != 1 || p.Paths[0].Interface != "eth0" ||
-		p.Paths[0].LinkMTU != 1230 || p.Paths[0].MTU != 1230 || !p.Paths[0].TooSmall || p.TunnelInTunnel == "" || p.Error == "" {
+		p.Paths[0].LinkMTU != 1230 || p.Paths[0].MTU != 1230 || !p.Paths[0].TooSmall || p.TunnelInTunnel == "" || p.Error == "" ||
+		s.DERP == nil || !s.DERP.Serving || s.DERP.RegionID != 900 || s.DERP.RegionCode == "" || s.DERP.CertName == "" ||
+		s.DERP.DERPMap == nil || s.DERP.DERPMap.Regions[900] == nil || s.DERP.NoDERPMap == "" {
 		t.Errorf("decoded %+v; some documented field did not land", s)
 	}
 }
