@@ -26,6 +26,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/util/flowcontrol"
 )
 
 const (
@@ -39,9 +40,10 @@ const (
 	// posts stall (an unreachable API server) or Run is not running.
 	queueSize = 100
 
-	// bucketBurst and bucketRefill are the token bucket on posts: queueing
-	// an Event takes a token, and each queued Event becomes one create or
-	// one patch (plus at most one retry). client-go's spam filter allows a
+	// bucketBurst and bucketRefill set the token bucket on posts (client-go's
+	// util/flowcontrol, which its REST client links anyway): queueing an
+	// Event takes a token, and each queued Event becomes one create or one
+	// patch (plus at most one retry). client-go's spam filter allows a
 	// burst of 25 and then one Event per 5 minutes per object and type,
 	// tuned for kubelets and controllers that emit many kinds of Events.
 	// We keep its burst, which covers a start (state loaded, login, relay
@@ -120,13 +122,14 @@ type Recorder struct {
 	// is queued, received by Run.
 	wake chan struct{}
 
+	// limiter is the token bucket on posts, reading the clock in now.
+	limiter flowcontrol.PassiveRateLimiter
+
 	mu       sync.Mutex
 	queue    []*pending       // oldest first
 	queued   map[key]*pending // the queue by key, to fold repeats
-	tokens   float64          // the token bucket, as of refilled
-	refilled time.Time
-	dropping bool // in a streak of drops, of which the first was logged
-	stopped  bool // Run has returned: nothing will be posted
+	dropping bool             // in a streak of drops, of which the first was logged
+	stopped  bool             // Run has returned: nothing will be posted
 
 	running atomic.Bool // Run has been called
 
@@ -182,7 +185,7 @@ func New(client dynamic.Interface, pod Pod, component string, logger *slog.Logge
 	if component == "" {
 		component = defaultComponent
 	}
-	return &Recorder{
+	r := &Recorder{
 		events:     client.Resource(eventsResource()).Namespace(pod.Namespace),
 		pod:        pod,
 		component:  component,
@@ -191,10 +194,24 @@ func New(client dynamic.Interface, pod Pod, component string, logger *slog.Logge
 		retryDelay: retryDelay,
 		wake:       make(chan struct{}, 1),
 		queued:     make(map[key]*pending),
-		tokens:     bucketBurst,
 		posted:     make(map[key]*postedEvent),
 	}
+	// The limiter calls r.now at each admission, so a test's fake clock,
+	// set after New, drives the bucket too.
+	r.limiter = flowcontrol.NewTokenBucketPassiveRateLimiterWithClock(
+		float32(time.Second)/float32(bucketRefill), bucketBurst, nowClock(func() time.Time { return r.now() }))
+	return r
 }
+
+// nowClock is a now function as the clock.PassiveClock that client-go's
+// rate limiters read.
+type nowClock func() time.Time
+
+// Now returns the time.
+func (c nowClock) Now() time.Time { return c() }
+
+// Since returns the time elapsed since t.
+func (c nowClock) Since(t time.Time) time.Duration { return c().Sub(t) }
 
 // Normal queues an Event of type Normal with reason (UpperCamelCase, such
 // as "RelayBound") and message, which is cut to 1024 bytes.
@@ -233,7 +250,7 @@ func (r *Recorder) record(eventType, reason, message string) {
 		r.mu.Unlock()
 		return
 	}
-	why := r.admit(now)
+	why := r.admit()
 	if why == "" {
 		p := &pending{key: k, first: now, last: now, n: 1}
 		r.queue = append(r.queue, p)
@@ -262,21 +279,16 @@ func (r *Recorder) record(eventType, reason, message string) {
 
 // admit takes a token for a new Event, or says why it cannot be queued.
 // The caller holds mu.
-func (r *Recorder) admit(now time.Time) (why string) {
+func (r *Recorder) admit() (why string) {
 	if r.stopped {
 		return "recorder stopped"
 	}
 	if len(r.queue) >= queueSize {
 		return "queue full"
 	}
-	if d := now.Sub(r.refilled); d > 0 {
-		r.tokens = min(bucketBurst, r.tokens+float64(d)/float64(bucketRefill))
-		r.refilled = now
-	}
-	if r.tokens < 1 {
+	if !r.limiter.TryAccept() {
 		return "rate limited"
 	}
-	r.tokens--
 	return ""
 }
 
