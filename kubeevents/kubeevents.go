@@ -27,6 +27,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/util/flowcontrol"
+	"k8s.io/utils/lru"
 )
 
 const (
@@ -134,10 +135,9 @@ type Recorder struct {
 	running atomic.Bool // Run has been called
 
 	// Owned by the goroutine in Run.
-	posted    map[key]*postedEvent
-	postSeq   uint64 // counts posts, to find the least recently used key
-	lastNanos int64  // the timestamp in the last Event name, kept unique
-	failing   bool   // in a streak of failures, of which the first was logged
+	posted    *lru.Cache // key to *postedEvent, the least recently posted forgotten first
+	lastNanos int64      // the timestamp in the last Event name, kept unique
+	failing   bool       // in a streak of failures, of which the first was logged
 
 	created, patched, failed, dropped atomic.Uint64
 }
@@ -159,7 +159,6 @@ type pending struct {
 type postedEvent struct {
 	name  string
 	count int64 // the count the API server holds
-	used  uint64
 }
 
 // New returns a Recorder that posts Events about pod with client, naming
@@ -194,7 +193,7 @@ func New(client dynamic.Interface, pod Pod, component string, logger *slog.Logge
 		retryDelay: retryDelay,
 		wake:       make(chan struct{}, 1),
 		queued:     make(map[key]*pending),
-		posted:     make(map[key]*postedEvent),
+		posted:     lru.New(dedupKeys),
 	}
 	// The limiter calls r.now at each admission, so a test's fake clock,
 	// set after New, drives the bucket too.

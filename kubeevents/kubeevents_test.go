@@ -640,3 +640,39 @@ func TestRunReturnsWhenAPIServerHangs(t *testing.T) {
 		t.Errorf("Stats = %+v, want %+v", got, want)
 	}
 }
+
+// TestForgetsLeastRecentlyPosted checks the dedup cache's bound: once more
+// than dedupKeys distinct Events have been posted, a repeat of the least
+// recently posted one becomes a new Event, and a repeat of a recent one
+// still raises its count.
+func TestForgetsLeastRecentlyPosted(t *testing.T) {
+	client := newFakeClient()
+	r, clock, _ := newTestRecorder(t, client)
+	startRun(t, r)
+
+	msg := func(i int) string { return fmt.Sprintf("endpoints %d", i) }
+	record := func(i int) {
+		clock.Advance(bucketRefill) // a token for each
+		r.Normal("EndpointsChanged", msg(i))
+	}
+	for i := range dedupKeys + 1 {
+		record(i)
+		// One at a time, so the order of posts is the order here.
+		waitFor(t, fmt.Sprintf("Event %q", msg(i)), func() bool { return len(listEvents(t, client)) == i+1 })
+	}
+	record(0)         // forgotten: created anew
+	record(dedupKeys) // remembered: patched
+	waitFor(t, "a second Event for the forgotten key and a count of 2 for the recent one", func() bool {
+		var zeros int
+		var last int64
+		for _, ev := range listEvents(t, client) {
+			switch str(ev.Object, "message") {
+			case msg(0):
+				zeros++
+			case msg(dedupKeys):
+				last = count(ev.Object)
+			}
+		}
+		return zeros == 2 && last == 2
+	})
+}
