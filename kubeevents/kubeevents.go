@@ -73,8 +73,8 @@ const (
 	// server without holding up shutdown for long.
 	flushTimeout = 2 * time.Second
 
-	// defaultComponent is the source component when New is given none.
-	defaultComponent = "tsrelay"
+	// component names tsrelay as the source of its Events.
+	component = "tsrelay"
 
 	// rbacHint says what a Role must grant for Events.
 	rbacHint = `the Role needs "create" and "patch" on events`
@@ -91,30 +91,13 @@ type Pod struct {
 	UID string
 }
 
-// Stats counts what a Recorder did since it was created, for metrics.
-type Stats struct {
-	// Created is the number of Events created.
-	Created uint64
-	// Patched is the number of patches that folded repeats of an Event
-	// into its count. One patch may fold several repeats recorded while it
-	// was waiting to be posted.
-	Patched uint64
-	// Failed is the number of Events the API server did not take, after at
-	// most one retry.
-	Failed uint64
-	// Dropped is the number of Events never posted: over the rate limit,
-	// over the queue bound, or left when Run stopped.
-	Dropped uint64
-}
-
-// Recorder posts Events about one pod. Normal, Warning and Stats are cheap,
+// Recorder posts Events about one pod. Normal and Warning are cheap,
 // never block on the API server (Run does the posting), and are safe for
 // concurrent use. A nil *Recorder is valid and records nothing, for a relay
 // outside a cluster.
 type Recorder struct {
 	events     dynamic.ResourceInterface // events in the pod's namespace
 	pod        Pod
-	component  string
 	logger     *slog.Logger
 	now        func() time.Time // time.Now; tests set a fake clock
 	retryDelay time.Duration
@@ -139,7 +122,10 @@ type Recorder struct {
 	lastNanos int64      // the timestamp in the last Event name, kept unique
 	failing   bool       // in a streak of failures, of which the first was logged
 
-	created, patched, failed, dropped atomic.Uint64
+	// failed counts Events the API server did not take, after at most one
+	// retry; dropped counts Events never posted (over the rate limit or
+	// the queue bound, or left when Run stopped). Both are logged.
+	failed, dropped atomic.Uint64
 }
 
 // key is what makes two Events the same Event, as in client-go's
@@ -162,10 +148,10 @@ type postedEvent struct {
 }
 
 // New returns a Recorder that posts Events about pod with client, naming
-// component (default "tsrelay") as their source. Call Run to post them. It
+// "tsrelay" as their source. Call Run to post them. It
 // returns nil, a Recorder that records nothing, if client is nil or if pod
 // lacks a name or namespace (logged: they come from the downward API).
-func New(client dynamic.Interface, pod Pod, component string, logger *slog.Logger) *Recorder {
+func New(client dynamic.Interface, pod Pod, logger *slog.Logger) *Recorder {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
@@ -181,13 +167,9 @@ func New(client dynamic.Interface, pod Pod, component string, logger *slog.Logge
 		logger.Warn("kube events: POD_UID is not set, so `kubectl describe pod` will not show them (`kubectl get events` will)",
 			"pod", pod.Namespace+"/"+pod.Name)
 	}
-	if component == "" {
-		component = defaultComponent
-	}
 	r := &Recorder{
 		events:     client.Resource(eventsResource()).Namespace(pod.Namespace),
 		pod:        pod,
-		component:  component,
 		logger:     logger,
 		now:        time.Now,
 		retryDelay: retryDelay,
@@ -219,19 +201,6 @@ func (r *Recorder) Normal(reason, message string) { r.record("Normal", reason, m
 // Warning queues an Event of type Warning with reason (UpperCamelCase, such
 // as "RelayLost") and message, which is cut to 1024 bytes.
 func (r *Recorder) Warning(reason, message string) { r.record("Warning", reason, message) }
-
-// Stats returns the Recorder's counters; all zero for a nil Recorder.
-func (r *Recorder) Stats() Stats {
-	if r == nil {
-		return Stats{}
-	}
-	return Stats{
-		Created: r.created.Load(),
-		Patched: r.patched.Load(),
-		Failed:  r.failed.Load(),
-		Dropped: r.dropped.Load(),
-	}
-}
 
 // record queues an Event, or folds it into the same Event already queued,
 // or drops it. It logs the first drop of a streak.

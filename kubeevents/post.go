@@ -93,8 +93,8 @@ func (r *Recorder) stop() {
 	}
 }
 
-// post creates or patches one Event, counts the outcome and logs the first
-// failure of a streak.
+// post creates or patches one Event, counts a failure or a drop and logs
+// the first failure of a streak.
 func (r *Recorder) post(ctx context.Context, p *pending) {
 	err := r.createOrPatch(ctx, p)
 	if err == nil {
@@ -128,7 +128,6 @@ func (r *Recorder) createOrPatch(ctx context.Context, p *pending) error {
 		err := r.withRetry(ctx, func(ctx context.Context) error { return r.patch(ctx, prev.name, count, p.last) })
 		if err == nil {
 			prev.count = count
-			r.patched.Add(1)
 			return nil
 		}
 		if !apierrors.IsNotFound(err) {
@@ -153,7 +152,6 @@ func (r *Recorder) createOrPatch(ctx context.Context, p *pending) error {
 	}
 	// The cache forgets the least recently posted key when full.
 	r.posted.Add(p.key, &postedEvent{name: name, count: p.n})
-	r.created.Add(1)
 	return nil
 }
 
@@ -234,8 +232,8 @@ func (r *Recorder) newEvent(name string, p *pending) *unstructured.Unstructured 
 		"type":               p.eventType,
 		"reason":             p.reason,
 		"message":            p.message,
-		"source":             map[string]any{"component": r.component},
-		"reportingComponent": r.component,
+		"source":             map[string]any{"component": component},
+		"reportingComponent": component,
 		"reportingInstance":  r.pod.Name,
 		"firstTimestamp":     timestamp(p.first),
 		"lastTimestamp":      timestamp(p.last),
