@@ -13,8 +13,8 @@
 //
 // It writes core/v1 Events with client-go's dynamic client. client-go's
 // tools/record package would do the deduplication for us, but it links the
-// typed core/v1 client and with it all of k8s.io/api, about 16 MB, over the
-// binary's size budget.
+// typed core/v1 client and with it every type in k8s.io/api, which would
+// take the binary over its size budget.
 package kubeevents
 
 import (
