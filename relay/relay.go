@@ -117,7 +117,7 @@ func newKubeClient(cfg Config) (*kubeclient.Client, error) {
 func startEvents(ctx context.Context, cfg Config, kc *kubeclient.Client, logger *slog.Logger) (events *kubeevents.Recorder, flush func()) {
 	if kc != nil && cfg.PodName != "" {
 		pod := kubeevents.Pod{Name: cfg.PodName, Namespace: cmp.Or(cfg.PodNamespace, kc.Namespace), UID: cfg.PodUID}
-		events = kubeevents.New(kc.Dynamic, pod, "tsrelay", logger)
+		events = kubeevents.New(kc.Dynamic, pod, logger)
 	}
 	ectx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	done := make(chan struct{})
