@@ -14,9 +14,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 
 	"github.com/kelseyhightower/envconfig"
+
+	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
 // Config is everything the relay reads from its environment. The variable
@@ -225,9 +228,14 @@ var serviceNameRE = regexp.MustCompile(`^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$`)
 
 // LoadConfig reads the configuration from the environment and validates it.
 // Every error names the variable, the bad value and the accepted form; the
-// values of secret variables are never included.
+// values of secret variables are never included. Every problem is reported,
+// one per line: envconfig stops at the first value it cannot parse, so
+// parseAll first tries each variable on its own.
 func LoadConfig() (Config, error) {
 	var c Config
+	if err := parseAll(); err != nil {
+		return c, err
+	}
 	if err := envconfig.Process("", &c); err != nil {
 		var pe *envconfig.ParseError
 		if errors.As(err, &pe) {
@@ -246,6 +254,88 @@ func LoadConfig() (Config, error) {
 		return c, err
 	}
 	return c, nil
+}
+
+// parseAll decodes every variable that is set, each on its own, and returns
+// all the ones that fail, in Config's field order, and with them the
+// problems Validate finds with the variables that did parse (a variable
+// that failed is not also reported as missing). It returns nil when every
+// variable parses, whatever Validate would say: LoadConfig validates then.
+func parseAll() error {
+	var (
+		c      Config
+		errs   []error
+		failed []string
+	)
+	v := reflect.ValueOf(&c).Elem()
+	t := v.Type()
+	for i := range t.NumField() {
+		tag := t.Field(i).Tag
+		key := tag.Get("envconfig")
+		if key == "" || tag.Get("ignored") == "true" {
+			continue
+		}
+		s, ok := os.LookupEnv(key)
+		if !ok {
+			if s, ok = tag.Lookup("default"); !ok {
+				continue
+			}
+		}
+		if err := decodeField(v.Field(i), s); err != nil {
+			errs = append(errs, fmt.Errorf("%s=%s: %w", key, s, err))
+			failed = append(failed, key)
+		}
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	if c.AuthKey == "" {
+		c.AuthKey = c.AuthKeyAlias
+	}
+	if verr := c.Validate(); verr != nil {
+		for _, e := range unjoin(verr) {
+			if !slices.ContainsFunc(failed, func(k string) bool { return namesVariable(e.Error(), k) }) {
+				errs = append(errs, e)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// namesVariable reports whether msg is about variable key: it starts with
+// key followed by '=' or ' '.
+func namesVariable(msg, key string) bool {
+	rest, ok := strings.CutPrefix(msg, key)
+	return ok && (strings.HasPrefix(rest, "=") || strings.HasPrefix(rest, " "))
+}
+
+// unjoin returns the errors errors.Join joined, or err alone.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// decodeField decodes s into f as envconfig would for the types Config
+// uses: a Decoder, a string or a bool.
+func decodeField(f reflect.Value, s string) error {
+	if d, ok := f.Addr().Interface().(envconfig.Decoder); ok {
+		return d.Decode(s)
+	}
+	switch f.Kind() {
+	case reflect.String:
+		f.SetString(s)
+	case reflect.Bool:
+		b, err := strconv.ParseBool(s)
+		if err != nil {
+			return errors.New("not a boolean; want true or false")
+		}
+		f.SetBool(b)
+	default:
+		return fmt.Errorf("cannot read a %s from the environment", f.Type())
+	}
+	return nil
 }
 
 // inKubernetes reports whether this process runs in a Kubernetes pod.
@@ -290,7 +380,43 @@ func (c *Config) Validate() error {
 	if _, err := netip.ParseAddrPort(c.LocalAddrPort); err != nil {
 		bad("TS_LOCAL_ADDR_PORT=%s: want ip:port or [ipv6]:port (e.g. [::]:9002)", c.LocalAddrPort)
 	}
+	// Tailscale advertises at most lbaddr.MaxEndpoints; cutting the
+	// user's own list silently would hide which ones peers never hear of.
+	if n := len(c.RelayServerStaticEndpoints); n > lbaddr.MaxEndpoints {
+		bad("TS_RELAY_SERVER_STATIC_ENDPOINTS: %d distinct endpoints, more than the %d a relay advertises; want at most %d", n, lbaddr.MaxEndpoints, lbaddr.MaxEndpoints)
+	} else if n == lbaddr.MaxEndpoints && c.RelayService != "" {
+		bad("TS_RELAY_SERVER_STATIC_ENDPOINTS: %d endpoints leave no room for TS_RELAY_SERVICE=%s's addresses (a relay advertises at most %d, explicit ones first); want at most %d with TS_RELAY_SERVICE", n, c.RelayService, lbaddr.MaxEndpoints, lbaddr.MaxEndpoints-1)
+	}
+	if err := checkStateDir(c.StateDir); err != nil {
+		bad("TS_STATE_DIR=%s: %v; want a directory this process can create or write", c.StateDir, err)
+	}
 	return errors.Join(errs...)
+}
+
+// checkStateDir checks that dir (if set) is a directory or could be made
+// one: it exists as a directory, or its nearest existing ancestor is one.
+// Otherwise tsnet would fail later with an error that does not name the
+// variable (e.g. "mkdir /etc/hostname: not a directory").
+func checkStateDir(dir string) error {
+	if dir == "" {
+		return nil
+	}
+	for p := filepath.Clean(dir); ; p = filepath.Dir(p) {
+		fi, err := os.Stat(p)
+		switch {
+		case err == nil && fi.IsDir():
+			return nil
+		case err == nil && p == filepath.Clean(dir):
+			return errors.New("not a directory")
+		case err == nil:
+			return fmt.Errorf("%s is not a directory", p)
+		case !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR):
+			return err
+		}
+		if filepath.Dir(p) == p {
+			return nil
+		}
+	}
 }
 
 // setDefaults fills in the defaults that depend on the machine.
