@@ -16,6 +16,7 @@ import (
 	"strings"
 	"syscall"
 	"text/tabwriter"
+	"time"
 
 	"github.com/kelseyhightower/envconfig"
 
@@ -34,12 +35,13 @@ type Config struct {
 	Hostname      string `envconfig:"TS_HOSTNAME" default:"tsrelay" desc:"Name of this node in the tailnet."`
 	ControlURL    string `envconfig:"TS_CONTROL_URL" desc:"Coordination server URL; empty means Tailscale's (use it for Headscale or tests)."`
 
-	KubeSecret   string `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
-	RelayService string `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with the Service port whose targetPort is TS_RELAY_SERVER_PORT, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change."`
-	PodName      string `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
-	PodNamespace string `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
-	PodUID       string `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
-	StateDir     string `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
+	KubeSecret    string        `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
+	RelayService  string        `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with the Service port whose targetPort is TS_RELAY_SERVER_PORT, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change."`
+	PodName       string        `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
+	PodNamespace  string        `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
+	PodUID        string        `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
+	LeaseDuration time.Duration `envconfig:"TS_LEASE_DURATION" default:"90s" desc:"With TS_KUBE_SECRET: how long another pod waits, after this one stops renewing the Lease on the identity (it renews every 1/18 of this), before it takes the identity over. This one stops its node after 5/6 of it without a renewal, so an API-server outage shorter than that costs nothing. Whole seconds, at least 6s."`
+	StateDir      string        `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
 
 	RelayServerPort            Port      `envconfig:"TS_RELAY_SERVER_PORT" desc:"Required. UDP port the peer relay listens on, 1-65535 (1024 or above in an unprivileged pod)."`
 	RelayServerStaticEndpoints Endpoints `envconfig:"TS_RELAY_SERVER_STATIC_ENDPOINTS" desc:"Comma-separated addresses peers can reach the relay on, ip:port or [ipv6]:port (e.g. a LoadBalancer IP, or a router's WAN IP and forwarded port)."`
@@ -323,6 +325,14 @@ func decodeField(f reflect.Value, s string) error {
 	if d, ok := f.Addr().Interface().(envconfig.Decoder); ok {
 		return d.Decode(s)
 	}
+	if f.Type() == reflect.TypeFor[time.Duration]() {
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return errors.New("not a duration; want e.g. 90s")
+		}
+		f.SetInt(int64(d))
+		return nil
+	}
 	switch f.Kind() {
 	case reflect.String:
 		f.SetString(s)
@@ -386,6 +396,9 @@ func (c *Config) Validate() error {
 		bad("TS_RELAY_SERVER_STATIC_ENDPOINTS: %d distinct endpoints, more than the %d a relay advertises; want at most %d", n, lbaddr.MaxEndpoints, lbaddr.MaxEndpoints)
 	} else if n == lbaddr.MaxEndpoints && c.RelayService != "" {
 		bad("TS_RELAY_SERVER_STATIC_ENDPOINTS: %d endpoints leave no room for TS_RELAY_SERVICE=%s's addresses (a relay advertises at most %d, explicit ones first); want at most %d with TS_RELAY_SERVICE", n, c.RelayService, lbaddr.MaxEndpoints, lbaddr.MaxEndpoints-1)
+	}
+	if c.LeaseDuration < 6*time.Second || c.LeaseDuration%time.Second != 0 {
+		bad("TS_LEASE_DURATION=%s: want whole seconds, at least 6s (e.g. 90s)", c.LeaseDuration)
 	}
 	if err := checkStateDir(c.StateDir); err != nil {
 		bad("TS_STATE_DIR=%s: %v; want a directory this process can create or write", c.StateDir, err)

@@ -20,7 +20,7 @@ func setEnv(t *testing.T, env map[string]string) {
 		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_PORT", "TS_LOCAL_ADDR_PORT",
 		"TS_NO_LOGS_NO_SUPPORT", "TS_BACKEND_LOGS", "KUBERNETES_SERVICE_HOST",
-		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_NAMESPACE", "POD_UID",
+		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_NAMESPACE", "POD_UID", "TS_LEASE_DURATION",
 	} {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
@@ -149,6 +149,16 @@ func TestLoadConfigErrors(t *testing.T) {
 			name: "bad service name",
 			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE": "tsrelay.kube-public"},
 			want: []string{"TS_RELAY_SERVICE=tsrelay.kube-public: want a Service name"},
+		},
+		{
+			name: "lease duration too short",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "1500ms"},
+			want: []string{"TS_LEASE_DURATION=1.5s: want whole seconds, at least 6s"},
+		},
+		{
+			name: "lease duration not a duration",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "90"},
+			want: []string{"TS_LEASE_DURATION=90: not a duration; want e.g. 90s"},
 		},
 		{
 			name: "in kubernetes without state",

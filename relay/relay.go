@@ -19,6 +19,7 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/tsnet"
 
+	"github.com/tsrelay/tsrelay/internal/httpserve"
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/kubestate"
@@ -41,9 +42,6 @@ const (
 	// bindTimeout is how long the relay server gets to bind its socket
 	// after the prefs are applied; it binds synchronously in practice.
 	bindTimeout = 5 * time.Second
-	// shutdownTimeout is how long HTTP requests in flight get to finish.
-	// Kubernetes allows 30 s between SIGTERM and SIGKILL by default.
-	shutdownTimeout = 5 * time.Second
 )
 
 // Run runs the relay until ctx is done or a stage fails. It returns nil after
@@ -70,6 +68,17 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	go func() { events.Run(eventsCtx); close(eventsDone) }()
 	defer func() { stopEvents(); <-eventsDone }()
 
+	ln, err := net.Listen("tcp", cfg.LocalAddrPort)
+	if err != nil {
+		return fmt.Errorf("listen on TS_LOCAL_ADDR_PORT=%s: %w", cfg.LocalAddrPort, err)
+	}
+	defer ln.Close()
+	// Before the state is even read: another process may run it.
+	guard, err := acquireIdentity(ctx, cfg, kc, ln, events, logger)
+	if err != nil {
+		return err
+	}
+	defer guard.release()
 	store, err := newStateStore(ctx, cfg, kc, logger)
 	if err != nil {
 		events.Warning("StateLoadFailed", err.Error())
@@ -77,10 +86,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 	if s, ok := store.(*kubestate.Store); ok {
 		events.Normal("StateLoaded", "node state loaded from Secret "+strings.TrimPrefix(s.String(), "kube:"))
-	}
-	ln, err := net.Listen("tcp", cfg.LocalAddrPort)
-	if err != nil {
-		return fmt.Errorf("listen on TS_LOCAL_ADDR_PORT=%s: %w", cfg.LocalAddrPort, err)
+		defer flushState(s, logger) // before the release: deferred later
 	}
 
 	a := newAppliance(cfg, store, logger)
@@ -112,6 +118,10 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return serveHTTP(gctx, ln, a.handler(), logger) })
 	g.Go(func() error { return a.watchPathMTU(gctx) })
+	g.Go(func() error { return guard.hold(gctx) })
+	if s, ok := store.(*kubestate.Store); ok {
+		g.Go(func() error { return s.Run(gctx) })
+	}
 	g.Go(func() error {
 		defer a.closeTailnet()
 		return a.run(gctx)
@@ -175,27 +185,8 @@ func newTSNet(cfg Config, store ipn.StateStore, logger *slog.Logger) *tsnet.Serv
 	return s
 }
 
-// serveHTTP serves h on ln until ctx is done, then drains requests.
+// serveHTTP serves h on ln until ctx is done, then drains requests, with
+// the limits that keep abuse of the port from exhausting memory.
 func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Logger) error {
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      10 * time.Second,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-	}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serve HTTP on %s: %w", ln.Addr(), err)
-	case <-ctx.Done():
-	}
-	// ctx is already cancelled; draining needs a deadline of its own.
-	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		return fmt.Errorf("shut down HTTP server: %w", err)
-	}
-	return ctx.Err()
+	return httpserve.Serve(ctx, ln, h, logger)
 }
