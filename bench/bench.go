@@ -232,6 +232,15 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 	}
 
+	if ctx.Err() == nil {
+		logf("HTTP port abuse")
+		ab, err := b.runHTTPAbuse(ctx, filepath.Join(work, "abuse"))
+		if err != nil {
+			fail("HTTP abuse", err)
+		}
+		rep.addAbuse(ab)
+	}
+
 	if err := rep.addSizes(bins, filepath.Join(cfg.BinDir, "containerboot")); err != nil {
 		fail("sizes", err)
 	}

@@ -257,6 +257,27 @@ func (r *Report) addReadiness(rd readiness, rounds int) {
 	}
 }
 
+// addAbuse adds a footprint row per HTTP-abuse case: the relay's extra RSS
+// while the connections are open.
+func (r *Report) addAbuse(res []abuseResult) {
+	for _, a := range res {
+		size := fmt.Sprintf("%d KiB", a.HeaderBytes>>10)
+		if a.HeaderBytes >= 1<<20 {
+			size = fmt.Sprintf("%d MiB", a.HeaderBytes>>20)
+		}
+		note := fmt.Sprintf("idle %.1f MiB, peak %.1f MiB; goal < 32 MiB extra at 1,000 connections; ", float64(a.IdleKiB)/1024, float64(a.PeakKiB)/1024)
+		if a.Healthz >= 0 {
+			note += fmt.Sprintf("/healthz answered in %.0f ms meanwhile", a.Healthz*1000)
+		} else {
+			note += "/healthz did NOT answer meanwhile"
+		}
+		// No baseline: the stock relay has no HTTP port.
+		r.Rows = append(r.Rows, Row{Section: "footprint", Scenario: "tsrelay", Unit: "MiB", Better: "lower", Note: note,
+			Metric: fmt.Sprintf("HTTP port abuse: %d connections × %s unfinished header → extra RSS", a.Conns, size),
+			Value:  float64(a.PeakKiB-a.IdleKiB) / 1024})
+	}
+}
+
 // addSizes compares the relay binary with what the tailscale/tailscale
 // image carries: tailscaled, tailscale and containerboot (left out, with a
 // note, if it was not built).

@@ -2,11 +2,13 @@ package kubestate
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -16,6 +18,7 @@ import (
 
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/internal/kubetest"
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
 // TestAgainstAPIServer runs the Store against a real kube-apiserver (etcd,
@@ -237,6 +240,80 @@ func TestAgainstAPIServer(t *testing.T) {
 			})
 		}
 	})
+
+	// Last: it stops and restarts the shared API server.
+	t.Run("WriteDuringOutageLandsAfterIt", func(t *testing.T) {
+		ns := kubeconfigFor(t, relayRules...)
+		s, err := openStore(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		runDone := make(chan error, 1)
+		go func() { runDone <- s.Run(ctx) }()
+		t.Cleanup(func() { cancel(); <-runDone })
+		mustWriteState(t, s, "_machinekey", "machine-1")
+
+		srv.StopAPIServer()
+		// The first login's node key, written while the API server is
+		// away: tailscaled logs the error and carries on.
+		err = s.WriteState("profile-a", []byte("node-key-1"))
+		if err == nil || !strings.Contains(err.Error(), "written again in the background") {
+			t.Fatalf("WriteState during the outage = %v, want an error saying it will be written again", err)
+		}
+		if since, n := s.Unpersisted(); since.IsZero() || n != 1 {
+			t.Fatalf("Unpersisted() = %v, %d during the outage; want a time and 1 key", since, n)
+		}
+		if got, err := s.ReadState("profile-a"); err != nil || string(got) != "node-key-1" {
+			t.Errorf("ReadState(profile-a) = %q, %v during the outage; want the pending value", got, err)
+		}
+		// A last try on shutdown fails too, and says what is at stake.
+		fctx, fcancel := context.WithTimeout(t.Context(), 2*time.Second)
+		if err := s.Flush(fctx); err == nil || !strings.Contains(err.Error(), "1 pending keys") {
+			t.Errorf("Flush during the outage = %v, want an error counting the pending key", err)
+		}
+		fcancel()
+
+		if err := srv.StartAPIServer(t.Context()); err != nil {
+			t.Fatalf("restart kube-apiserver: %v", err)
+		}
+		back := time.Now()
+		// No further write from tailscaled: Run alone must land it.
+		wctx, wcancel := context.WithTimeout(t.Context(), time.Minute)
+		defer wcancel()
+		if err := tailnettest.WaitFor(wctx, 20*time.Millisecond, func() (bool, error) {
+			since, _ := s.Unpersisted()
+			return since.IsZero(), nil
+		}); err != nil {
+			t.Fatalf("pending state not written after the API server came back: %v", err)
+		}
+		t.Logf("caught up %v after the API server was ready again (retries %d)", time.Since(back).Round(time.Millisecond), s.Stats().Retries)
+		if got := secretData(t, ns)["profile-a"]; string(got) != "node-key-1" {
+			t.Errorf("secret profile-a = %q after catch-up, want node-key-1", got)
+		}
+		// A restart now keeps the identity.
+		again, err := openStore(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantValues(t, again, map[ipn.StateKey]string{"_machinekey": "machine-1", "profile-a": "node-key-1"})
+	})
+}
+
+func mustWriteState(t *testing.T, s *Store, id ipn.StateKey, v string) {
+	t.Helper()
+	if err := s.WriteState(id, []byte(v)); err != nil {
+		t.Fatalf("WriteState(%q): %v", id, err)
+	}
+}
+
+func wantValues(t *testing.T, s *Store, want map[ipn.StateKey]string) {
+	t.Helper()
+	for id, v := range want {
+		if got, err := s.ReadState(id); err != nil || string(got) != v {
+			t.Errorf("ReadState(%q) = %q, %v; want %q", id, got, err, v)
+		}
+	}
 }
 
 // openStore opens Secret "state" the way the relay does: a client from

@@ -10,6 +10,16 @@
 // encoded reversibly into Secret keys (see encodeKey); and no Event is
 // emitted per write.
 //
+// A write that fails because the API server is away stays pending: reads
+// return it (it is what tailscaled believes), every later write carries it,
+// and Run writes it again in the background, with backoff, until the Secret
+// holds it; Unpersisted says since when the Secret has lagged. Tailscale
+// logs a failed write and carries on, and rewrites a key only when its value
+// changes again, so without this a restart after an API-server outage could
+// lose the node key written during it. Flush tries once more on shutdown.
+// Only a write the API server could never accept (over the Secret size
+// limit) is dropped, with an error.
+//
 // It talks to the API server with client-go's dynamic client: the typed
 // client links all of k8s.io/api, which would take the binary over its size
 // budget.
@@ -49,6 +59,13 @@ const (
 	// that an unreachable API server fails the start instead of hanging it.
 	startTimeout = 30 * time.Second
 
+	// retryMin and retryMax bound the pause between background rewrites
+	// of pending state: the first comes a second after a failure, so a
+	// blink of the API server costs a second, and the pause doubles to
+	// half a minute so a long outage costs a request per 30 s.
+	retryMin = time.Second
+	retryMax = 30 * time.Second
+
 	// writeTimeout bounds one WriteState call, conflict retries included.
 	// WriteState has no context and tailscaled calls it with its backend
 	// lock held, so a hung API server must not stall tailscaled for long;
@@ -83,6 +100,16 @@ type Stats struct {
 	// Conflicts is the number of Updates the API server rejected because
 	// someone else had changed the Secret since we last read it.
 	Conflicts uint64
+	// Retries is the number of background rewrites of pending state
+	// that failed.
+	Retries uint64
+}
+
+// pendingValue is a change the Secret does not hold yet: a value, or a
+// deletion.
+type pendingValue struct {
+	value   []byte
+	deleted bool
 }
 
 // Store is an ipn.StateStore kept in one Kubernetes Secret. It is safe for
@@ -99,12 +126,27 @@ type Store struct {
 	// keys included. Guarded by writeMu.
 	secret *unstructured.Unstructured
 
-	// memMu guards mem, which is decoded from secret. Reads take only
-	// memMu, so they never wait on the API server.
-	memMu sync.RWMutex
-	mem   map[ipn.StateKey][]byte
+	// pending holds the writes the Secret does not reflect yet, by
+	// Secret key; since is when it last went from empty to not. Guarded
+	// by writeMu.
+	pending map[string]pendingValue
+	since   time.Time
 
-	writes, failures, conflicts atomic.Uint64
+	// memMu guards mem, which is decoded from secret with pending laid
+	// over it, and copies of since and len(pending). Reads take only
+	// memMu, so they never wait on the API server.
+	memMu       sync.RWMutex
+	mem         map[ipn.StateKey][]byte
+	unpersisted time.Time
+	pendingKeys int
+
+	// kick wakes Run when a write leaves state pending.
+	kick chan struct{}
+	// retryMin is the first pause of Run's backoff (retryMin; tests
+	// shorten it).
+	retryMin time.Duration
+
+	writes, failures, conflicts, retries atomic.Uint64
 }
 
 var _ ipn.StateStore = (*Store)(nil)
@@ -131,6 +173,9 @@ func newStore(ctx context.Context, logger *slog.Logger, client dynamic.ResourceI
 		logger:    logger,
 		namespace: namespace,
 		name:      name,
+		pending:   map[string]pendingValue{},
+		kick:      make(chan struct{}, 1),
+		retryMin:  retryMin,
 	}
 	ctx, cancel := context.WithTimeout(ctx, startTimeout)
 	defer cancel()
@@ -169,11 +214,21 @@ func (s *Store) Stats() Stats {
 		Writes:    s.writes.Load(),
 		Failures:  s.failures.Load(),
 		Conflicts: s.conflicts.Load(),
+		Retries:   s.retries.Load(),
 	}
 }
 
+// Unpersisted returns since when the Secret has lacked writes the Store
+// accepted (zero when it holds them all) and how many keys are pending.
+func (s *Store) Unpersisted() (since time.Time, keys int) {
+	s.memMu.RLock()
+	defer s.memMu.RUnlock()
+	return s.unpersisted, s.pendingKeys
+}
+
 // ReadState returns the value of id from memory (the Secret as loaded at
-// start and after each write), or ipn.ErrStateNotExist.
+// start and after each write, with pending writes laid over it), or
+// ipn.ErrStateNotExist.
 func (s *Store) ReadState(id ipn.StateKey) ([]byte, error) {
 	s.memMu.RLock()
 	defer s.memMu.RUnlock()
@@ -185,9 +240,11 @@ func (s *Store) ReadState(id ipn.StateKey) ([]byte, error) {
 }
 
 // WriteState stores bs under id in the Secret, or deletes id if bs is nil,
-// and returns once the API server has accepted the change; memory is updated
-// only then. Writing the value already stored makes no API call. Keys others
-// wrote to the Secret are kept. The call is bounded by writeTimeout (10s).
+// and returns once the API server has accepted the change. Writing the value
+// already stored makes no API call. Keys others wrote to the Secret are
+// kept. The call is bounded by writeTimeout (10s). If it fails, the change
+// stays pending (reads return it, Run writes it again later) and the error
+// says so; a change over the Secret size limit is dropped instead.
 func (s *Store) WriteState(id ipn.StateKey, bs []byte) error {
 	if err := s.writeState(id, bs); err != nil {
 		s.failures.Add(1)
@@ -208,17 +265,24 @@ func (s *Store) writeState(id ipn.StateKey, bs []byte) error {
 	if s.unchanged(id, bs) {
 		return nil
 	}
+	prev, hadPrev := s.pending[key]
+	s.pending[key] = pendingValue{value: bytes.Clone(bs), deleted: bs == nil}
 	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
 	defer cancel()
-	err = s.commit(ctx, func(data map[string][]byte) {
-		if bs == nil {
-			delete(data, key)
+	err = s.commitPending(ctx)
+	if errors.Is(err, errTooLarge) {
+		// Never acceptable: keep it from blocking every later write.
+		if hadPrev {
+			s.pending[key] = prev
 		} else {
-			data[key] = bs
+			delete(s.pending, key)
 		}
-	})
-	if err != nil {
+		s.syncMem()
 		return err
+	}
+	if err != nil {
+		s.markPending()
+		return fmt.Errorf("%w (kept in memory; written again in the background)", err)
 	}
 	s.writes.Add(1)
 	s.logger.Debug("kube state written", "secret", s.ref(), "key", string(id), "bytes", len(bs), "deleted", bs == nil)
@@ -234,6 +298,133 @@ func (s *Store) unchanged(id ipn.StateKey, bs []byte) bool {
 		return !ok
 	}
 	return ok && bytes.Equal(old, bs)
+}
+
+// commitPending writes every pending change to the Secret. On success
+// pending is empty; either way memory shows the Secret with what is still
+// pending laid over it. Callers hold writeMu.
+func (s *Store) commitPending(ctx context.Context) error {
+	err := s.commit(ctx, func(data map[string][]byte) {
+		for k, p := range s.pending {
+			if p.deleted {
+				delete(data, k)
+			} else {
+				data[k] = p.value
+			}
+		}
+	})
+	if err == nil {
+		clear(s.pending)
+		if !s.since.IsZero() {
+			s.logger.Info("kube state caught up: the secret holds every write again", "secret", s.ref(),
+				"unpersisted_for", time.Since(s.since).Round(time.Millisecond))
+			s.since = time.Time{}
+		}
+	}
+	s.syncMem()
+	return err
+}
+
+// markPending notes that the Secret lags memory, and wakes Run. Callers
+// hold writeMu.
+func (s *Store) markPending() {
+	if s.since.IsZero() {
+		s.since = time.Now()
+		s.logger.Warn("kube state not persisted; will write it again when the API server answers",
+			"secret", s.ref(), "keys", len(s.pending))
+	}
+	s.syncMem()
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// syncMem rebuilds memory from the last seen Secret and pending. Callers
+// hold writeMu, or own s exclusively.
+func (s *Store) syncMem() {
+	data, err := secretData(s.secret)
+	if err != nil {
+		// adopt decoded this Secret before; it cannot fail now.
+		data = map[string][]byte{}
+	}
+	for k, p := range s.pending {
+		if p.deleted {
+			delete(data, k)
+		} else {
+			data[k] = p.value
+		}
+	}
+	mem := make(map[ipn.StateKey][]byte, len(data))
+	for k, v := range data {
+		if id, ok := decodeKey(k); ok {
+			mem[id] = v
+		}
+	}
+	s.memMu.Lock()
+	s.mem = mem
+	s.unpersisted = s.since
+	s.pendingKeys = len(s.pending)
+	s.memMu.Unlock()
+}
+
+// Run writes pending state again in the background until ctx is done: a
+// second after a write fails, then with backoff doubling to 30 s, until the
+// Secret holds it. It returns nil when ctx is done; call Flush afterwards
+// for a last try.
+func (s *Store) Run(ctx context.Context) error {
+	pause := s.retryMin
+	for {
+		s.writeMu.Lock()
+		n := len(s.pending)
+		s.writeMu.Unlock()
+		var wait <-chan time.Time
+		if n > 0 {
+			wait = time.After(pause)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.kick:
+			continue // pending may have just filled: look again
+		case <-wait:
+		}
+		if err := s.retryPending(ctx); err != nil {
+			s.retries.Add(1)
+			s.logger.Debug("kube state rewrite failed", "secret", s.ref(), "err", err, "next", pause)
+			pause = min(pause*2, retryMax)
+			continue
+		}
+		pause = s.retryMin
+	}
+}
+
+// retryPending writes pending state, if any, once.
+func (s *Store) retryPending(ctx context.Context) error {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	if len(s.pending) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
+	defer cancel()
+	return s.commitPending(ctx)
+}
+
+// Flush writes pending state once, bounded by ctx: the last try on
+// shutdown. It returns nil when nothing is pending, and otherwise an error
+// saying how many keys a restart would lose.
+func (s *Store) Flush(ctx context.Context) error {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	n := len(s.pending)
+	if n == 0 {
+		return nil
+	}
+	if err := s.commitPending(ctx); err != nil {
+		return fmt.Errorf("kube state secret %s: last write of %d pending keys failed; a restart now may lose the node identity: %w", s.ref(), n, err)
+	}
+	return nil
 }
 
 // getOrCreate returns the Secret, creating it empty if it does not exist.
@@ -300,7 +491,7 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 			change(data)
 		}
 		if size := dataSize(data); size > maxSecretSize {
-			return fmt.Errorf("secret data would be %d bytes, over the Kubernetes limit of %d bytes per Secret", size, maxSecretSize)
+			return fmt.Errorf("secret data would be %d bytes, %w of %d bytes per Secret", size, errTooLarge, maxSecretSize)
 		}
 		next := base.DeepCopy()
 		if err := setSecretData(next, data); err != nil {
@@ -325,26 +516,23 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 	return err
 }
 
-// adopt makes obj the last seen Secret and reloads memory from it. It
-// returns the Secret keys that are not state keys.
+// errTooLarge is the Secret size limit, which no retry can get past.
+var errTooLarge = errors.New("over the Kubernetes limit")
+
+// adopt makes obj the last seen Secret and reloads memory from it and
+// pending. It returns the Secret keys that are not state keys.
 func (s *Store) adopt(obj *unstructured.Unstructured) (foreign []string, err error) {
 	data, err := secretData(obj)
 	if err != nil {
 		return nil, err
 	}
-	mem := make(map[ipn.StateKey][]byte, len(data))
-	for k, v := range data {
-		id, ok := decodeKey(k)
-		if !ok {
+	for k := range data {
+		if _, ok := decodeKey(k); !ok {
 			foreign = append(foreign, k)
-			continue
 		}
-		mem[id] = v
 	}
 	s.secret = obj
-	s.memMu.Lock()
-	s.mem = mem
-	s.memMu.Unlock()
+	s.syncMem()
 	return foreign, nil
 }
 

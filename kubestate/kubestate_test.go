@@ -492,8 +492,12 @@ func TestWriteStateConflictGivesUp(t *testing.T) {
 	if _, ok := f.data(t)["_machinekey"]; ok {
 		t.Errorf("secret has _machinekey after a failed write")
 	}
-	if got, err := s.ReadState("_machinekey"); !errors.Is(err, ipn.ErrStateNotExist) {
-		t.Errorf("ReadState(_machinekey) = %q, %v; want ErrStateNotExist after a failed write", got, err)
+	// The write is pending: memory has it, for Run to write again.
+	if got, err := s.ReadState("_machinekey"); err != nil || string(got) != "k" {
+		t.Errorf("ReadState(_machinekey) = %q, %v; want the pending value k", got, err)
+	}
+	if since, n := s.Unpersisted(); since.IsZero() || n != 1 {
+		t.Errorf("Unpersisted() = %v, %d; want a time and 1 key", since, n)
 	}
 }
 
@@ -546,7 +550,14 @@ func TestWriteStateAPIError(t *testing.T) {
 			if got, want := s.Stats(), (Stats{Failures: 1}); got != want {
 				t.Errorf("Stats() = %+v, want %+v", got, want)
 			}
-			wantState(t, s, map[ipn.StateKey]string{"_machinekey": "old"})
+			// Memory has the new value, pending; the Secret the old one.
+			wantState(t, s, map[ipn.StateKey]string{"_machinekey": "new"})
+			if got := f.data(t)["_machinekey"]; got != "old" {
+				t.Errorf("secret _machinekey = %q, want old", got)
+			}
+			if since, n := s.Unpersisted(); since.IsZero() || n != 1 {
+				t.Errorf("Unpersisted() = %v, %d; want a time and 1 key", since, n)
+			}
 		})
 	}
 }

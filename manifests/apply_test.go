@@ -85,10 +85,14 @@ func TestAgainstAPIServer(t *testing.T) {
 			allowed                     bool
 		}{
 			// What the relay does: its state Secret, the Secret's first
+			// creation, the Lease on its identity (same name) and its
 			// creation, its own Service (for its address), Events.
 			{"get", "", "secrets", "tsrelay-state", true},
 			{"update", "", "secrets", "tsrelay-state", true},
 			{"create", "", "secrets", "", true},
+			{"get", "coordination.k8s.io", "leases", "tsrelay-state", true},
+			{"update", "coordination.k8s.io", "leases", "tsrelay-state", true},
+			{"create", "coordination.k8s.io", "leases", "", true},
 			{"get", "", "services", "tsrelay", true},
 			{"list", "", "services", "tsrelay", true},
 			{"watch", "", "services", "tsrelay", true},
@@ -96,8 +100,9 @@ func TestAgainstAPIServer(t *testing.T) {
 			{"patch", "", "events", "some-event", true},
 			{"create", "events.k8s.io", "events", "", true},
 			{"patch", "events.k8s.io", "events", "some-event", true},
-			// Nothing else: no other Secret (the auth key included), no
-			// listing, no deleting, no other Service, nothing in pods.
+			// Nothing else: no other Secret (the auth key included) or
+			// Lease, no listing, no deleting, no other Service, nothing in
+			// pods.
 			{"get", "", "secrets", "tsrelay-auth", false},
 			{"get", "", "secrets", "other", false},
 			{"list", "", "secrets", "", false},
@@ -105,6 +110,12 @@ func TestAgainstAPIServer(t *testing.T) {
 			{"patch", "", "secrets", "tsrelay-state", false},
 			{"delete", "", "secrets", "tsrelay-state", false},
 			{"update", "", "secrets", "other", false},
+			{"get", "coordination.k8s.io", "leases", "other", false},
+			{"update", "coordination.k8s.io", "leases", "other", false},
+			{"list", "coordination.k8s.io", "leases", "", false},
+			{"watch", "coordination.k8s.io", "leases", "", false},
+			{"delete", "coordination.k8s.io", "leases", "tsrelay-state", false},
+			{"patch", "coordination.k8s.io", "leases", "tsrelay-state", false},
 			{"get", "", "services", "other", false},
 			{"list", "", "services", "", false},
 			{"update", "", "services", "tsrelay", false},

@@ -216,16 +216,24 @@ func TestDeploymentInvariants(t *testing.T) {
 	if len(roles) == 0 {
 		t.Error("no Role")
 	}
+	// The same for Leases: the one on the identity is named after the
+	// state Secret.
 	for _, role := range roles {
 		for _, r := range role.Rules {
-			if !coversSecrets(r) {
+			kind := ""
+			switch {
+			case coversSecrets(r):
+				kind = "Secrets"
+			case covers(r, "coordination.k8s.io", "leases"):
+				kind = "Leases"
+			default:
 				continue
 			}
 			byName := slices.Equal(r.ResourceNames, []string{stateSecret})
 			createOnly := len(r.ResourceNames) == 0 && slices.Equal(r.Verbs, []string{"create"})
 			if !byName && !createOnly {
-				t.Errorf("Role %s: rule %s reaches Secrets other than %s; want resourceNames [%s], or exactly verb create",
-					role.Metadata.Name, r, stateSecret, stateSecret)
+				t.Errorf("Role %s: rule %s reaches %s other than %s; want resourceNames [%s], or exactly verb create",
+					role.Metadata.Name, r, kind, stateSecret, stateSecret)
 			}
 		}
 	}
@@ -302,8 +310,11 @@ func (r policyRule) String() string {
 }
 
 // coversSecrets reports whether r grants anything on core Secrets.
-func coversSecrets(r policyRule) bool {
-	group := slices.Contains(r.APIGroups, "") || slices.Contains(r.APIGroups, "*")
-	resource := slices.Contains(r.Resources, "secrets") || slices.Contains(r.Resources, "*")
-	return group && resource
+func coversSecrets(r policyRule) bool { return covers(r, "", "secrets") }
+
+// covers reports whether r grants anything on resource in API group.
+func covers(r policyRule, group, resource string) bool {
+	g := slices.Contains(r.APIGroups, group) || slices.Contains(r.APIGroups, "*")
+	res := slices.Contains(r.Resources, resource) || slices.Contains(r.Resources, "*")
+	return g && res
 }

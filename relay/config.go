@@ -14,9 +14,13 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
+	"time"
 
 	"github.com/kelseyhightower/envconfig"
+
+	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
 // Config is everything the relay reads from its environment. The variable
@@ -31,12 +35,13 @@ type Config struct {
 	Hostname      string `envconfig:"TS_HOSTNAME" default:"tsrelay" desc:"Name of this node in the tailnet."`
 	ControlURL    string `envconfig:"TS_CONTROL_URL" desc:"Coordination server URL; empty means Tailscale's (use it for Headscale or tests)."`
 
-	KubeSecret   string `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
-	RelayService string `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with the Service port whose targetPort is TS_RELAY_SERVER_PORT, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change."`
-	PodName      string `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
-	PodNamespace string `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
-	PodUID       string `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
-	StateDir     string `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
+	KubeSecret    string        `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
+	RelayService  string        `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with the Service port whose targetPort is TS_RELAY_SERVER_PORT, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change."`
+	PodName       string        `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
+	PodNamespace  string        `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
+	PodUID        string        `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
+	LeaseDuration time.Duration `envconfig:"TS_LEASE_DURATION" default:"90s" desc:"With TS_KUBE_SECRET: how long another pod waits, after this one stops renewing the Lease on the identity (it renews every 1/18 of this), before it takes the identity over. This one stops its node after 5/6 of it without a renewal, so an API-server outage shorter than that costs nothing. Whole seconds, at least 6s."`
+	StateDir      string        `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
 
 	RelayServerPort            Port      `envconfig:"TS_RELAY_SERVER_PORT" desc:"Required. UDP port the peer relay listens on, 1-65535 (1024 or above in an unprivileged pod)."`
 	RelayServerStaticEndpoints Endpoints `envconfig:"TS_RELAY_SERVER_STATIC_ENDPOINTS" desc:"Comma-separated addresses peers can reach the relay on, ip:port or [ipv6]:port (e.g. a LoadBalancer IP, or a router's WAN IP and forwarded port)."`
@@ -228,9 +233,14 @@ var serviceNameRE = regexp.MustCompile(`^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$`)
 
 // LoadConfig reads the configuration from the environment and validates it.
 // Every error names the variable, the bad value and the accepted form; the
-// values of secret variables are never included.
+// values of secret variables are never included. Every problem is reported,
+// one per line: envconfig stops at the first value it cannot parse, so
+// parseAll first tries each variable on its own.
 func LoadConfig() (Config, error) {
 	var c Config
+	if err := parseAll(); err != nil {
+		return c, err
+	}
 	if err := envconfig.Process("", &c); err != nil {
 		var pe *envconfig.ParseError
 		if errors.As(err, &pe) {
@@ -249,6 +259,96 @@ func LoadConfig() (Config, error) {
 		return c, err
 	}
 	return c, nil
+}
+
+// parseAll decodes every variable that is set, each on its own, and returns
+// all the ones that fail, in Config's field order, and with them the
+// problems Validate finds with the variables that did parse (a variable
+// that failed is not also reported as missing). It returns nil when every
+// variable parses, whatever Validate would say: LoadConfig validates then.
+func parseAll() error {
+	var (
+		c      Config
+		errs   []error
+		failed []string
+	)
+	v := reflect.ValueOf(&c).Elem()
+	t := v.Type()
+	for i := range t.NumField() {
+		tag := t.Field(i).Tag
+		key := tag.Get("envconfig")
+		if key == "" || tag.Get("ignored") == "true" {
+			continue
+		}
+		s, ok := os.LookupEnv(key)
+		if !ok {
+			if s, ok = tag.Lookup("default"); !ok {
+				continue
+			}
+		}
+		if err := decodeField(v.Field(i), s); err != nil {
+			errs = append(errs, fmt.Errorf("%s=%s: %w", key, s, err))
+			failed = append(failed, key)
+		}
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	if c.AuthKey == "" {
+		c.AuthKey = c.AuthKeyAlias
+	}
+	if verr := c.Validate(); verr != nil {
+		for _, e := range unjoin(verr) {
+			if !slices.ContainsFunc(failed, func(k string) bool { return namesVariable(e.Error(), k) }) {
+				errs = append(errs, e)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// namesVariable reports whether msg is about variable key: it starts with
+// key followed by '=' or ' '.
+func namesVariable(msg, key string) bool {
+	rest, ok := strings.CutPrefix(msg, key)
+	return ok && (strings.HasPrefix(rest, "=") || strings.HasPrefix(rest, " "))
+}
+
+// unjoin returns the errors errors.Join joined, or err alone.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// decodeField decodes s into f as envconfig would for the types Config
+// uses: a Decoder, a string or a bool.
+func decodeField(f reflect.Value, s string) error {
+	if d, ok := f.Addr().Interface().(envconfig.Decoder); ok {
+		return d.Decode(s)
+	}
+	if f.Type() == reflect.TypeFor[time.Duration]() {
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return errors.New("not a duration; want e.g. 90s")
+		}
+		f.SetInt(int64(d))
+		return nil
+	}
+	switch f.Kind() {
+	case reflect.String:
+		f.SetString(s)
+	case reflect.Bool:
+		b, err := strconv.ParseBool(s)
+		if err != nil {
+			return errors.New("not a boolean; want true or false")
+		}
+		f.SetBool(b)
+	default:
+		return fmt.Errorf("cannot read a %s from the environment", f.Type())
+	}
+	return nil
 }
 
 // inKubernetes reports whether this process runs in a Kubernetes pod.
@@ -294,7 +394,46 @@ func (c *Config) Validate() error {
 		bad("TS_LOCAL_ADDR_PORT=%s: want ip:port or [ipv6]:port (e.g. [::]:9002)", c.LocalAddrPort)
 	}
 	errs = append(errs, c.DERPConfig.validate(c)...)
+	// Tailscale advertises at most lbaddr.MaxEndpoints; cutting the
+	// user's own list silently would hide which ones peers never hear of.
+	if n := len(c.RelayServerStaticEndpoints); n > lbaddr.MaxEndpoints {
+		bad("TS_RELAY_SERVER_STATIC_ENDPOINTS: %d distinct endpoints, more than the %d a relay advertises; want at most %d", n, lbaddr.MaxEndpoints, lbaddr.MaxEndpoints)
+	} else if n == lbaddr.MaxEndpoints && c.RelayService != "" {
+		bad("TS_RELAY_SERVER_STATIC_ENDPOINTS: %d endpoints leave no room for TS_RELAY_SERVICE=%s's addresses (a relay advertises at most %d, explicit ones first); want at most %d with TS_RELAY_SERVICE", n, c.RelayService, lbaddr.MaxEndpoints, lbaddr.MaxEndpoints-1)
+	}
+	if c.LeaseDuration < 6*time.Second || c.LeaseDuration%time.Second != 0 {
+		bad("TS_LEASE_DURATION=%s: want whole seconds, at least 6s (e.g. 90s)", c.LeaseDuration)
+	}
+	if err := checkStateDir(c.StateDir); err != nil {
+		bad("TS_STATE_DIR=%s: %v; want a directory this process can create or write", c.StateDir, err)
+	}
 	return errors.Join(errs...)
+}
+
+// checkStateDir checks that dir (if set) is a directory or could be made
+// one: it exists as a directory, or its nearest existing ancestor is one.
+// Otherwise tsnet would fail later with an error that does not name the
+// variable (e.g. "mkdir /etc/hostname: not a directory").
+func checkStateDir(dir string) error {
+	if dir == "" {
+		return nil
+	}
+	for p := filepath.Clean(dir); ; p = filepath.Dir(p) {
+		fi, err := os.Stat(p)
+		switch {
+		case err == nil && fi.IsDir():
+			return nil
+		case err == nil && p == filepath.Clean(dir):
+			return errors.New("not a directory")
+		case err == nil:
+			return fmt.Errorf("%s is not a directory", p)
+		case !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR):
+			return err
+		}
+		if filepath.Dir(p) == p {
+			return nil
+		}
+	}
 }
 
 // setDefaults fills in the defaults that depend on the machine.

@@ -2,8 +2,10 @@ package relay
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -18,7 +20,7 @@ func setEnv(t *testing.T, env map[string]string) {
 		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_PORT", "TS_LOCAL_ADDR_PORT",
 		"TS_NO_LOGS_NO_SUPPORT", "TS_BACKEND_LOGS", "KUBERNETES_SERVICE_HOST",
-		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_NAMESPACE", "POD_UID",
+		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_NAMESPACE", "POD_UID", "TS_LEASE_DURATION",
 	} {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
@@ -149,6 +151,16 @@ func TestLoadConfigErrors(t *testing.T) {
 			want: []string{"TS_RELAY_SERVICE=tsrelay.kube-public: want a Service name"},
 		},
 		{
+			name: "lease duration too short",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "1500ms"},
+			want: []string{"TS_LEASE_DURATION=1.5s: want whole seconds, at least 6s"},
+		},
+		{
+			name: "lease duration not a duration",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "90"},
+			want: []string{"TS_LEASE_DURATION=90: not a duration; want e.g. 90s"},
+		},
+		{
 			name: "in kubernetes without state",
 			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "KUBERNETES_SERVICE_HOST": "10.0.0.1"},
 			want: []string{"TS_KUBE_SECRET is empty inside Kubernetes"},
@@ -170,6 +182,112 @@ func TestLoadConfigErrors(t *testing.T) {
 				t.Errorf("LoadConfig() reported %d problems, want %d:\n%v", n, tt.lines, err)
 			}
 		})
+	}
+}
+
+// TestLoadConfigReportsEveryProblem checks that one run lists every
+// variable that fails to parse, and the other problems too, one per line
+// (envconfig alone stops at the first).
+func TestLoadConfigReportsEveryProblem(t *testing.T) {
+	notDir := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(notDir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	seventeen := make([]string, 17)
+	for i := range seventeen {
+		seventeen[i] = fmt.Sprintf("192.0.2.%d:61441", i+1)
+	}
+	sixteen := strings.Join(seventeen[:16], ",")
+	tests := []struct {
+		name    string
+		env     map[string]string
+		want    []string
+		notWant []string
+	}{
+		{
+			name: "three values that do not parse and one that is invalid",
+			env: map[string]string{
+				"TS_RELAY_SERVER_PORT": "udp", "TS_LOG_LEVEL": "loud", "TS_ADVERTISE_TAGS": "relay",
+				"TS_HOSTNAME": "-bad-", "TS_BACKEND_LOGS": "maybe",
+			},
+			want: []string{
+				"TS_ADVERTISE_TAGS=relay: ",
+				"TS_RELAY_SERVER_PORT=udp: not a port number",
+				"TS_LOG_LEVEL=loud: unknown log level",
+				"TS_BACKEND_LOGS=maybe: not a boolean; want true or false",
+				"TS_HOSTNAME=-bad-: want a DNS label",
+			},
+			// The port failed to parse; it is not also "required".
+			notWant: []string{"TS_RELAY_SERVER_PORT is required"},
+		},
+		{
+			name: "more than 16 endpoints",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVER_STATIC_ENDPOINTS": strings.Join(seventeen, ",")},
+			want: []string{"TS_RELAY_SERVER_STATIC_ENDPOINTS: 17 distinct endpoints, more than the 16 a relay advertises; want at most 16"},
+		},
+		{
+			name: "16 endpoints and a Service",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVER_STATIC_ENDPOINTS": sixteen, "TS_RELAY_SERVICE": "tsrelay"},
+			want: []string{"16 endpoints leave no room for TS_RELAY_SERVICE=tsrelay's addresses (a relay advertises at most 16, explicit ones first); want at most 15 with TS_RELAY_SERVICE"},
+		},
+		{
+			name: "state dir is a file",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_STATE_DIR": notDir},
+			want: []string{"TS_STATE_DIR=" + notDir + ": not a directory"},
+		},
+		{
+			name: "state dir under a file",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_STATE_DIR": notDir + "/state"},
+			want: []string{"TS_STATE_DIR=" + notDir + "/state: " + notDir + " is not a directory"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			setEnv(t, tt.env)
+			_, err := LoadConfig()
+			if err == nil {
+				t.Fatalf("LoadConfig() = nil error, want %q", tt.want)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("LoadConfig() error = %q, want it to contain %q", err, w)
+				}
+			}
+			for _, w := range tt.notWant {
+				if strings.Contains(err.Error(), w) {
+					t.Errorf("LoadConfig() error = %q, want it not to contain %q", err, w)
+				}
+			}
+			if got, want := strings.Count(err.Error(), "\n")+1, len(tt.want); got != want {
+				t.Errorf("LoadConfig() reported %d problems, want %d:\n%v", got, want, err)
+			}
+		})
+	}
+}
+
+// TestLoadConfigEndpointLimit checks the valid edges: 16 explicit
+// endpoints, or 17 with a duplicate, and 15 beside a Service.
+func TestLoadConfigEndpointLimit(t *testing.T) {
+	eps := make([]string, 16)
+	for i := range eps {
+		eps[i] = fmt.Sprintf("192.0.2.%d:61441", i+1)
+	}
+	for _, env := range []map[string]string{
+		{"TS_RELAY_SERVER_STATIC_ENDPOINTS": strings.Join(eps, ",")},
+		{"TS_RELAY_SERVER_STATIC_ENDPOINTS": strings.Join(append(eps, eps[0]), ",")},
+		{"TS_RELAY_SERVER_STATIC_ENDPOINTS": strings.Join(eps[:15], ","), "TS_RELAY_SERVICE": "tsrelay"},
+	} {
+		env["TS_RELAY_SERVER_PORT"] = "61441"
+		env["TS_STATE_DIR"] = t.TempDir()
+		setEnv(t, env)
+		c, err := LoadConfig()
+		if err != nil {
+			t.Errorf("LoadConfig() with %v: %v", env, err)
+			continue
+		}
+		if n := len(c.RelayServerStaticEndpoints); n > 16 {
+			t.Errorf("%d endpoints kept, want at most 16 (duplicates removed)", n)
+		}
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 
 	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
+	"github.com/tsrelay/tsrelay/lease"
 )
 
 // TestDERPRegionInAppliance runs the appliance in process with the DERP
@@ -57,6 +58,7 @@ func TestDERPRegionInAppliance(t *testing.T) {
 		RelayServerStaticEndpoints: Endpoints{ep},
 		LocalAddrPort:              "127.0.0.1:9002",
 		DERPConfig:                 DERPConfig{DERPPort: Port(derpPort), STUNPort: Port(stunPort), RegionID: 901, RegionCode: "home"},
+		LeaseDuration:              lease.DefaultDuration,
 	}
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)

@@ -10,6 +10,9 @@ import (
 	"net/http/pprof"
 	"strings"
 	"time"
+
+	"github.com/tsrelay/tsrelay/internal/httpserve"
+	"github.com/tsrelay/tsrelay/kubestate"
 )
 
 // localAPITimeout bounds the in-memory LocalAPI calls an HTTP request makes
@@ -24,40 +27,28 @@ type httpServer struct {
 	logger  *slog.Logger
 }
 
-// newHTTPServer listens on cfg.LocalAddrPort, so that a port in use fails
-// the start before anything is contacted; run serves it.
-func newHTTPServer(cfg Config, st *status, a *appliance, derp *derpRegion, stats statsSource, logger *slog.Logger) (*httpServer, error) {
+// listenHTTP listens on TS_LOCAL_ADDR_PORT, so that a port in use fails the
+// start before anything is contacted.
+func listenHTTP(cfg Config) (net.Listener, error) {
 	ln, err := net.Listen("tcp", cfg.LocalAddrPort)
 	if err != nil {
 		return nil, fmt.Errorf("listen on TS_LOCAL_ADDR_PORT=%s: %w", cfg.LocalAddrPort, err)
 	}
-	h := &handlers{cfg: cfg, status: st, node: a, derp: derp, logger: logger}
-	return &httpServer{ln: ln, handler: h.mux(stats), logger: logger}, nil
+	return ln, nil
 }
 
-// run serves until ctx is done, then drains requests.
+// newHTTPServer returns the server for ln; store is the Secret store whose
+// writes /metrics counts, nil for a directory.
+func newHTTPServer(ln net.Listener, cfg Config, st *status, a *appliance, derp *derpRegion, store *kubestate.Store, logger *slog.Logger) *httpServer {
+	h := &handlers{cfg: cfg, status: st, node: a, derp: derp, logger: logger}
+	return &httpServer{ln: ln, handler: h.mux(store), logger: logger}
+}
+
+// run serves until ctx is done, then drains requests, with the limits that
+// keep abuse of the port from pushing the process near its memory limit
+// (internal/httpserve).
 func (s *httpServer) run(ctx context.Context) error {
-	srv := &http.Server{
-		Handler:           s.handler,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      10 * time.Second,
-		ErrorLog:          slog.NewLogLogger(s.logger.Handler(), slog.LevelWarn),
-	}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(s.ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serve HTTP on %s: %w", s.ln.Addr(), err)
-	case <-ctx.Done():
-	}
-	// ctx is already cancelled; draining needs a deadline of its own.
-	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		return fmt.Errorf("shut down HTTP server: %w", err)
-	}
-	return ctx.Err()
+	return httpserve.Serve(ctx, s.ln, s.handler, s.logger)
 }
 
 // handlers answer the HTTP requests from what status holds, asking the
@@ -79,11 +70,11 @@ type handlers struct {
 //   - /metrics: Prometheus metrics (see metrics.go).
 //   - /derpmap: with the DERP region on, the derpMap to paste into the
 //     tailnet policy file (?format=headscale: Headscale's YAML).
-func (h *handlers) mux(stats statsSource) http.Handler {
+func (h *handlers) mux(store *kubestate.Store) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", h.healthz)
 	mux.HandleFunc("GET /readyz", h.readyz)
-	mux.Handle("GET /metrics", h.metrics(stats))
+	mux.Handle("GET /metrics", h.metrics(store))
 	if h.derp != nil {
 		mux.HandleFunc("GET /derpmap", h.derp.serveDERPMap)
 	}

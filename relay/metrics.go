@@ -28,21 +28,18 @@ import (
 // backendStates are the values of tsrelay_backend_state's state label.
 var backendStates = []ipn.State{ipn.NoState, ipn.NeedsLogin, ipn.NeedsMachineAuth, ipn.Stopped, ipn.Starting, ipn.Running}
 
-// statsSource is a state store that counts its writes (kubestate.Store).
-type statsSource interface{ Stats() kubestate.Stats }
-
 // collector exposes tsrelay's own series, read from the appliance's status
 // at scrape time so that they always agree with /readyz.
 type collector struct {
 	h     *handlers
-	store statsSource // nil when the state is in a directory
+	store *kubestate.Store // nil when the state is in a directory
 
 	ready, backendState, bound, endpoints, sessions *prometheus.Desc
 	writes, failures, conflicts, buildInfo          *prometheus.Desc
 	pathMTU, pathMTUNeeded, mtuTooSmall, tunnel     *prometheus.Desc
 }
 
-func newCollector(h *handlers, store statsSource) *collector {
+func newCollector(h *handlers, store *kubestate.Store) *collector {
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc("tsrelay_"+name, help, labels, nil)
 	}
@@ -128,7 +125,7 @@ func bit(b bool) float64 {
 // series, and Tailscale's user metrics for this node (among them
 // tailscaled_peer_relay_forwarded_packets_total and _bytes_total), merged
 // into one exposition.
-func (h *handlers) metrics(store statsSource) http.Handler {
+func (h *handlers) metrics(store *kubestate.Store) http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
 		newCollector(h, store),

@@ -38,9 +38,6 @@ const (
 	// bindTimeout is how long the relay server gets to bind its socket
 	// after the prefs are applied; it binds synchronously in practice.
 	bindTimeout = 5 * time.Second
-	// shutdownTimeout is how long HTTP requests in flight get to finish.
-	// Kubernetes allows 30 s between SIGTERM and SIGKILL by default.
-	shutdownTimeout = 5 * time.Second
 )
 
 // Run runs the relay until ctx is done or a component fails. It returns
@@ -60,40 +57,48 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 	events, flushEvents := startEvents(ctx, cfg, kc, logger)
 	defer flushEvents()
+	ln, err := listenHTTP(cfg) // first, so that probes answer while the identity is held elsewhere
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	guard, err := acquireIdentity(ctx, cfg, kc, ln, events, logger) // waits while another process runs this node
+	if err != nil {
+		return err
+	}
+	defer guard.release()
 
 	// The components, in the order data flows at start.
 	store, err := newStateStore(ctx, cfg, kc, events, logger)
 	if err != nil {
 		return err
 	}
+	defer flushState(store, logger) // after the node stopped, before the identity is released
 	st := newStatus(uint16(cfg.RelayServerPort), serviceRef(cfg, kc))
 	mtu := newMTUWatcher(st, events, logger)
-	node := newAppliance(cfg, applianceDeps{store: store, status: st, events: events, onNetChange: mtu.poke}, logger)
+	node := newAppliance(cfg, applianceDeps{store: asStateStore(store), status: st, events: events, onNetChange: mtu.poke}, logger)
 	service, err := newServiceWatch(ctx, cfg, kc, node.foundEndpoints, logger)
 	if err != nil {
 		return err
 	}
-	derp, err := newDERPRegion(cfg, store, st, node, events, logger)
+	derp, err := newDERPRegion(cfg, asStateStore(store), st, node, events, logger)
 	if err != nil {
 		return err
 	}
-	stats, _ := store.(statsSource)
-	web, err := newHTTPServer(cfg, st, node, derp, stats, logger)
-	if err != nil {
-		derp.close()
-		return err
-	}
+	web := newHTTPServer(ln, cfg, st, node, derp, store, logger)
 	logger.Info("starting", "hostname", cfg.Hostname, "relayPort", uint16(cfg.RelayServerPort),
 		"staticEndpoints", cfg.RelayServerStaticEndpoints.String(), "service", cfg.RelayService,
-		"state", stateLocation(cfg), "http", web.ln.Addr().String())
+		"state", stateLocation(cfg), "http", ln.Addr().String())
 	mtu.check(ctx) // before /readyz and /metrics answer
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return web.run(gctx) })     // /healthz, /readyz, /metrics
-	g.Go(func() error { return mtu.run(gctx) })     // path MTU checks
-	g.Go(func() error { return node.run(gctx) })    // tailnet node + reconcile loop
-	g.Go(func() error { return service.run(gctx) }) // endpoints from the Service
-	g.Go(func() error { return derp.run(gctx) })    // in-cluster DERP region (TS_DERP_PORT)
+	g.Go(func() error { return web.run(gctx) })             // /healthz, /readyz, /metrics
+	g.Go(func() error { return guard.hold(gctx) })          // renew the identity's Lease; losing it stops all
+	g.Go(func() error { return rewriteState(gctx, store) }) // failed state writes, again until they land
+	g.Go(func() error { return mtu.run(gctx) })             // path MTU checks
+	g.Go(func() error { return node.run(gctx) })            // tailnet node + reconcile loop
+	g.Go(func() error { return service.run(gctx) })         // endpoints from the Service
+	g.Go(func() error { return derp.run(gctx) })            // in-cluster DERP region (TS_DERP_PORT)
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		err = nil
@@ -127,7 +132,7 @@ func startEvents(ctx context.Context, cfg Config, kc *kubeclient.Client, logger 
 
 // newStateStore returns the Kubernetes Secret store when TS_KUBE_SECRET is
 // set, or nil, which makes tsnet keep its state in TS_STATE_DIR.
-func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, events *kubeevents.Recorder, logger *slog.Logger) (ipn.StateStore, error) {
+func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, events *kubeevents.Recorder, logger *slog.Logger) (*kubestate.Store, error) {
 	if cfg.KubeSecret == "" {
 		return nil, nil
 	}
@@ -139,6 +144,25 @@ func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, event
 	}
 	events.Normal("StateLoaded", "node state loaded from Secret "+strings.TrimPrefix(s.String(), "kube:"))
 	return s, nil
+}
+
+// asStateStore returns s as tsnet's store, or nil (tsnet's files in
+// TS_STATE_DIR) when there is no Secret store: a nil *kubestate.Store in
+// the interface would not be nil.
+func asStateStore(s *kubestate.Store) ipn.StateStore {
+	if s == nil {
+		return nil
+	}
+	return s
+}
+
+// rewriteState writes state that failed to reach the Secret again, with
+// backoff, until ctx is done; nothing to do without a Secret store.
+func rewriteState(ctx context.Context, s *kubestate.Store) error {
+	if s == nil {
+		return nil
+	}
+	return s.Run(ctx)
 }
 
 // stateLocation says where the node's identity lives, for the start-up log.

@@ -29,7 +29,9 @@ import (
 // kube-apiserver and the in-process tailnet. It checks that the node state
 // lands in the Secret, that after kill -9 the relay comes back as the same
 // node from the Secret alone (no auth key, as when the user has deleted the
-// key Secret), and that the key itself is never stored.
+// key Secret), and that the key itself is never stored. A second relay
+// started on the same Secret while the first runs waits, unready and
+// without a node, on the Lease, and takes over once the first is killed.
 func TestRelayKubeState(t *testing.T) {
 	bins := binaries(t)
 	srv := kubetest.StartForTest(t)
@@ -50,11 +52,14 @@ func TestRelayKubeState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A short lease, so that the takeover after kill -9 fits the test.
+	const leaseDuration = 6 * time.Second
 	env := []string{
 		"KUBECONFIG=" + kubeconfig,
 		"TS_KUBE_SECRET=" + secret,
 		"TS_CONTROL_URL=" + control.URL,
 		fmt.Sprintf("TS_RELAY_SERVER_PORT=%d", port),
+		fmt.Sprintf("TS_LEASE_DURATION=%s", leaseDuration),
 	}
 	// Each start gets a new scratch directory, as a new pod gets a new
 	// emptyDir: everything that survives must be in the Secret.
@@ -94,15 +99,39 @@ func TestRelayKubeState(t *testing.T) {
 	}
 	t.Logf("state secret %s/%s: %d keys %v, resourceVersion %s; relay RSS %s", ns, secret, len(keys), keys, sec.ResourceVersion, rss(relay.Pid()))
 
-	// kill -9: no chance to flush anything. The restart has no key: the
-	// Secret alone must bring back the same node.
+	// A second pod on the same Secret while the first runs, as when a
+	// partitioned node's pod is replaced: it must wait, unready, and
+	// start no node. It has no key: the Secret alone must bring back the
+	// same node once it may run it.
 	nodesBefore := control.Server.NumNodes()
 	control.AllowRegisterWithoutKey()
+	relay2 := startRelay(t, bins, "relay-second", append(append(env, pod("tsrelay-2")...), scratch())...)
+	waitUnready(t, relay2, "waiting for the node identity, held by tsrelay-1_tsrelay-1-uid")
+	waitEvents(t, admin, ns, "tsrelay-2", map[string]int32{"IdentityHeldElsewhere": 1})
+	// Several lease durations pass: the first renews, the second waits.
+	waitUntil := time.Now().Add(3 * leaseDuration)
+	for time.Now().Before(waitUntil) {
+		waitUnready(t, relay2, "waiting for the node identity")
+		if _, err := relay.Status(ctx); err != nil {
+			t.Fatalf("first relay stopped answering while the second waited: %v", err)
+		}
+		if strings.Contains(relay2.LogTail(200), "kube state loaded") {
+			t.Fatal("the second relay loaded the node state while the first held the lease")
+		}
+	}
+	if n := control.Server.NumNodes(); n != nodesBefore {
+		t.Errorf("control has %d nodes while the second relay waits, want %d", n, nodesBefore)
+	}
+
+	// kill -9: no chance to flush anything or release the lease.
 	relay.Kill()
 	killedAt := time.Now()
-	relay2 := startRelay(t, bins, "relay-restarted", append(append(env, pod("tsrelay-2")...), scratch())...)
 	waitReady(t, relay2)
-	t.Logf("restarted relay ready %v after kill -9; RSS %s", time.Since(killedAt).Round(time.Millisecond), rss(relay2.Pid()))
+	took := time.Since(killedAt)
+	t.Logf("second relay ready %v after kill -9 of the first (lease duration %v); RSS %s", took.Round(time.Millisecond), leaseDuration, rss(relay2.Pid()))
+	if took < leaseDuration*5/6 {
+		t.Errorf("second relay ready %v after the kill, before the first's lease could have expired (%v)", took, leaseDuration)
+	}
 	rs2, err := relay2.Status(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -113,7 +142,26 @@ func TestRelayKubeState(t *testing.T) {
 	if n := control.Server.NumNodes(); n != nodesBefore {
 		t.Errorf("control has %d nodes after the restart, want %d: the relay logged in as a new node", n, nodesBefore)
 	}
-	waitEvents(t, admin, ns, "tsrelay-2", map[string]int32{"StateLoaded": 1, "LoggedIn": 1, "RelayBound": 1})
+	waitEvents(t, admin, ns, "tsrelay-2", map[string]int32{"IdentityHeldElsewhere": 1, "StateLoaded": 1, "LoggedIn": 1, "RelayBound": 1})
+	lease, err := admin.CoordinationV1().Leases(ns).Get(ctx, secret, metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("lease: %v", err)
+	}
+	if h := lease.Spec.HolderIdentity; h == nil || *h != "tsrelay-2_tsrelay-2-uid" {
+		t.Errorf("lease holder = %v, want tsrelay-2_tsrelay-2-uid", h)
+	}
+
+	// A clean stop releases the lease, so the next pod need not wait.
+	if err := relay2.Stop(ctx); err != nil {
+		t.Errorf("stop second relay: %v", err)
+	}
+	lease, err = admin.CoordinationV1().Leases(ns).Get(ctx, secret, metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("lease: %v", err)
+	}
+	if h := lease.Spec.HolderIdentity; h != nil && *h != "" {
+		t.Errorf("lease holder after a clean stop = %q, want none", *h)
+	}
 }
 
 // waitEvents waits until the Events on pod are exactly want (reason →
@@ -299,4 +347,86 @@ func shippedObjects(t *testing.T, kinds ...string) []*unstructured.Unstructured 
 		t.Fatalf("install.yaml has %d objects of kinds %v, want one of each", len(objs), kinds)
 	}
 	return objs
+}
+
+// TestRelayLeaseAndAPIServerOutages runs the real relay against a real API
+// server that goes away: an outage shorter than the lease's renew deadline
+// (kill -9 of kube-apiserver and an immediate restart) leaves it relaying
+// and ready; one longer than that stops its node and exits non-zero before
+// anyone else could take the lease over.
+func TestRelayLeaseAndAPIServerOutages(t *testing.T) {
+	bins := binaries(t)
+	srv := kubetest.StartForTest(t)
+	ctx := t.Context()
+	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
+	if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	const ns, secret = "kube-public", "tsrelay-state"
+	srv.WaitAllowedForTest(t, ns, "tsrelay", authzv1.ResourceAttributes{Namespace: ns, Verb: "update", Group: "coordination.k8s.io", Resource: "leases", Name: secret})
+	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")
+	control := tailnettest.StartControlForTest(t)
+	port, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Renew deadline 25 s: far more than a restart of kube-apiserver takes
+	// here (3 s idle), even on a busy machine.
+	const leaseDuration = 30 * time.Second
+	renewDeadline := leaseDuration * 5 / 6
+	relay := startRelay(t, bins, "relay",
+		"KUBECONFIG="+kubeconfig, "TS_KUBE_SECRET="+secret, "TS_STATE_DIR="+t.TempDir(),
+		"TS_CONTROL_URL="+control.URL, "TS_AUTHKEY="+control.AuthKey,
+		fmt.Sprintf("TS_RELAY_SERVER_PORT=%d", port), "TS_LEASE_DURATION="+leaseDuration.String())
+	waitReady(t, relay)
+
+	// Short: kill the API server and start it again at once.
+	stopped := time.Now()
+	srv.StopAPIServer()
+	if err := srv.StartAPIServer(ctx); err != nil {
+		t.Fatalf("restart kube-apiserver: %v", err)
+	}
+	back := time.Now()
+	t.Logf("API server away for %v", back.Sub(stopped).Round(time.Millisecond))
+	if back.Sub(stopped) >= renewDeadline {
+		t.Fatalf("kube-apiserver took %v to restart, longer than the renew deadline %v: the short case did not happen", back.Sub(stopped), renewDeadline)
+	}
+	admin := srv.AdminClientForTest(t)
+	wctx, cancel := context.WithTimeout(ctx, leaseDuration)
+	defer cancel()
+	err = tailnettest.WaitFor(wctx, 100*time.Millisecond, func() (bool, error) {
+		l, err := admin.CoordinationV1().Leases(ns).Get(wctx, secret, metav1.GetOptions{})
+		return err == nil && l.Spec.RenewTime != nil && l.Spec.RenewTime.After(back), nil
+	})
+	if err != nil {
+		t.Fatalf("the relay did not renew its lease after the API server came back: %v", err)
+	}
+	select {
+	case <-relay.Done():
+		t.Fatalf("the relay exited after a %v API-server outage: %v", back.Sub(stopped), relay.Wait(ctx))
+	default:
+	}
+	waitReady(t, relay)
+
+	// Long: the API server stays away. The relay must stop within its
+	// renew deadline, and before the lease duration.
+	srv.StopAPIServer()
+	stopped = time.Now()
+	ectx, ecancel := context.WithTimeout(ctx, leaseDuration+10*time.Second)
+	defer ecancel()
+	exitErr := relay.Wait(ectx)
+	took := time.Since(stopped)
+	if ectx.Err() != nil {
+		t.Fatalf("the relay still runs %v into an API-server outage (lease duration %v)", took, leaseDuration)
+	}
+	t.Logf("relay exited %v into the outage (renew deadline %v, lease duration %v): %v", took.Round(time.Millisecond), renewDeadline, leaseDuration, exitErr)
+	if exitErr == nil {
+		t.Error("the relay exited 0 after losing its lease, want non-zero so Kubernetes restarts it")
+	}
+	if took >= leaseDuration {
+		t.Errorf("the relay stopped %v into the outage, not before the lease duration %v", took, leaseDuration)
+	}
+	if !strings.Contains(relay.LogTail(50), "not renewed for") {
+		t.Errorf("the relay's log does not say the lease was not renewed:\n%s", relay.LogTail(20))
+	}
 }

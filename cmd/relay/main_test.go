@@ -1,6 +1,10 @@
 package main
 
 import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -43,5 +47,51 @@ func TestRunExitCodes(t *testing.T) {
 				t.Errorf("run(%q) stderr = %q, want it to contain %q", tt.args, stderr.String(), tt.wantStderr)
 			}
 		})
+	}
+}
+
+// TestRunListsEveryConfigProblem checks that one run with several bad
+// variables exits 2 and names each of them, one line each, before
+// contacting anything.
+func TestRunListsEveryConfigProblem(t *testing.T) {
+	eps := make([]string, 17)
+	for i := range eps {
+		eps[i] = fmt.Sprintf("192.0.2.%d:61441", i+1)
+	}
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range map[string]string{
+		"TS_RELAY_SERVER_PORT":             "udp",
+		"TS_LOG_LEVEL":                     "loud",
+		"TS_ADVERTISE_TAGS":                "relay",
+		"TS_RELAY_SERVER_STATIC_ENDPOINTS": strings.Join(eps, ","),
+		"TS_STATE_DIR":                     file + "/state",
+		"TS_KUBE_SECRET":                   "",
+		"KUBERNETES_SERVICE_HOST":          "",
+	} {
+		t.Setenv(k, v)
+	}
+	var stdout, stderr strings.Builder
+	if code := run(nil, &stdout, &stderr); code != 2 {
+		t.Fatalf("run = %d, want 2\nstderr: %s", code, stderr.String())
+	}
+	want := []string{
+		"relay: TS_ADVERTISE_TAGS=relay: ",
+		"relay: TS_RELAY_SERVER_PORT=udp: not a port number",
+		"relay: TS_LOG_LEVEL=loud: unknown log level",
+		"relay: TS_RELAY_SERVER_STATIC_ENDPOINTS: 17 distinct endpoints",
+		"relay: TS_STATE_DIR=" + file + "/state: " + file + " is not a directory",
+		"relay: see `relay --help` for every setting",
+	}
+	lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
+	for _, w := range want {
+		if !slices.ContainsFunc(lines, func(l string) bool { return strings.HasPrefix(l, w) }) {
+			t.Errorf("stderr has no line starting %q:\n%s", w, stderr.String())
+		}
+	}
+	if len(lines) != len(want) {
+		t.Errorf("stderr has %d lines, want %d:\n%s", len(lines), len(want), stderr.String())
 	}
 }

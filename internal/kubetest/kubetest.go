@@ -90,6 +90,8 @@ type Server struct {
 	dir       string
 	etcd      *tailnettest.Process
 	apiserver *tailnettest.Process
+	// apiConfig starts kube-apiserver again (StartAPIServer).
+	apiConfig tailnettest.ProcessConfig
 }
 
 // Start starts etcd and kube-apiserver from assets (see Assets), keeping
@@ -145,7 +147,7 @@ func Start(ctx context.Context, assets, dir string) (_ *Server, err error) {
 	}
 	_, apiPort, _ := net.SplitHostPort(apiAddr)
 	s.URL = "https://" + apiAddr
-	s.apiserver, err = tailnettest.StartProcess(ctx, tailnettest.ProcessConfig{
+	s.apiConfig = tailnettest.ProcessConfig{
 		Name: "kube-apiserver",
 		Path: filepath.Join(assets, "kube-apiserver"),
 		Args: []string{
@@ -172,7 +174,8 @@ func Start(ctx context.Context, assets, dir string) (_ *Server, err error) {
 			"--enable-admission-plugins=PodSecurity,ServiceAccount",
 		},
 		LogFile: filepath.Join(dir, "kube-apiserver.log"),
-	})
+	}
+	s.apiserver, err = tailnettest.StartProcess(ctx, s.apiConfig)
 	if err != nil {
 		return nil, err
 	}
@@ -241,6 +244,25 @@ func (s *Server) WriteKubeconfig(path, token, namespace string) error {
 		return fmt.Errorf("write kubeconfig: %w", err)
 	}
 	return nil
+}
+
+// StopAPIServer kills kube-apiserver with SIGKILL, as a crash or the
+// restart of a control-plane node would, leaving etcd and its data alone.
+// Requests fail with "connection refused" until StartAPIServer.
+func (s *Server) StopAPIServer() { s.apiserver.Kill() }
+
+// StartAPIServer starts kube-apiserver again, on the same address, with the
+// same certificates and tokens, after StopAPIServer, and returns once it is
+// ready.
+func (s *Server) StartAPIServer(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, startTimeout)
+	defer cancel()
+	p, err := tailnettest.StartProcess(ctx, s.apiConfig)
+	if err != nil {
+		return err
+	}
+	s.apiserver = p
+	return s.waitReady(ctx)
 }
 
 // Close stops the API server, then etcd.

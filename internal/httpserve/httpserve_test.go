@@ -1,0 +1,176 @@
+package httpserve
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// budget is the extra memory the abuse may cost, the goal of issue 17 (at
+// 1,000 connections; the test process holds both ends, so this is strict).
+const budget = 32 << 20
+
+// TestAbuse attacks the port the ways that OOM-killed a relay before these
+// limits (issue 17): connections holding unfinished headers, and
+// connections sending 1 MB headers. /healthz must keep answering within
+// the kubelet's 1 s probe timeout while the connections fit under
+// MaxConns, and within a ReadHeaderTimeout per MaxConns connections ahead
+// of it beyond that; the process's extra
+// memory must stay under budget throughout.
+func TestAbuse(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+	ctx, cancel := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- Serve(ctx, ln, mux, nil) }()
+	addr := ln.Addr().String()
+
+	healthz := func(what string, within time.Duration) {
+		t.Helper()
+		start := time.Now()
+		c := &http.Client{Timeout: within + 5*time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		resp, err := c.Get("http://" + addr + "/healthz")
+		if err != nil {
+			t.Fatalf("/healthz %s: %v", what, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("/healthz %s: %s", what, resp.Status)
+		}
+		if d := time.Since(start); d > within {
+			t.Errorf("/healthz %s took %v, want under %v", what, d, within)
+		}
+	}
+	healthz("before", time.Second)
+	base := rss(t)
+	checkMemory := func(what string) {
+		t.Helper()
+		extra := rss(t) - base
+		t.Logf("extra RSS %s: %.1f MiB", what, float64(extra)/(1<<20))
+		if extra > budget {
+			t.Errorf("extra RSS %s: %d MiB, want under %d MiB", what, extra>>20, budget>>20)
+		}
+	}
+
+	// Held, under the cap: a header just under the limit, never finished.
+	under := MaxConns - 64
+	closeAll := hold(t, addr, under, MaxHeaderBytes-200)
+	healthz(fmt.Sprintf("with %d unfinished headers held", under), time.Second)
+	checkMemory(fmt.Sprintf("with %d unfinished headers held", under))
+	closeAll()
+
+	// Oversized: 1 MB of header each, all at once; the server must refuse
+	// them (431) rather than buffer them.
+	const oversized = 400
+	big := bytes.Repeat([]byte("b"), 1<<20)
+	var wg sync.WaitGroup
+	statuses := make(chan string, oversized)
+	for range oversized {
+		wg.Go(func() {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				statuses <- "dial: " + err.Error()
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(30 * time.Second))
+			go func() {
+				fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+				c.Write(big) // fails once the server has answered and closed
+			}()
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				statuses <- "read: " + err.Error()
+				return
+			}
+			resp.Body.Close()
+			statuses <- strconv.Itoa(resp.StatusCode)
+		})
+	}
+	healthz(fmt.Sprintf("while %d connections send 1 MB headers", oversized), time.Second)
+	wg.Wait()
+	close(statuses)
+	for s := range statuses {
+		if s != "431" {
+			t.Errorf("oversized header: got %s, want 431", s)
+			break
+		}
+	}
+	checkMemory(fmt.Sprintf("after %d connections sent 1 MB headers", oversized))
+
+	// Over the cap: twice MaxConns held. The ones past the cap wait in
+	// the accept queue and cost nothing; a probe queued behind them waits
+	// for a ReadHeaderTimeout per MaxConns connections ahead of it.
+	closeAll = hold(t, addr, 2*MaxConns, MaxHeaderBytes-200)
+	healthz(fmt.Sprintf("with %d unfinished headers, over the cap", 2*MaxConns), 2*ReadHeaderTimeout+time.Second)
+	checkMemory(fmt.Sprintf("with %d unfinished headers, over the cap", 2*MaxConns))
+	closeAll()
+
+	cancel()
+	if err := <-served; err != context.Canceled {
+		t.Errorf("Serve after cancel = %v, want context.Canceled", err)
+	}
+}
+
+// hold opens n connections to addr that each send pad bytes of an
+// unfinished header, and returns a function that closes them.
+func hold(t *testing.T, addr string, n, pad int) (closeAll func()) {
+	t.Helper()
+	header := "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + strings.Repeat("a", pad)
+	conns := make([]net.Conn, 0, n)
+	closeAll = func() {
+		for _, c := range conns {
+			c.Close()
+		}
+		conns = nil
+	}
+	t.Cleanup(closeAll)
+	for i := range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatalf("dial %d: %v", i, err)
+		}
+		conns = append(conns, c)
+		if _, err := io.WriteString(c, header); err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+	}
+	return closeAll
+}
+
+// rss returns the process's resident set size: client and server side both,
+// so it over-states the server's share.
+func rss(t *testing.T) int {
+	t.Helper()
+	runtime.GC()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Skipf("no /proc/self/status: %v", err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+			if err != nil {
+				t.Fatalf("VmRSS %q: %v", v, err)
+			}
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmRSS in /proc/self/status")
+	return 0
+}
