@@ -286,7 +286,11 @@ func TestRelayEndToEnd(t *testing.T) {
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS=" + endpoint,
 	}
 	relay := startRelay(t, bins, "relay", append(env, "TS_AUTHKEY="+control.AuthKey)...)
+	// From listening to ready takes a few tens of milliseconds on a warm
+	// machine; poll fast enough to see the 503s in between.
+	relay.Poll = time.Millisecond
 	notReady := waitReady(t, relay)
+	relay.Poll = 0
 	if len(notReady) == 0 || !strings.HasPrefix(notReady[0], "503 ") {
 		t.Errorf("/readyz answers before ready = %q, want at least one 503", notReady)
 	}
