@@ -231,10 +231,11 @@ func (a *appliance) reconcileLoop(ctx context.Context, lc *local.Client) error {
 // into the endpoints to advertise; the pass that follows applies them.
 func (a *appliance) takeFound(f found) {
 	merged, dropped := lbaddr.Merge(a.cfg.RelayServerStaticEndpoints, f.endpoints, lbaddr.MaxEndpoints)
-	if len(dropped) > 0 {
-		a.logger.Warn("too many static endpoints; advertising the first ones",
+	if len(dropped) > 0 && !slices.Equal(dropped, a.relay.dropped) {
+		a.logger.Warn("too many static endpoints; advertising the explicit ones, then the first found",
 			"max", lbaddr.MaxEndpoints, "dropped", endpointList(dropped))
 	}
+	a.relay.dropped = dropped
 	a.relay.lbWhy = f.why
 	if len(f.endpoints) > 0 {
 		a.relay.lbWhy = ""

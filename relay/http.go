@@ -40,7 +40,7 @@ func listenHTTP(cfg Config) (net.Listener, error) {
 // newHTTPServer returns the server for ln; store is the Secret store whose
 // writes /metrics counts, nil for a directory.
 func newHTTPServer(ln net.Listener, cfg Config, st *status, a *appliance, derp *derpRegion, store *kubestate.Store, logger *slog.Logger) *httpServer {
-	h := &handlers{cfg: cfg, status: st, node: a, derp: derp, logger: logger}
+	h := &handlers{cfg: cfg, status: st, node: a, derp: derp, store: store, logger: logger}
 	return &httpServer{ln: ln, handler: h.mux(store), logger: logger}
 }
 
@@ -57,7 +57,8 @@ type handlers struct {
 	cfg    Config
 	status *status
 	node   *appliance
-	derp   *derpRegion // nil unless TS_DERP_PORT is set
+	derp   *derpRegion      // nil unless TS_DERP_PORT is set
+	store  *kubestate.Store // nil with a state directory
 	logger *slog.Logger
 }
 
@@ -121,6 +122,7 @@ func (h *handlers) readyz(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	snap.DERP = h.derp.statusJSON()
+	snap.State = stateJSON(h.store)
 	w.Header().Set("Content-Type", "application/json")
 	if !snap.Ready {
 		w.WriteHeader(http.StatusServiceUnavailable)

@@ -112,6 +112,13 @@ func serveWhileWaiting(ln net.Listener, holder func() string, logger *slog.Logge
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		http.Error(w, "waiting for the node identity, held by "+holder(), http.StatusServiceUnavailable)
 	})
+	// The same series the full /metrics has (metrics.go), so that a relay
+	// stuck waiting shows on a dashboard and in alerts.
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		io.WriteString(w, "# HELP tsrelay_ready "+readyHelp+"\n# TYPE tsrelay_ready gauge\ntsrelay_ready 0\n"+
+			"# HELP tsrelay_identity_waiting "+identityWaitingHelp+"\n# TYPE tsrelay_identity_waiting gauge\ntsrelay_identity_waiting 1\n")
+	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { httpserve.Serve(ctx, dup, mux, logger); close(done) }()

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"runtime"
 	"slices"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -34,9 +35,10 @@ type collector struct {
 	h     *handlers
 	store *kubestate.Store // nil when the state is in a directory
 
-	ready, backendState, bound, endpoints, sessions *prometheus.Desc
-	writes, failures, conflicts, buildInfo          *prometheus.Desc
-	pathMTU, pathMTUNeeded, mtuTooSmall, tunnel     *prometheus.Desc
+	ready, waiting, backendState, bound, endpoints *prometheus.Desc
+	sessions, unpersisted, dropped                 *prometheus.Desc
+	writes, failures, conflicts, buildInfo         *prometheus.Desc
+	pathMTU, pathMTUNeeded, mtuTooSmall, tunnel    *prometheus.Desc
 }
 
 func newCollector(h *handlers, store *kubestate.Store) *collector {
@@ -46,7 +48,10 @@ func newCollector(h *handlers, store *kubestate.Store) *collector {
 	return &collector{
 		h:             h,
 		store:         store,
-		ready:         d("ready", "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."),
+		ready:         d("ready", readyHelp),
+		waiting:       d("identity_waiting", identityWaitingHelp),
+		unpersisted:   d("state_unpersisted_seconds", "How long the state Secret has lacked writes the relay made (0 when it holds them all); a restart now would lose them, perhaps the node identity."),
+		dropped:       d("static_endpoints_dropped", "Endpoints found but not advertised: explicit plus Service-found addresses beyond the 16 a relay advertises (explicit ones are kept first)."),
 		backendState:  d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
 		bound:         d("relay_bound", "1 when the peer relay's UDP socket is bound."),
 		endpoints:     d("static_endpoints", "Static endpoints advertised to peers, by where they came from.", "source"),
@@ -75,6 +80,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	st := c.h.status.snapshot()
 	gauge(c.ready, bit(st.Ready))
+	gauge(c.waiting, 0) // this collector exists once the identity is held
+	gauge(c.dropped, float64(len(st.Relay.DroppedEndpoints)))
 	for _, s := range backendStates {
 		gauge(c.backendState, bit(st.BackendState == s.String()), s.String())
 	}
@@ -100,6 +107,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.writes, s.Writes)
 		counter(c.failures, s.Failures)
 		counter(c.conflicts, s.Conflicts)
+		since, _ := c.store.Unpersisted()
+		gauge(c.unpersisted, secondsSince(since))
 	}
 	if mtu := st.PathMTU; mtu != nil {
 		for _, p := range mtu.Paths {
@@ -112,6 +121,21 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.tunnel, bit(mtu.TunnelInTunnel != ""))
 	}
 	gauge(c.buildInfo, 1, c.h.cfg.Version, tsversion.Short(), runtime.Version())
+}
+
+// Help texts shared with the series served while the identity is held
+// elsewhere (identity.go).
+const (
+	readyHelp           = "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."
+	identityWaitingHelp = "1 while another process holds this node identity (its Lease or state directory lock) and this one waits."
+)
+
+// secondsSince is the time since t in seconds, 0 for the zero time.
+func secondsSince(t time.Time) float64 {
+	if t.IsZero() {
+		return 0
+	}
+	return time.Since(t).Seconds()
 }
 
 func bit(b bool) float64 {

@@ -7,19 +7,15 @@ import (
 	"cmp"
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
-	"strings"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 	"tailscale.com/envknob"
 	"tailscale.com/feature"
-	"tailscale.com/ipn"
 
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/kubeevents"
-	"github.com/tsrelay/tsrelay/kubestate"
 
 	// tsnet does not link the peer relay server. Without this import,
 	// RelayServerPort is still accepted and advertised, so peers keep trying
@@ -92,13 +88,13 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	mtu.check(ctx) // before /readyz and /metrics answer
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return web.run(gctx) })             // /healthz, /readyz, /metrics
-	g.Go(func() error { return guard.hold(gctx) })          // renew the identity's Lease; losing it stops all
-	g.Go(func() error { return rewriteState(gctx, store) }) // failed state writes, again until they land
-	g.Go(func() error { return mtu.run(gctx) })             // path MTU checks
-	g.Go(func() error { return node.run(gctx) })            // tailnet node + reconcile loop
-	g.Go(func() error { return service.run(gctx) })         // endpoints from the Service
-	g.Go(func() error { return derp.run(gctx) })            // in-cluster DERP region (TS_DERP_PORT)
+	g.Go(func() error { return web.run(gctx) })                                                   // /healthz, /readyz, /metrics
+	g.Go(func() error { return guard.hold(gctx) })                                                // renew the identity's Lease; losing it stops all
+	g.Go(func() error { return persistState(gctx, store, persistCheckInterval, events, logger) }) // failed state writes, again until they land
+	g.Go(func() error { return mtu.run(gctx) })                                                   // path MTU checks
+	g.Go(func() error { return node.run(gctx) })                                                  // tailnet node + reconcile loop
+	g.Go(func() error { return service.run(gctx) })                                               // endpoints from the Service
+	g.Go(func() error { return derp.run(gctx) })                                                  // in-cluster DERP region (TS_DERP_PORT)
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		err = nil
@@ -128,41 +124,6 @@ func startEvents(ctx context.Context, cfg Config, kc *kubeclient.Client, logger 
 	done := make(chan struct{})
 	go func() { events.Run(ectx); close(done) }()
 	return events, func() { stop(); <-done }
-}
-
-// newStateStore returns the Kubernetes Secret store when TS_KUBE_SECRET is
-// set, or nil, which makes tsnet keep its state in TS_STATE_DIR.
-func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, events *kubeevents.Recorder, logger *slog.Logger) (*kubestate.Store, error) {
-	if cfg.KubeSecret == "" {
-		return nil, nil
-	}
-	s, err := kubestate.New(ctx, logger, kc.Dynamic, kc.Namespace, cfg.KubeSecret)
-	if err != nil {
-		err = fmt.Errorf("open state Secret (TS_KUBE_SECRET=%s): %w", cfg.KubeSecret, err)
-		events.Warning("StateLoadFailed", err.Error())
-		return nil, err
-	}
-	events.Normal("StateLoaded", "node state loaded from Secret "+strings.TrimPrefix(s.String(), "kube:"))
-	return s, nil
-}
-
-// asStateStore returns s as tsnet's store, or nil (tsnet's files in
-// TS_STATE_DIR) when there is no Secret store: a nil *kubestate.Store in
-// the interface would not be nil.
-func asStateStore(s *kubestate.Store) ipn.StateStore {
-	if s == nil {
-		return nil
-	}
-	return s
-}
-
-// rewriteState writes state that failed to reach the Secret again, with
-// backoff, until ctx is done; nothing to do without a Secret store.
-func rewriteState(ctx context.Context, s *kubestate.Store) error {
-	if s == nil {
-		return nil
-	}
-	return s.Run(ctx)
 }
 
 // stateLocation says where the node's identity lives, for the start-up log.

@@ -72,6 +72,8 @@ type relayView struct {
 	// endpoints are the static endpoints to advertise: the explicit ones,
 	// then those found from the Service (see lbaddr.Merge).
 	endpoints []lbaddr.Endpoint
+	// dropped were found but cut: past lbaddr.MaxEndpoints.
+	dropped []lbaddr.Endpoint
 	// lbWhy says why no endpoint was found from the Service, while none is.
 	lbWhy        string
 	prefsApplied bool
@@ -150,7 +152,7 @@ func (s *status) setRelay(r relayView) {
 	if !slices.Equal(s.relay.endpoints, r.endpoints) {
 		chans.Poke(s.advertisedChanged)
 	}
-	r.endpoints = slices.Clone(r.endpoints)
+	r.endpoints, r.dropped = slices.Clone(r.endpoints), slices.Clone(r.dropped)
 	s.relay = r
 }
 
@@ -257,12 +259,13 @@ func (s *status) snapshot() readyz.Status {
 		DNSName:      s.node.dnsName,
 		TailscaleIPs: slices.Clone(s.node.ips),
 		Relay: readyz.Relay{
-			Port:            s.port,
-			PrefsApplied:    current && s.relay.prefsApplied,
-			Bound:           current && s.relay.bound,
-			StaticEndpoints: endpointsJSON(s.relay.endpoints),
-			Service:         s.service,
-			Sessions:        s.relay.sessions,
+			Port:             s.port,
+			PrefsApplied:     current && s.relay.prefsApplied,
+			Bound:            current && s.relay.bound,
+			StaticEndpoints:  endpointsJSON(s.relay.endpoints),
+			DroppedEndpoints: endpointsJSON(s.relay.dropped),
+			Service:          s.service,
+			Sessions:         s.relay.sessions,
 		},
 		Health:   slices.Clone(s.node.health),
 		PathMTU:  pathMTUStatus(s.mtu),
@@ -303,6 +306,9 @@ func pathMTUStatus(c mtuCheck) *readyz.PathMTU {
 
 // endpointsJSON converts endpoints for the verbose /readyz.
 func endpointsJSON(eps []lbaddr.Endpoint) []readyz.Endpoint {
+	if eps == nil {
+		return nil
+	}
 	out := make([]readyz.Endpoint, len(eps))
 	for i, e := range eps {
 		out[i] = readyz.Endpoint{AddrPort: e.AddrPort, Source: string(e.Source)}

@@ -214,3 +214,35 @@ func TestDebugPprof(t *testing.T) {
 		}
 	}
 }
+
+// TestDroppedEndpointsShown: past the 16 endpoints a relay advertises, the
+// explicit ones are kept first and the found ones cut are shown in
+// /readyz?verbose and counted in /metrics, not dropped silently.
+func TestDroppedEndpointsShown(t *testing.T) {
+	var explicit Endpoints
+	for i := range 15 {
+		explicit = append(explicit, netip.AddrPortFrom(netip.AddrFrom4([4]byte{203, 0, 113, byte(i + 1)}), 61441))
+	}
+	a := testAppliance(t, Config{RelayServerPort: 61441, RelayServerStaticEndpoints: explicit}, "kube-public/tsrelay")
+	var lb []lbaddr.Endpoint
+	for _, ip := range []string{"192.0.2.1", "192.0.2.2", "192.0.2.3"} {
+		lb = append(lb, lbaddr.Endpoint{AddrPort: netip.AddrPortFrom(netip.MustParseAddr(ip), 61441), Source: lbaddr.SourceService})
+	}
+	a.takeFound(found{endpoints: lb})
+	snap := a.status.snapshot()
+	if n := len(snap.Relay.StaticEndpoints); n != lbaddr.MaxEndpoints {
+		t.Fatalf("advertised %d endpoints, want %d", n, lbaddr.MaxEndpoints)
+	}
+	if got := snap.Relay.StaticEndpoints[14]; got.Source != "explicit" {
+		t.Errorf("advertised endpoint 15 = %+v, want the last explicit one kept", got)
+	}
+	d := snap.Relay.DroppedEndpoints
+	if len(d) != 2 || d[0].AddrPort.String() != "192.0.2.2:61441" || d[1].AddrPort.String() != "192.0.2.3:61441" {
+		t.Errorf("dropped endpoints = %+v, want 192.0.2.2 and 192.0.2.3 from the Service", d)
+	}
+	rec := httptest.NewRecorder()
+	(&handlers{status: a.status, node: a}).mux(nil).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if !strings.Contains(rec.Body.String(), "tsrelay_static_endpoints_dropped 2\n") {
+		t.Errorf("/metrics lacks tsrelay_static_endpoints_dropped 2")
+	}
+}

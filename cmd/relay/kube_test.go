@@ -108,6 +108,14 @@ func TestRelayKubeState(t *testing.T) {
 	relay2 := startRelay(t, bins, "relay-second", append(append(env, pod("tsrelay-2")...), scratch())...)
 	waitUnready(t, relay2, "waiting for the node identity, held by tsrelay-1_tsrelay-1-uid")
 	waitEvents(t, admin, ns, "tsrelay-2", map[string]int32{"IdentityHeldElsewhere": 1})
+	// Dashboards and alerts see it wait: the exposition must parse.
+	if fams, err := relay2.Metrics(ctx); err != nil {
+		t.Errorf("/metrics of the waiting relay: %v", err)
+	} else if v, ok := tailnettest.MetricSum(fams, "tsrelay_identity_waiting"); !ok || v != 1 {
+		t.Errorf("waiting relay: tsrelay_identity_waiting = %v (present %v), want 1", v, ok)
+	} else if v, _ := tailnettest.MetricSum(fams, "tsrelay_ready"); v != 0 {
+		t.Errorf("waiting relay: tsrelay_ready = %v, want 0", v)
+	}
 	// Several lease durations pass: the first renews, the second waits.
 	waitUntil := time.Now().Add(3 * leaseDuration)
 	for time.Now().Before(waitUntil) {

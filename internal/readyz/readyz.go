@@ -7,6 +7,7 @@ package readyz
 
 import (
 	"net/netip"
+	"time"
 
 	"tailscale.com/tailcfg"
 )
@@ -31,6 +32,18 @@ type Status struct {
 	Warnings []string `json:"warnings,omitempty"`
 	// DERP is the in-cluster DERP region; absent when it is off.
 	DERP *DERP `json:"derp,omitempty"`
+	// State is the state Secret's; absent with a state directory.
+	State *State `json:"state,omitempty"`
+}
+
+// State says whether the state Secret holds every write the relay made.
+type State struct {
+	Secret string `json:"secret"` // namespace/name
+	// UnpersistedSince is when the Secret started lacking writes; absent
+	// when it holds them all. The relay still relays, but a restart now
+	// would lose them, perhaps the node identity.
+	UnpersistedSince *time.Time `json:"unpersistedSince,omitempty"`
+	PendingKeys      int        `json:"pendingKeys,omitempty"`
 }
 
 // Relay is the peer relay's part of the status.
@@ -44,6 +57,9 @@ type Relay struct {
 	// StaticEndpoints are the addresses advertised to peers: the explicit
 	// ones, then those found from Service (see lbaddr.Merge).
 	StaticEndpoints []Endpoint `json:"staticEndpoints"`
+	// DroppedEndpoints were found but not advertised: past the 16 a relay
+	// advertises, the last in StaticEndpoints' order.
+	DroppedEndpoints []Endpoint `json:"droppedEndpoints,omitempty"`
 	// Service is the Service endpoints are found from, namespace/name.
 	Service string `json:"service,omitempty"`
 	// Sessions is how many sessions (pairs of peers) the relay holds.

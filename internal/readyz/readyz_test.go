@@ -16,6 +16,7 @@ func TestFieldNames(t *testing.T) {
 	  "relay": {
 	    "port": 40000, "prefsApplied": true, "bound": true,
 	    "staticEndpoints": [{"endpoint": "192.0.2.7:61441", "source": "explicit"}],
+	    "droppedEndpoints": [{"endpoint": "192.0.2.8:61441", "source": "service"}],
 	    "service": "kube-public/tsrelay", "sessions": 1,
 	    "sessionTable": [{"vni": 7, "clients": [
 	      {"endpoint": "192.0.2.20:41641", "packetsTx": 3, "bytesTx": 300},
@@ -27,7 +28,8 @@ func TestFieldNames(t *testing.T) {
 	    "tunnelInTunnel": "t", "error": "e"},
 	  "warnings": ["w"],
 	  "derp": {"serving": true, "regionID": 900, "regionCode": "tsrelay", "certName": "sha256-raw:ab",
-	    "derpMap": {"Regions": {"900": {"RegionID": 900}}}, "noDERPMap": "n"}
+	    "derpMap": {"Regions": {"900": {"RegionID": 900}}}, "noDERPMap": "n"},
+	  "state": {"secret": "kube-public/tsrelay-state", "unpersistedSince": "2026-12-02T04:00:00Z", "pendingKeys": 2}
 	}`
 	dec := json.NewDecoder(strings.NewReader(doc))
 	dec.DisallowUnknownFields() // a renamed field is unknown here
@@ -44,7 +46,8 @@ func TestFieldNames(t *testing.T) {
 		p == nil || p.NeedIPv4 != 1348 || p.NeedIPv6 != 1368 || len(p.Paths) != 1 || p.Paths[0].Interface != "eth0" ||
 		p.Paths[0].LinkMTU != 1230 || p.Paths[0].MTU != 1230 || !p.Paths[0].TooSmall || p.TunnelInTunnel == "" || p.Error == "" ||
 		s.DERP == nil || !s.DERP.Serving || s.DERP.RegionID != 900 || s.DERP.RegionCode == "" || s.DERP.CertName == "" ||
-		s.DERP.DERPMap == nil || s.DERP.DERPMap.Regions[900] == nil || s.DERP.NoDERPMap == "" {
+		s.DERP.DERPMap == nil || s.DERP.DERPMap.Regions[900] == nil || s.DERP.NoDERPMap == "" ||
+		len(r.DroppedEndpoints) != 1 || s.State == nil || s.State.Secret == "" || s.State.UnpersistedSince == nil || s.State.PendingKeys != 2 {
 		t.Errorf("decoded %+v; some documented field did not land", s)
 	}
 }
