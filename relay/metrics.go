@@ -19,6 +19,7 @@ import (
 	"tailscale.com/ipn"
 	tsversion "tailscale.com/version"
 
+	"github.com/tsrelay/tsrelay/internal/udpsock"
 	"github.com/tsrelay/tsrelay/kubestate"
 	"github.com/tsrelay/tsrelay/lbaddr"
 	"github.com/tsrelay/tsrelay/pathmtu"
@@ -43,6 +44,7 @@ type collector struct {
 	ready, backendState, bound, endpoints, sessions *prometheus.Desc
 	writes, failures, conflicts, buildInfo          *prometheus.Desc
 	pathMTU, pathMTUNeeded, mtuTooSmall, tunnel     *prometheus.Desc
+	sockets, socketsSetting                         *prometheus.Desc
 }
 
 func newCollector(a *appliance, store statsSource) *collector {
@@ -50,21 +52,23 @@ func newCollector(a *appliance, store statsSource) *collector {
 		return prometheus.NewDesc("tsrelay_"+name, help, labels, nil)
 	}
 	return &collector{
-		a:             a,
-		store:         store,
-		ready:         d("ready", "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."),
-		backendState:  d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
-		bound:         d("relay_bound", "1 when the peer relay's UDP socket is bound."),
-		endpoints:     d("static_endpoints", "Static endpoints advertised to peers, by where they came from.", "source"),
-		sessions:      d("relay_sessions", "Relay sessions (pairs of peers) the relay server holds now."),
-		writes:        d("state_writes_total", "State writes the Kubernetes API server accepted."),
-		failures:      d("state_write_failures_total", "State writes that failed; the node's identity may not survive a restart."),
-		conflicts:     d("state_write_conflicts_total", "State writes retried because someone else changed the Secret."),
-		pathMTU:       d("path_mtu_bytes", "MTU of the route to the internet, by IP family and the interface it leaves through (the route's own MTU if it sets one).", "family", "interface"),
-		pathMTUNeeded: d("path_mtu_needed_bytes", "Largest relayed packet on a path of this IP family: Tailscale's 1280-byte inner MTU plus WireGuard, Geneve, UDP and IP headers.", "family"),
-		mtuTooSmall:   d("path_mtu_too_small", "1 when relayed packets do not fit the path MTU of some IP family: they are fragmented or dropped, and relaying slows down."),
-		tunnel:        d("path_tunnel_in_tunnel", "1 when the pod network looks like a tunnel inside a Tailscale tunnel (route through a WireGuard or Tailscale interface, or an MTU of 1280 minus an encapsulation)."),
-		buildInfo:     d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
+		a:              a,
+		store:          store,
+		ready:          d("ready", "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."),
+		backendState:   d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
+		bound:          d("relay_bound", "1 when the peer relay's UDP socket is bound."),
+		endpoints:      d("static_endpoints", "Static endpoints advertised to peers, by where they came from.", "source"),
+		sessions:       d("relay_sessions", "Relay sessions (pairs of peers) the relay server holds now."),
+		writes:         d("state_writes_total", "State writes the Kubernetes API server accepted."),
+		failures:       d("state_write_failures_total", "State writes that failed; the node's identity may not survive a restart."),
+		conflicts:      d("state_write_conflicts_total", "State writes retried because someone else changed the Secret."),
+		pathMTU:        d("path_mtu_bytes", "MTU of the route to the internet, by IP family and the interface it leaves through (the route's own MTU if it sets one).", "family", "interface"),
+		pathMTUNeeded:  d("path_mtu_needed_bytes", "Largest relayed packet on a path of this IP family: Tailscale's 1280-byte inner MTU plus WireGuard, Geneve, UDP and IP headers.", "family"),
+		mtuTooSmall:    d("path_mtu_too_small", "1 when relayed packets do not fit the path MTU of some IP family: they are fragmented or dropped, and relaying slows down."),
+		tunnel:         d("path_tunnel_in_tunnel", "1 when the pod network looks like a tunnel inside a Tailscale tunnel (route through a WireGuard or Tailscale interface, or an MTU of 1280 minus an encapsulation)."),
+		sockets:        d("relay_sockets", "UDP sockets the peer relay has bound on its port, by IP family, counted in /proc; each can hold 8 MiB of receive buffers.", "family"),
+		socketsSetting: d("relay_sockets_setting", "TS_RELAY_SERVER_SOCKETS: the sockets per IP family the relay binds (GOMAXPROCS)."),
+		buildInfo:      d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
 	}
 }
 
@@ -110,6 +114,13 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		tooSmall := slices.ContainsFunc(mtu.Paths, func(p pathJSON) bool { return p.TooSmall })
 		gauge(c.mtuTooSmall, bit(tooSmall))
 		gauge(c.tunnel, bit(mtu.TunnelInTunnel != ""))
+	}
+	gauge(c.socketsSetting, float64(c.a.cfg.RelayServerSockets))
+	if st.Relay.Bound {
+		if n, err := udpsock.Count(0, int(c.a.cfg.RelayServerPort)); err == nil {
+			gauge(c.sockets, float64(n.IPv4), "ipv4")
+			gauge(c.sockets, float64(n.IPv6), "ipv6")
+		}
 	}
 	gauge(c.buildInfo, 1, c.a.cfg.Version, tsversion.Short(), runtime.Version())
 }
