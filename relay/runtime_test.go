@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"log/slog"
+	"os"
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
@@ -35,6 +36,9 @@ func TestParseCgroupLimit(t *testing.T) {
 func TestApplyRuntime(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
 	defer debug.SetMemoryLimit(debug.SetMemoryLimit(-1))
+	defer debug.SetGCPercent(debug.SetGCPercent(100))
+	t.Setenv("GOGC", "")
+	os.Unsetenv("GOGC")
 	t.Setenv("GOMEMLIMIT", "100MiB")
 	debug.SetMemoryLimit(100 << 20) // what the runtime made of it at start
 	c := Config{RelayServerSockets: 3}
@@ -44,6 +48,17 @@ func TestApplyRuntime(t *testing.T) {
 	}
 	if rt.MemoryLimit != 100<<20 || rt.MemoryLimitFrom != "GOMEMLIMIT" {
 		t.Errorf("Runtime memory limit = %d from %q, want %d from GOMEMLIMIT", rt.MemoryLimit, rt.MemoryLimitFrom, 100<<20)
+	}
+	if got := debug.SetGCPercent(100); got != gcPercent || rt.GCPercent != gcPercent || rt.GCPercentFrom != "default" {
+		t.Errorf("without GOGC: GC percent = %d, Runtime = %+v, want %d from default", got, rt, gcPercent)
+	}
+
+	// With GOGC set, the runtime applied it at start; ApplyRuntime keeps it.
+	t.Setenv("GOGC", "70")
+	debug.SetGCPercent(70)
+	rt = c.ApplyRuntime()
+	if got := debug.SetGCPercent(100); got != 70 || rt.GCPercent != 70 || rt.GCPercentFrom != "GOGC" {
+		t.Errorf("with GOGC=70: GC percent = %d, Runtime = %+v, want 70 from GOGC", got, rt)
 	}
 	if got, want := rt.BufferBytes(), int64(3*2*8<<20); got != want {
 		t.Errorf("BufferBytes() = %d, want %d (3 sockets × 2 families × 8 MiB)", got, want)
