@@ -306,7 +306,8 @@ type pathResult struct {
 	Load         map[int]load
 	// RelayAfter is its /proc status figures (KiB) afterSettle after the
 	// last load ended: what it keeps once traffic stops.
-	RelayAfter map[string]int64
+	RelayAfter   map[string]int64
+	AfterSeconds float64 // how long after the load RelayAfter was read
 	// Sockets is how many UDP sockets the relay had bound on its port.
 	Sockets udpsock.Counts
 	// MTUWarning is tsrelay's tsrelay_path_mtu_too_small gauge after the
@@ -628,6 +629,7 @@ func (b *bench) runRelayed(ctx context.Context, dir string, v variant, mtu int, 
 		if res.RelayAfter, err = procStatus(pid); err != nil {
 			return nil, err
 		}
+		res.AfterSeconds = b.afterSettle().Seconds()
 		b.cfg.Logf("%s: %v after the load: RSS %.1f MiB (%s)", sc, b.afterSettle(), float64(res.RelayAfter["VmRSS"])/1024, rssParts(res.RelayAfter))
 	}
 	// How many sockets the relay bound on its port: what its buffers scale

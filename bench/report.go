@@ -251,7 +251,7 @@ func (r *Report) addLoad(res map[string]*pathResult, variants []variant, pairs [
 			}
 			if p.RelayAfter != nil {
 				bv, bok := value(func(x *pathResult) (float64, bool) { return mib(x.RelayAfter["VmRSS"]), x.RelayAfter != nil })
-				r.add(Row{Section: "footprint", Scenario: footName(v.name), Metric: "RSS 15 s after the load", Unit: "MiB", Value: mib(p.RelayAfter["VmRSS"]), Better: "lower",
+				r.add(Row{Section: "footprint", Scenario: footName(v.name), Metric: fmt.Sprintf("RSS %.0f s after the load", p.AfterSeconds), Unit: "MiB", Value: mib(p.RelayAfter["VmRSS"]), Better: "lower",
 					Note: rssParts(p.RelayAfter)}, footBase(bn), bv, bok)
 			}
 		}
@@ -285,12 +285,11 @@ func (r *Report) addSockets(res map[string]*pathResult, variants []variant) {
 			bn = scStock
 		}
 		base, haveBase := res[bn]
-		var bv float64
-		if haveBase {
-			bv = base.Mbps
+		if !haveBase {
+			continue // nothing to compare with (a smoke run); the paths section has the value
 		}
 		r.add(Row{Section: "sockets", Scenario: v.name, Metric: "TCP throughput a→b", Unit: "Mbit/s", Value: p.Mbps, Better: "higher",
-			Note: fmt.Sprintf("%s; median of %s", socketsNote(p), fmtRuns(p.MbpsRuns))}, bn, bv, haveBase)
+			Note: fmt.Sprintf("%s; median of %s", socketsNote(p), fmtRuns(p.MbpsRuns))}, bn, base.Mbps, true)
 	}
 }
 
