@@ -116,6 +116,7 @@ const (
 	scDirect = "direct UDP"
 	scDERP   = "DERP only"
 	scRelay  = "tsrelay peer relay"
+	scRelay6 = "tsrelay peer relay over IPv6"
 	scStock  = "stock tailscaled peer relay"
 	// The same relays sized for a 16-core node: tsrelay told to bind 16
 	// sockets per family, the stock relay with GOMAXPROCS=16 (what a pod
@@ -135,15 +136,19 @@ type variant struct {
 	name  string
 	stock bool
 	env   []string
+	// ipv6: peers reach the relay over IPv6 only; noLoad: no memory rows.
+	ipv6, noLoad bool
 }
 
 // variants returns the relays to run: tsrelay at its default socket count
-// and the stock relay at GOMAXPROCS 2 (this machine's) for the path rows;
+// (over IPv4, then over IPv6 with no memory rows) and the stock relay at
+// GOMAXPROCS 2 (this machine's) for the path rows;
 // then, for the footprint rows, both sized for a 16-core node, and one
 // tsrelay per lever.
 func (c *Config) variants() []variant {
 	vs := []variant{
 		{name: scRelay, env: []string{bigNode}},
+		{name: scRelay6, env: []string{bigNode}, ipv6: true, noLoad: true},
 		{name: scStock, stock: true, env: []string{"GOMAXPROCS=2"}},
 	}
 	if c.Smoke {
@@ -231,13 +236,23 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			res[scDirect], res[scDERP] = direct, derp
 		}
 	}
+	// The IPv6 row comes right after the IPv4 one, so that the two are
+	// measured under much the same load on the machine; it has no memory
+	// rows.
 	variants := cfg.variants()
 	for i, v := range variants {
 		if ctx.Err() != nil {
 			break
 		}
+		if v.noLoad && cfg.FootprintOnly {
+			continue
+		}
 		logf("path: %s", v.name)
-		r, err := b.runRelayed(ctx, filepath.Join(work, "relayed-"+strconv.Itoa(i)), v, podMTU, cfg.Pairs)
+		loads := cfg.Pairs
+		if v.noLoad {
+			loads = nil
+		}
+		r, err := b.runRelayed(ctx, filepath.Join(work, "relayed-"+strconv.Itoa(i)), v, podMTU, loads)
 		if err != nil {
 			fail(v.name, err)
 			continue
@@ -313,6 +328,10 @@ type pathResult struct {
 	// MTUWarning is tsrelay's tsrelay_path_mtu_too_small gauge after the
 	// transfers (-1: not exported).
 	MTUWarning float64
+	// Forwarded is tsrelay's tailscaled_peer_relay_forwarded_packets_total
+	// after the transfers, by "transport_in→transport_out" (e.g.
+	// "udp6→udp6"); nil for the stock relay.
+	Forwarded map[string]float64
 }
 
 // load is what one "k pairs at once" run measured.
@@ -340,6 +359,9 @@ type tailnet struct {
 	*bench
 	dir     string
 	control *tailnettest.Control
+	// ipv6 gives the hosts IPv6 addresses and makes pods reachable over
+	// IPv6 only (lab.pod).
+	ipv6 bool
 
 	mu sync.Mutex // guards cl: pairs start in parallel
 	cl closers
@@ -367,7 +389,7 @@ func (tn *tailnet) close() { tn.cl.run() }
 // laptop starts a kernel-TUN tailscaled in a new namespace and joins it to
 // the tailnet.
 func (tn *tailnet) laptop(ctx context.Context, name string, allowDirect bool) (*tailnettest.Laptop, string, error) {
-	ns, _, err := tn.lab.host(ctx, name)
+	ns, _, _, err := tn.lab.host(ctx, name, tn.ipv6)
 	tn.cleanup(func() { remove(ns) })
 	if err != nil {
 		return nil, "", err
@@ -431,7 +453,7 @@ func (tn *tailnet) pairs(ctx context.Context, n int) ([]*pair, error) {
 // pod creates a node and a pod namespace for a relay on a link of the
 // given MTU.
 func (tn *tailnet) pod(ctx context.Context, name string, mtu int) (pod, error) {
-	p, err := tn.lab.pod(ctx, name, relayPort, mtu)
+	p, err := tn.lab.pod(ctx, name, relayPort, mtu, tn.ipv6)
 	tn.cleanup(func() { remove(p.Netns, p.Netns+"-node") })
 	return p, err
 }
@@ -538,8 +560,10 @@ func (b *bench) runUnrelayed(ctx context.Context, dir string) (direct, derp *pat
 // with the given link MTU, records its idle RSS, measures the path of one
 // pair through it, then its peak RSS while each count in loads of pairs
 // sends through it at once, and what it still holds afterSettle later.
+// With v.ipv6 the peers reach the relay over IPv6 only, and the path must
+// show its IPv6 load-balancer address.
 func (b *bench) runRelayed(ctx context.Context, dir string, v variant, mtu int, loads []int) (*pathResult, error) {
-	sc := v.name
+	sc, ipv6 := v.name, v.ipv6
 	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
 	defer cancel()
 	tn, err := b.newTailnet(dir)
@@ -547,6 +571,7 @@ func (b *bench) runRelayed(ctx context.Context, dir string, v variant, mtu int, 
 		return nil, err
 	}
 	defer tn.close()
+	tn.ipv6 = ipv6
 	p, err := tn.pod(ctx, "relay", mtu)
 	if err != nil {
 		return nil, err
@@ -591,6 +616,9 @@ func (b *bench) runRelayed(ctx context.Context, dir string, v variant, mtu int, 
 	if err != nil {
 		return nil, err
 	}
+	if want := "peer-relay(" + p.LB.String() + ":vni:"; ipv6 && !strings.HasPrefix(res.Via, want) {
+		return nil, fmt.Errorf("relayed path went via %s, want %s…): not the relay's IPv6 address", res.Via, want)
+	}
 	res.RelayIdleKiB, res.RelayIdle = idle["VmRSS"], idle
 	res.MTUWarning = -1
 	if ts != nil {
@@ -598,7 +626,17 @@ func (b *bench) runRelayed(ctx context.Context, dir string, v variant, mtu int, 
 			if v, ok := tailnettest.MetricSum(fams, "tsrelay_path_mtu_too_small"); ok {
 				res.MTUWarning = v
 			}
+			res.Forwarded = map[string]float64{}
+			for _, in := range []string{"udp4", "udp6"} {
+				for _, out := range []string{"udp4", "udp6"} {
+					v, _ := tailnettest.MetricSum(fams, "tailscaled_peer_relay_forwarded_packets_total", "transport_in", in, "transport_out", out)
+					res.Forwarded[in+"→"+out] = v
+				}
+			}
 		}
+	}
+	if ipv6 && res.Forwarded["udp6→udp6"] == 0 {
+		return nil, fmt.Errorf("tsrelay forwarded no packets from udp6 to udp6 (%v)", res.Forwarded)
 	}
 
 	res.Load = map[int]load{}

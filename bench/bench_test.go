@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tsrelay/tsrelay/internal/testenv"
 )
 
 // binEnv passes the binaries' directory from TestSmoke to its isolated copy.
@@ -21,8 +23,9 @@ func TestSmoke(t *testing.T) {
 		t.Skip("builds and runs the relay and two tailscaled processes in network namespaces; skipped in -short mode")
 	}
 	if !Isolated() {
+		testenv.SkipUnlessRoot(t, "network namespaces and TUN devices")
 		if err := CheckHost(); err != nil {
-			t.Skipf("%v", err)
+			testenv.SkipUnlessAllowed(t, "%v", err)
 		}
 		bin := t.TempDir()
 		if err := Build(t.Context(), bin, false, t.Logf); err != nil {

@@ -35,7 +35,7 @@ func CheckHost() error {
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		missing = append(missing, "/dev/net/tun")
 	}
-	for _, p := range []string{"ip", "iptables", "iperf3", "ping"} {
+	for _, p := range []string{"ip", "iptables", "ip6tables", "iperf3", "ping"} {
 		if _, err := exec.LookPath(p); err != nil {
 			missing = append(missing, p+" (run scripts/net-tools)")
 		}
@@ -78,18 +78,27 @@ func RunIsolated(ctx context.Context, args []string, stdout, stderr io.Writer) e
 // DNAT) and masquerades the pod's traffic (SNAT). The internet has no route
 // to pod addresses, so peers can reach a relay only at its load-balancer
 // address: the static endpoint it is given.
+//
+// The world also carries IPv6 (fd88::/64), for the IPv6 row only: its
+// hosts get an IPv6 address beside their IPv4 one, and its node forwards
+// the relay's port over IPv6 alone (see pod).
 const (
-	worldBridge = "world"
-	worldPrefix = 16 // hosts are 10.88.x.y/16
+	worldBridge  = "world"
+	worldPrefix  = 16 // hosts are 10.88.x.y/16
+	world6Prefix = 64 // and, with IPv6, fd88::n/64
 )
 
-var worldGateway = netip.MustParseAddr("10.88.0.1") // the bench process: control, DERP, STUN
+var (
+	worldGateway  = netip.MustParseAddr("10.88.0.1") // the bench process: control, DERP, STUN
+	world6Gateway = netip.MustParseAddr("fd88::1")   // the bench process's IPv6 address; it serves nothing there
+)
 
 // lab creates network namespaces for hosts and pods on the world bridge.
 type lab struct {
 	mu    sync.Mutex
 	hosts int // hosts created so far, for addresses
 	pods  int
+	ipv6  bool // the world bridge has its IPv6 address
 }
 
 // newLab makes this process's namespaces the lab's internet. It must run
@@ -123,26 +132,47 @@ func newLab(ctx context.Context) (*lab, error) {
 }
 
 // host creates the network namespace tsb-name plugged into the world bridge
-// and returns its address there. Its default route points at the bench
-// process's namespace, which forwards nothing.
-func (l *lab) host(ctx context.Context, name string) (ns string, addr netip.Addr, err error) {
+// and returns its address there, and with ipv6 its IPv6 address too. Its
+// default routes point at the bench process's namespace, which forwards
+// nothing.
+func (l *lab) host(ctx context.Context, name string, ipv6 bool) (ns string, addr, addr6 netip.Addr, err error) {
 	l.mu.Lock()
 	l.hosts++
 	n := l.hosts
+	// The world gets IPv6 with the first host that needs it, so that the
+	// IPv4 rows run in the same world as before there was an IPv6 row.
+	// nodad: the address is usable at once, not after duplicate address
+	// detection.
+	if ipv6 && !l.ipv6 {
+		if err := run(ctx, fmt.Sprintf("ip addr add %v/%d dev %s nodad", world6Gateway, world6Prefix, worldBridge)); err != nil {
+			l.mu.Unlock()
+			return "", netip.Addr{}, netip.Addr{}, err
+		}
+		l.ipv6 = true
+	}
 	l.mu.Unlock()
 	ns = "tsb-" + name
 	addr = netip.AddrFrom4([4]byte{10, 88, byte(n / 250), byte(n%250 + 2)}) // .0.1 is the gateway
 	veth := "w" + strconv.Itoa(n)
-	err = run(ctx,
-		"ip netns add "+ns,
-		"ip link add "+veth+" type veth peer name eth0 netns "+ns,
-		"ip link set "+veth+" master "+worldBridge+" up",
-		"ip -n "+ns+" link set lo up",
+	lines := []string{
+		"ip netns add " + ns,
+		"ip link add " + veth + " type veth peer name eth0 netns " + ns,
+		"ip link set " + veth + " master " + worldBridge + " up",
+		"ip -n " + ns + " link set lo up",
 		fmt.Sprintf("ip -n %s addr add %v/%d dev eth0", ns, addr, worldPrefix),
-		"ip -n "+ns+" link set eth0 up",
+		"ip -n " + ns + " link set eth0 up",
 		fmt.Sprintf("ip -n %s route add default via %v", ns, worldGateway),
-	)
-	return ns, addr, err
+	}
+	if ipv6 {
+		a16 := world6Gateway.As16()
+		a16[14], a16[15] = byte((n+1)>>8), byte(n+1) // ::1 is the gateway
+		addr6 = netip.AddrFrom16(a16)
+		lines = append(lines,
+			fmt.Sprintf("ip -n %s addr add %v/%d dev eth0 nodad", ns, addr6, world6Prefix),
+			fmt.Sprintf("ip -n %s -6 route add default via %v", ns, world6Gateway))
+	}
+	err = run(ctx, lines...)
+	return ns, addr, addr6, err
 }
 
 // pod is a relay's network: namespace Netns behind a node that forwards
@@ -154,9 +184,13 @@ type pod struct {
 }
 
 // pod creates a node host, name-node, and behind it a pod namespace, name,
-// on a link of the given MTU; the node forwards UDP port to the pod.
-func (l *lab) pod(ctx context.Context, name string, port, mtu int) (pod, error) {
-	node, nodeAddr, err := l.host(ctx, name+"-node")
+// on a link of the given MTU; the node forwards UDP port to the pod. With
+// ipv6 the pod network is dual-stack but the node forwards the port over
+// IPv6 only, and LB is its IPv6 address: peers can reach the relay over
+// IPv6 alone, while the relay still reaches control, DERP and STUN over
+// IPv4.
+func (l *lab) pod(ctx context.Context, name string, port, mtu int, ipv6 bool) (pod, error) {
+	node, nodeAddr, nodeAddr6, err := l.host(ctx, name+"-node", ipv6)
 	if err != nil {
 		return pod{}, err
 	}
@@ -169,20 +203,37 @@ func (l *lab) pod(ctx context.Context, name string, port, mtu int) (pod, error) 
 	addr := gw.Next()
 	subnet := netip.PrefixFrom(gw, 24).Masked()
 	m := strconv.Itoa(mtu)
-	err = run(ctx,
-		"ip netns add "+ns,
-		"ip -n "+node+" link add pod0 type veth peer name eth0 netns "+ns,
-		"ip -n "+node+" link set pod0 mtu "+m+" up",
+	lines := []string{
+		"ip netns add " + ns,
+		"ip -n " + node + " link add pod0 type veth peer name eth0 netns " + ns,
+		"ip -n " + node + " link set pod0 mtu " + m + " up",
 		fmt.Sprintf("ip -n %s addr add %v/24 dev pod0", node, gw),
-		"ip -n "+ns+" link set lo up",
-		"ip -n "+ns+" link set eth0 mtu "+m+" up",
+		"ip -n " + ns + " link set lo up",
+		"ip -n " + ns + " link set eth0 mtu " + m + " up",
 		fmt.Sprintf("ip -n %s addr add %v/24 dev eth0", ns, addr),
 		fmt.Sprintf("ip -n %s route add default via %v", ns, gw),
-		"ip netns exec "+node+" sysctl -qw net.ipv4.ip_forward=1",
-		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d -j DNAT --to-destination %v:%d", node, port, addr, port),
+		"ip netns exec " + node + " sysctl -qw net.ipv4.ip_forward=1",
 		fmt.Sprintf("ip netns exec %s iptables -t nat -A POSTROUTING -s %v -o eth0 -j MASQUERADE", node, subnet),
-	)
-	return pod{Netns: ns, LB: netip.AddrPortFrom(nodeAddr, uint16(port)), MTU: mtu}, err
+	}
+	lb := netip.AddrPortFrom(nodeAddr, uint16(port))
+	if !ipv6 {
+		lines = append(lines, fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d -j DNAT --to-destination %v:%d", node, port, addr, port))
+	} else {
+		gw6 := netip.AddrFrom16([16]byte{0xfd, 0x89, 0, byte(k), 15: 1})
+		addr6 := gw6.Next()
+		subnet6 := netip.PrefixFrom(gw6, 64).Masked()
+		lines = append(lines,
+			fmt.Sprintf("ip -n %s addr add %v/64 dev pod0 nodad", node, gw6),
+			fmt.Sprintf("ip -n %s addr add %v/64 dev eth0 nodad", ns, addr6),
+			fmt.Sprintf("ip -n %s -6 route add default via %v", ns, gw6),
+			"ip netns exec "+node+" sysctl -qw net.ipv6.conf.all.forwarding=1",
+			fmt.Sprintf("ip netns exec %s ip6tables -t nat -A PREROUTING -i eth0 -p udp --dport %d -j DNAT --to-destination [%v]:%d", node, port, addr6, port),
+			fmt.Sprintf("ip netns exec %s ip6tables -t nat -A POSTROUTING -s %v -o eth0 -j MASQUERADE", node, subnet6),
+		)
+		lb = netip.AddrPortFrom(nodeAddr6, uint16(port))
+	}
+	err = run(ctx, lines...)
+	return pod{Netns: ns, LB: lb, MTU: mtu}, err
 }
 
 // remove deletes network namespaces; their links go with them. Processes

@@ -116,7 +116,8 @@ func (r *Report) add(row Row, baseline string, bv float64, ok bool) {
 func (r *Report) addPaths(res map[string]*pathResult) {
 	direct, haveDirect := res[scDirect]
 	stock, haveStock := res[scStock]
-	for _, sc := range []string{scDirect, scDERP, scRelay, scStock} {
+	relay, haveRelay := res[scRelay]
+	for _, sc := range []string{scDirect, scDERP, scRelay, scRelay6, scStock} {
 		p, ok := res[sc]
 		if !ok {
 			continue
@@ -130,6 +131,10 @@ func (r *Report) addPaths(res map[string]*pathResult) {
 		switch sc {
 		case scDirect:
 			cmps = []cmp{{"", nil, false}}
+		case scRelay6:
+			// The question this row answers is whether IPv6 costs
+			// anything over IPv4, through the same relay build.
+			cmps = []cmp{{scRelay, relay, haveRelay}}
 		case scRelay:
 			if haveStock {
 				cmps = append(cmps, cmp{scStock, stock, true})
@@ -151,6 +156,9 @@ func (r *Report) addPaths(res map[string]*pathResult) {
 				return f(c.base)
 			}
 			note := fmt.Sprintf("via %s; median of %s", p.Via, fmtRuns(p.MbpsRuns))
+			if sc == scRelay6 {
+				note += fmt.Sprintf("; relay forwarded %.0f packets udp6→udp6, %.0f udp4→udp4", p.Forwarded["udp6→udp6"], p.Forwarded["udp4→udp4"])
+			}
 			r.add(Row{Section: "paths", Scenario: sc, Metric: "TCP throughput a→b", Unit: "Mbit/s", Value: p.Mbps, Better: "higher", Note: note},
 				c.name, get(func(x *pathResult) float64 { return x.Mbps }), c.ok)
 			note = fmt.Sprintf("%d ICMP pings through the tailnet", p.Pongs)
@@ -217,7 +225,7 @@ func (r *Report) addLoad(res map[string]*pathResult, variants []variant, pairs [
 	mib := func(kib int64) float64 { return float64(kib) / 1024 }
 	for _, v := range variants {
 		p, ok := res[v.name]
-		if !ok {
+		if !ok || v.noLoad {
 			continue
 		}
 		var bases []string
@@ -272,8 +280,8 @@ func footBase(bn string) string {
 func (r *Report) addSockets(res map[string]*pathResult, variants []variant) {
 	for _, v := range variants {
 		p, ok := res[v.name]
-		if !ok {
-			continue
+		if !ok || v.noLoad {
+			continue // the IPv6 row is compared in the paths section
 		}
 		bn := scRelay
 		switch v.name {

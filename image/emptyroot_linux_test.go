@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tsrelay/tsrelay/internal/testenv"
 )
 
 // nonroot is the image's USER, uid and gid, and the manifests' runAsUser.
@@ -55,9 +57,7 @@ const caBundle = "/etc/ssl/certs/ca-certificates.crt"
 // goroutine ever runs in them.
 func TestRunsAsNonRootInEmptyRoot(t *testing.T) {
 	p := hostPlatform(t)
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for chroot, mounts and a network namespace; sudo make test-image runs it")
-	}
+	testenv.SkipUnlessRoot(t, "chroot, mounts and a network namespace; sudo make test-image runs it")
 	bin := buildRelay(t, p)
 	ca, err := os.ReadFile(caBundle)
 	if err != nil {
@@ -68,7 +68,7 @@ func TestRunsAsNonRootInEmptyRoot(t *testing.T) {
 	// the namespaces.
 	runtime.LockOSThread()
 	if err := unix.Unshare(unix.CLONE_NEWNS | unix.CLONE_NEWNET); err != nil {
-		t.Skipf("cannot make private mount and network namespaces: %v", err)
+		testenv.SkipUnlessAllowed(t, "cannot make private mount and network namespaces: %v", err)
 	}
 	// Keep this namespace's mounts from propagating back to the host's.
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {

@@ -38,7 +38,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		// checked. Its UID looks like a real one.
 		pod := Pod{Name: "tsrelay-5d8f7b9c4d-x2k9q", Namespace: ns, UID: string(uuid.NewUUID())}
 		log := &logBuffer{}
-		r := New(dc, pod, "tsrelay", slog.New(slog.NewTextHandler(log, &slog.HandlerOptions{Level: slog.LevelDebug})))
+		r := New(dc, pod, slog.New(slog.NewTextHandler(log, &slog.HandlerOptions{Level: slog.LevelDebug})))
 		t.Cleanup(func() {
 			if t.Failed() {
 				t.Logf("kubeevents log:\n%s", log.String())
@@ -56,15 +56,17 @@ func TestAgainstAPIServer(t *testing.T) {
 		r, pod, _ := recorderFor(t, eventsRule)
 		r.Normal("StateLoaded", "state loaded from Secret tsrelay-state")
 		r.Normal("RelayBound", "relay bound on udp :40000")
-		waitStats(t, r, Stats{Created: 2})
+		waitDescribed(t, admin, pod, "2 Events", func(evs []corev1.Event) bool { return len(evs) == 2 })
 		// Each repeat after the first is posted: a merge patch, which
 		// needs the "patch" verb.
-		for n := uint64(1); n <= 2; n++ {
+		for n := int32(2); n <= 3; n++ {
 			r.Normal("RelayBound", "relay bound on udp :40000")
-			waitStats(t, r, Stats{Created: 2, Patched: n})
+			waitDescribed(t, admin, pod, fmt.Sprintf("RelayBound with count %d", n), func(evs []corev1.Event) bool {
+				return len(evs) == 2 && reasonCount(evs, "RelayBound") == n
+			})
 		}
 		r.Warning("RelayLost", "relay socket closed")
-		waitStats(t, r, Stats{Created: 3, Patched: 2})
+		waitDescribed(t, admin, pod, "3 Events", func(evs []corev1.Event) bool { return len(evs) == 3 })
 
 		// What `kubectl describe pod` lists: its field selector names the
 		// pod's kind, name, namespace and UID.
@@ -118,7 +120,9 @@ func TestAgainstAPIServer(t *testing.T) {
 			t.Fatal(err)
 		}
 		r.Normal("RelayBound", "relay bound on udp :40000")
-		waitStats(t, r, Stats{Created: 4, Patched: 2})
+		waitDescribed(t, admin, pod, "a new RelayBound Event", func(evs []corev1.Event) bool {
+			return len(evs) == 3 && reasonCount(evs, "RelayBound") > 0
+		})
 		for _, ev := range describeEvents(t, admin, pod) {
 			if ev.Reason == "RelayBound" && (ev.Name == bound || ev.Count != 1) {
 				t.Errorf("RelayBound after expiry: %s count %d, want a new Event with count 1", ev.Name, ev.Count)
@@ -130,7 +134,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		r, pod, log := recorderFor(t) // a ServiceAccount with no Role
 		r.Normal("StateLoaded", "state loaded")
 		r.Warning("NeedsLogin", "log in at https://login.example/a1b2")
-		waitStats(t, r, Stats{Failed: 2})
+		waitFor(t, "2 failures logged", func() bool { return log.count("kube event not posted") == 2 })
 		if got := log.count(`level=WARN msg="kube event not posted`); got != 1 {
 			t.Errorf("%d failure warnings, want 1 per streak", got)
 		}
@@ -153,4 +157,21 @@ func describeEvents(t *testing.T, admin kubernetes.Interface, pod Pod) []corev1.
 		t.Fatalf("list events as admin: %v", err)
 	}
 	return list.Items
+}
+
+// waitDescribed waits until the Events `kubectl describe pod` shows for pod
+// satisfy cond.
+func waitDescribed(t *testing.T, admin kubernetes.Interface, pod Pod, what string, cond func([]corev1.Event) bool) {
+	t.Helper()
+	waitFor(t, what, func() bool { return cond(describeEvents(t, admin, pod)) })
+}
+
+// reasonCount returns the count of the Event with reason in evs, or 0.
+func reasonCount(evs []corev1.Event, reason string) int32 {
+	for _, ev := range evs {
+		if ev.Reason == reason {
+			return ev.Count
+		}
+	}
+	return 0
 }

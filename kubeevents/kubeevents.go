@@ -13,8 +13,8 @@
 //
 // It writes core/v1 Events with client-go's dynamic client. client-go's
 // tools/record package would do the deduplication for us, but it links the
-// typed core/v1 client and with it all of k8s.io/api, about 16 MB, over the
-// binary's size budget.
+// typed core/v1 client and with it every type in k8s.io/api, which would
+// take the binary over its size budget.
 package kubeevents
 
 import (
@@ -26,6 +26,10 @@ import (
 
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/util/flowcontrol"
+	"k8s.io/utils/lru"
+
+	"github.com/tsrelay/tsrelay/internal/chans"
 )
 
 const (
@@ -39,9 +43,10 @@ const (
 	// posts stall (an unreachable API server) or Run is not running.
 	queueSize = 100
 
-	// bucketBurst and bucketRefill are the token bucket on posts: queueing
-	// an Event takes a token, and each queued Event becomes one create or
-	// one patch (plus at most one retry). client-go's spam filter allows a
+	// bucketBurst and bucketRefill set the token bucket on posts (client-go's
+	// util/flowcontrol, which its REST client links anyway): queueing an
+	// Event takes a token, and each queued Event becomes one create or one
+	// patch (plus at most one retry). client-go's spam filter allows a
 	// burst of 25 and then one Event per 5 minutes per object and type,
 	// tuned for kubelets and controllers that emit many kinds of Events.
 	// We keep its burst, which covers a start (state loaded, login, relay
@@ -66,12 +71,12 @@ const (
 	retryDelay = time.Second
 
 	// flushTimeout is how long Run keeps posting after its ctx is done, so
-	// that Events recorded on the way down (RelayLost) still reach the API
+	// that Events recorded on the way down (StateLoadFailed, say) still reach the API
 	// server without holding up shutdown for long.
 	flushTimeout = 2 * time.Second
 
-	// defaultComponent is the source component when New is given none.
-	defaultComponent = "tsrelay"
+	// component names tsrelay as the source of its Events.
+	component = "tsrelay"
 
 	// rbacHint says what a Role must grant for Events.
 	rbacHint = `the Role needs "create" and "patch" on events`
@@ -88,30 +93,13 @@ type Pod struct {
 	UID string
 }
 
-// Stats counts what a Recorder did since it was created, for metrics.
-type Stats struct {
-	// Created is the number of Events created.
-	Created uint64
-	// Patched is the number of patches that folded repeats of an Event
-	// into its count. One patch may fold several repeats recorded while it
-	// was waiting to be posted.
-	Patched uint64
-	// Failed is the number of Events the API server did not take, after at
-	// most one retry.
-	Failed uint64
-	// Dropped is the number of Events never posted: over the rate limit,
-	// over the queue bound, or left when Run stopped.
-	Dropped uint64
-}
-
-// Recorder posts Events about one pod. Normal, Warning and Stats are cheap,
+// Recorder posts Events about one pod. Normal and Warning are cheap,
 // never block on the API server (Run does the posting), and are safe for
 // concurrent use. A nil *Recorder is valid and records nothing, for a relay
 // outside a cluster.
 type Recorder struct {
 	events     dynamic.ResourceInterface // events in the pod's namespace
 	pod        Pod
-	component  string
 	logger     *slog.Logger
 	now        func() time.Time // time.Now; tests set a fake clock
 	retryDelay time.Duration
@@ -120,23 +108,26 @@ type Recorder struct {
 	// is queued, received by Run.
 	wake chan struct{}
 
+	// limiter is the token bucket on posts, reading the clock in now.
+	limiter flowcontrol.PassiveRateLimiter
+
 	mu       sync.Mutex
 	queue    []*pending       // oldest first
 	queued   map[key]*pending // the queue by key, to fold repeats
-	tokens   float64          // the token bucket, as of refilled
-	refilled time.Time
-	dropping bool // in a streak of drops, of which the first was logged
-	stopped  bool // Run has returned: nothing will be posted
+	dropping bool             // in a streak of drops, of which the first was logged
+	stopped  bool             // Run has returned: nothing will be posted
 
 	running atomic.Bool // Run has been called
 
 	// Owned by the goroutine in Run.
-	posted    map[key]*postedEvent
-	postSeq   uint64 // counts posts, to find the least recently used key
-	lastNanos int64  // the timestamp in the last Event name, kept unique
-	failing   bool   // in a streak of failures, of which the first was logged
+	posted    *lru.Cache // key to *postedEvent, the least recently posted forgotten first
+	lastNanos int64      // the timestamp in the last Event name, kept unique
+	failing   bool       // in a streak of failures, of which the first was logged
 
-	created, patched, failed, dropped atomic.Uint64
+	// failed counts Events the API server did not take, after at most one
+	// retry; dropped counts Events never posted (over the rate limit or
+	// the queue bound, or left when Run stopped). Both are logged.
+	failed, dropped atomic.Uint64
 }
 
 // key is what makes two Events the same Event, as in client-go's
@@ -156,14 +147,13 @@ type pending struct {
 type postedEvent struct {
 	name  string
 	count int64 // the count the API server holds
-	used  uint64
 }
 
 // New returns a Recorder that posts Events about pod with client, naming
-// component (default "tsrelay") as their source. Call Run to post them. It
+// "tsrelay" as their source. Call Run to post them. It
 // returns nil, a Recorder that records nothing, if client is nil or if pod
 // lacks a name or namespace (logged: they come from the downward API).
-func New(client dynamic.Interface, pod Pod, component string, logger *slog.Logger) *Recorder {
+func New(client dynamic.Interface, pod Pod, logger *slog.Logger) *Recorder {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
@@ -179,43 +169,40 @@ func New(client dynamic.Interface, pod Pod, component string, logger *slog.Logge
 		logger.Warn("kube events: POD_UID is not set, so `kubectl describe pod` will not show them (`kubectl get events` will)",
 			"pod", pod.Namespace+"/"+pod.Name)
 	}
-	if component == "" {
-		component = defaultComponent
-	}
-	return &Recorder{
+	r := &Recorder{
 		events:     client.Resource(eventsResource()).Namespace(pod.Namespace),
 		pod:        pod,
-		component:  component,
 		logger:     logger,
 		now:        time.Now,
 		retryDelay: retryDelay,
 		wake:       make(chan struct{}, 1),
 		queued:     make(map[key]*pending),
-		tokens:     bucketBurst,
-		posted:     make(map[key]*postedEvent),
+		posted:     lru.New(dedupKeys),
 	}
+	// The limiter calls r.now at each admission, so a test's fake clock,
+	// set after New, drives the bucket too.
+	r.limiter = flowcontrol.NewTokenBucketPassiveRateLimiterWithClock(
+		float32(time.Second)/float32(bucketRefill), bucketBurst, nowClock(func() time.Time { return r.now() }))
+	return r
 }
+
+// nowClock is a now function as the clock.PassiveClock that client-go's
+// rate limiters read.
+type nowClock func() time.Time
+
+// Now returns the time.
+func (c nowClock) Now() time.Time { return c() }
+
+// Since returns the time elapsed since t.
+func (c nowClock) Since(t time.Time) time.Duration { return c().Sub(t) }
 
 // Normal queues an Event of type Normal with reason (UpperCamelCase, such
 // as "RelayBound") and message, which is cut to 1024 bytes.
 func (r *Recorder) Normal(reason, message string) { r.record("Normal", reason, message) }
 
 // Warning queues an Event of type Warning with reason (UpperCamelCase, such
-// as "RelayLost") and message, which is cut to 1024 bytes.
+// as "RelayNotBound") and message, which is cut to 1024 bytes.
 func (r *Recorder) Warning(reason, message string) { r.record("Warning", reason, message) }
-
-// Stats returns the Recorder's counters; all zero for a nil Recorder.
-func (r *Recorder) Stats() Stats {
-	if r == nil {
-		return Stats{}
-	}
-	return Stats{
-		Created: r.created.Load(),
-		Patched: r.patched.Load(),
-		Failed:  r.failed.Load(),
-		Dropped: r.dropped.Load(),
-	}
-}
 
 // record queues an Event, or folds it into the same Event already queued,
 // or drops it. It logs the first drop of a streak.
@@ -233,7 +220,7 @@ func (r *Recorder) record(eventType, reason, message string) {
 		r.mu.Unlock()
 		return
 	}
-	why := r.admit(now)
+	why := r.admit()
 	if why == "" {
 		p := &pending{key: k, first: now, last: now, n: 1}
 		r.queue = append(r.queue, p)
@@ -254,29 +241,21 @@ func (r *Recorder) record(eventType, reason, message string) {
 	if wasDropping {
 		r.logger.Info("kube events queued again after drops", "dropped_total", r.dropped.Load())
 	}
-	select {
-	case r.wake <- struct{}{}:
-	default: // Run has a wake-up pending already
-	}
+	chans.Poke(r.wake) // folded into a wake-up Run has pending, if any
 }
 
 // admit takes a token for a new Event, or says why it cannot be queued.
 // The caller holds mu.
-func (r *Recorder) admit(now time.Time) (why string) {
+func (r *Recorder) admit() (why string) {
 	if r.stopped {
 		return "recorder stopped"
 	}
 	if len(r.queue) >= queueSize {
 		return "queue full"
 	}
-	if d := now.Sub(r.refilled); d > 0 {
-		r.tokens = min(bucketBurst, r.tokens+float64(d)/float64(bucketRefill))
-		r.refilled = now
-	}
-	if r.tokens < 1 {
+	if !r.limiter.TryAccept() {
 		return "rate limited"
 	}
-	r.tokens--
 	return ""
 }
 

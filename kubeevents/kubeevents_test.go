@@ -100,7 +100,7 @@ func newFakeClient() *dynamicfake.FakeDynamicClient {
 func newTestRecorder(t *testing.T, client dynamic.Interface) (*Recorder, *fakeClock, *logBuffer) {
 	t.Helper()
 	log := &logBuffer{}
-	r := New(client, testPod(), "tsrelay", slog.New(slog.NewTextHandler(log, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	r := New(client, testPod(), slog.New(slog.NewTextHandler(log, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	if r == nil {
 		t.Fatal("New returned nil")
 	}
@@ -145,14 +145,38 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// waitStats waits until r's Stats are want.
-func waitStats(t *testing.T, r *Recorder, want Stats) {
+// waitEvent waits until exactly one Event with eventType, reason and
+// message has landed on client, with count n, and returns it.
+func waitEvent(t *testing.T, client dynamic.Interface, eventType, reason, message string, n int64) *unstructured.Unstructured {
 	t.Helper()
-	var got Stats
-	waitFor(t, fmt.Sprintf("Stats %+v", want), func() bool {
-		got = r.Stats()
-		return got == want
+	var found *unstructured.Unstructured
+	waitFor(t, fmt.Sprintf("one Event %s %s %q with count %d", eventType, reason, message, n), func() bool {
+		evs := matchEvents(t, client, eventType, reason, message)
+		if len(evs) == 1 && count(evs[0].Object) == n {
+			found = &evs[0]
+			return true
+		}
+		return false
 	})
+	return found
+}
+
+// waitEvents waits until n Events have landed on client.
+func waitEvents(t *testing.T, client dynamic.Interface, n int) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("%d Events", n), func() bool { return len(listEvents(t, client)) == n })
+}
+
+// countWrites counts the creates and patches of Events client receives.
+func countWrites(client *dynamicfake.FakeDynamicClient) *atomic.Int32 {
+	var n atomic.Int32
+	client.PrependReactor("*", "events", func(a clienttesting.Action) (bool, runtime.Object, error) {
+		if v := a.GetVerb(); v == "create" || v == "patch" {
+			n.Add(1)
+		}
+		return false, nil, nil
+	})
+	return &n
 }
 
 // listEvents returns the Events in testNamespace, by reason and type
@@ -167,8 +191,8 @@ func listEvents(t *testing.T, client dynamic.Interface) []unstructured.Unstructu
 	return list.Items
 }
 
-// findEvent returns the one Event with eventType, reason and message.
-func findEvent(t *testing.T, client dynamic.Interface, eventType, reason, message string) *unstructured.Unstructured {
+// matchEvents returns the Events with eventType, reason and message.
+func matchEvents(t *testing.T, client dynamic.Interface, eventType, reason, message string) []unstructured.Unstructured {
 	t.Helper()
 	var found []unstructured.Unstructured
 	for _, ev := range listEvents(t, client) {
@@ -176,6 +200,13 @@ func findEvent(t *testing.T, client dynamic.Interface, eventType, reason, messag
 			found = append(found, ev)
 		}
 	}
+	return found
+}
+
+// findEvent returns the one Event with eventType, reason and message.
+func findEvent(t *testing.T, client dynamic.Interface, eventType, reason, message string) *unstructured.Unstructured {
+	t.Helper()
+	found := matchEvents(t, client, eventType, reason, message)
 	if len(found) != 1 {
 		t.Fatalf("%d Events %s %s %q, want 1", len(found), eventType, reason, message)
 	}
@@ -199,9 +230,7 @@ func TestCreatesEventLikeClientGo(t *testing.T) {
 
 	const msg = "state loaded from Secret tsrelay/tsrelay-state"
 	r.Normal("StateLoaded", msg)
-	waitStats(t, r, Stats{Created: 1})
-
-	ev := findEvent(t, client, "Normal", "StateLoaded", msg)
+	ev := waitEvent(t, client, "Normal", "StateLoaded", msg, 1)
 	ts := clock.Now().UTC().Format(time.RFC3339)
 	for _, c := range []struct {
 		path []string
@@ -238,18 +267,13 @@ func TestRepeatsPatchCount(t *testing.T) {
 
 	const msg = "relay bound on udp :40000"
 	r.Normal("RelayBound", msg)
-	waitStats(t, r, Stats{Created: 1})
-	first := findEvent(t, client, "Normal", "RelayBound", msg)
+	first := waitEvent(t, client, "Normal", "RelayBound", msg, 1)
 	firstTS := str(first.Object, "firstTimestamp")
 
 	for n := int64(2); n <= 4; n++ {
 		clock.Advance(7 * time.Second)
 		r.Normal("RelayBound", msg)
-		waitStats(t, r, Stats{Created: 1, Patched: uint64(n - 1)})
-		ev := findEvent(t, client, "Normal", "RelayBound", msg)
-		if got := count(ev.Object); got != n {
-			t.Errorf("after %d records: count = %d, want %d", n, got, n)
-		}
+		ev := waitEvent(t, client, "Normal", "RelayBound", msg, n)
 		if got, want := str(ev.Object, "lastTimestamp"), clock.Now().UTC().Format(time.RFC3339); got != want {
 			t.Errorf("after %d records: lastTimestamp = %s, want %s", n, got, want)
 		}
@@ -264,7 +288,11 @@ func TestRepeatsPatchCount(t *testing.T) {
 	// Same reason with another message, or another type: other Events.
 	r.Normal("RelayBound", "relay bound on udp :40001")
 	r.Warning("RelayBound", msg)
-	waitStats(t, r, Stats{Created: 3, Patched: 3})
+	waitEvent(t, client, "Normal", "RelayBound", "relay bound on udp :40001", 1)
+	waitEvent(t, client, "Warning", "RelayBound", msg, 1)
+	if got := count(findEvent(t, client, "Normal", "RelayBound", msg).Object); got != 4 {
+		t.Errorf("count of the first Event = %d after other Events, want 4", got)
+	}
 	if got := len(listEvents(t, client)); got != 3 {
 		t.Errorf("%d Events, want 3", got)
 	}
@@ -280,10 +308,10 @@ func TestRepeatsFoldWhileQueued(t *testing.T) {
 	}
 	startRun(t, r) // only now: the five are queued as one
 
-	waitStats(t, r, Stats{Created: 1})
+	waitEvents(t, client, 1)
 	ev := findEvent(t, client, "Warning", "NeedsLogin", "log in at https://login.example/a1b2")
 	if got := count(ev.Object); got != 5 {
-		t.Errorf("count = %d, want 5", got)
+		t.Errorf("count = %d, want 5: the repeats folded into one create", got)
 	}
 	if got, want := str(ev.Object, "firstTimestamp"), start.Format(time.RFC3339); got != want {
 		t.Errorf("firstTimestamp = %s, want %s", got, want)
@@ -299,22 +327,17 @@ func TestExpiredEventIsCreatedAgain(t *testing.T) {
 	startRun(t, r)
 
 	r.Normal("RelayBound", "bound")
-	waitStats(t, r, Stats{Created: 1})
-	old := findEvent(t, client, "Normal", "RelayBound", "bound")
+	old := waitEvent(t, client, "Normal", "RelayBound", "bound", 1)
 	// The API server deletes Events an hour after their last change.
 	if err := client.Resource(eventsResource()).Namespace(testNamespace).Delete(t.Context(), old.GetName(), metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	clock.Advance(2 * time.Hour)
 	r.Normal("RelayBound", "bound")
-	waitStats(t, r, Stats{Created: 2})
 
-	ev := findEvent(t, client, "Normal", "RelayBound", "bound")
+	ev := waitEvent(t, client, "Normal", "RelayBound", "bound", 1)
 	if ev.GetName() == old.GetName() {
 		t.Errorf("new Event has the expired one's name %s", ev.GetName())
-	}
-	if got := count(ev.Object); got != 1 {
-		t.Errorf("count = %d, want 1", got)
 	}
 	if got, want := str(ev.Object, "firstTimestamp"), clock.Now().UTC().Format(time.RFC3339); got != want {
 		t.Errorf("firstTimestamp = %s, want %s", got, want)
@@ -351,7 +374,7 @@ func TestLongMessageIsCut(t *testing.T) {
 	r.Normal("EndpointsChanged", long)
 	r.Normal("EndpointsChanged", long+"more") // the same Event once cut
 	startRun(t, r)
-	waitStats(t, r, Stats{Created: 1})
+	waitEvents(t, client, 1)
 	ev := findEvent(t, client, "Normal", "EndpointsChanged", long[:maxMessageBytes])
 	if got := count(ev.Object); got != 2 {
 		t.Errorf("count = %d, want 2", got)
@@ -372,15 +395,11 @@ func TestNilRecorder(t *testing.T) {
 	case <-time.After(waitTimeout):
 		t.Fatal("Run on a nil Recorder did not return")
 	}
-	if got := r.Stats(); got != (Stats{}) {
-		t.Errorf("Stats() = %+v, want zero", got)
-	}
-
-	if got := New(nil, testPod(), "tsrelay", nil); got != nil {
+	if got := New(nil, testPod(), nil); got != nil {
 		t.Errorf("New(nil client) = %p, want nil", got)
 	}
 	log := &logBuffer{}
-	if got := New(newFakeClient(), Pod{Name: testPodName}, "tsrelay", slog.New(slog.NewTextHandler(log, nil))); got != nil {
+	if got := New(newFakeClient(), Pod{Name: testPodName}, slog.New(slog.NewTextHandler(log, nil))); got != nil {
 		t.Errorf("New without a namespace = %p, want nil", got)
 	}
 	if !strings.Contains(log.String(), "POD_NAMESPACE") {
@@ -406,20 +425,15 @@ func TestRateLimit(t *testing.T) {
 	for i := range 40 {
 		r.Normal("EndpointsChanged", fmt.Sprintf("endpoints %d", i))
 	}
-	if got, want := r.Stats(), (Stats{Dropped: 40 - bucketBurst}); got != want {
-		t.Errorf("after 40 distinct Events: Stats = %+v, want %+v", got, want)
-	}
 	if got := log.count("kube event dropped"); got != 1 {
 		t.Errorf("%d drop warnings, want 1 per streak", got)
 	}
 	if !strings.Contains(log.String(), "rate limited") {
 		t.Errorf("drop warning does not say why:\n%s", log.String())
 	}
-	// A repeat of a queued Event costs no post: folded, not dropped.
+	// A repeat of a queued Event costs no token: folded (its count shows
+	// it below), not dropped.
 	r.Normal("EndpointsChanged", "endpoints 0")
-	if got := r.Stats().Dropped; got != 40-bucketBurst {
-		t.Errorf("a repeat of a queued Event was dropped")
-	}
 
 	clock.Advance(bucketRefill) // one token
 	r.Normal("EndpointsChanged", "endpoints 100")
@@ -432,12 +446,29 @@ func TestRateLimit(t *testing.T) {
 	}
 
 	startRun(t, r)
-	waitStats(t, r, Stats{Created: bucketBurst + 1, Dropped: 40 - bucketBurst + 1})
+	// The queue is posted in order: once a last Event, recorded now,
+	// lands, everything queued before it has.
+	clock.Advance(bucketRefill)
+	r.Normal("EndpointsChanged", "last")
+	waitEvent(t, client, "Normal", "EndpointsChanged", "last", 1)
 	if got := count(findEvent(t, client, "Normal", "EndpointsChanged", "endpoints 0").Object); got != 2 {
 		t.Errorf("count of the folded repeat = %d, want 2", got)
 	}
-	if got := len(listEvents(t, client)); got != bucketBurst+1 {
-		t.Errorf("%d Events, want %d", got, bucketBurst+1)
+	events := listEvents(t, client)
+	if got, want := len(events), bucketBurst+2; got != want {
+		t.Errorf("%d Events, want %d (the burst, the one refill, the last)", got, want)
+	}
+	landed := make(map[string]bool)
+	for _, ev := range events {
+		landed[str(ev.Object, "message")] = true
+	}
+	for i := range 40 {
+		if got, want := landed[fmt.Sprintf("endpoints %d", i)], i < bucketBurst; got != want {
+			t.Errorf("Event %q landed: %v, want %v", fmt.Sprintf("endpoints %d", i), got, want)
+		}
+	}
+	if landed["endpoints 101"] {
+		t.Errorf("Event %q, recorded without a token, landed", "endpoints 101")
 	}
 }
 
@@ -449,21 +480,34 @@ func TestQueueBound(t *testing.T) {
 		clock.Advance(bucketRefill)
 		r.Warning("EndpointsChanged", fmt.Sprintf("endpoints %d", i))
 	}
-	if got, want := r.Stats(), (Stats{Dropped: 10}); got != want {
-		t.Errorf("Stats = %+v, want %+v", got, want)
-	}
 	if got := log.count("queue full"); got != 1 {
 		t.Errorf("%d 'queue full' warnings, want 1", got)
 	}
 	startRun(t, r)
-	waitStats(t, r, Stats{Created: queueSize, Dropped: 10})
+	waitEvents(t, client, queueSize)
+	// The queue has room again: a last Event lands after the others, and
+	// the ten over the bound never do.
+	clock.Advance(bucketRefill)
+	r.Warning("EndpointsChanged", "last")
+	waitEvent(t, client, "Warning", "EndpointsChanged", "last", 1)
+	events := listEvents(t, client)
+	if got, want := len(events), queueSize+1; got != want {
+		t.Errorf("%d Events, want %d", got, want)
+	}
+	for _, ev := range events {
+		var i int
+		if _, err := fmt.Sscanf(str(ev.Object, "message"), "endpoints %d", &i); err == nil && i >= queueSize {
+			t.Errorf("Event %q, recorded over the queue bound, landed", str(ev.Object, "message"))
+		}
+	}
 }
 
 // TestTightLoop records from many goroutines at once, as a caller stuck in
 // a loop would, with the real clock: every call ends up in an Event's count
-// or in Dropped, and the API server sees few writes.
+// or dropped, and the API server sees few writes.
 func TestTightLoop(t *testing.T) {
 	client := newFakeClient()
+	writes := countWrites(client)
 	r, _, log := newTestRecorder(t, client)
 	r.now = time.Now
 	startRun(t, r)
@@ -487,23 +531,25 @@ func TestTightLoop(t *testing.T) {
 	}
 	wg.Wait()
 
+	// dropped is the count the Recorder logs as dropped_total.
 	var total int64
 	waitFor(t, "every call counted or dropped", func() bool {
 		total = 0
 		for _, ev := range listEvents(t, client) {
 			total += count(ev.Object)
 		}
-		return total+int64(r.Stats().Dropped) == goroutines*calls
+		return total+int64(r.dropped.Load()) == goroutines*calls
 	})
-	st := r.Stats()
 	refills := int(time.Since(start) / bucketRefill)
-	if writes := st.Created + st.Patched; writes > uint64(bucketBurst+refills) {
-		t.Errorf("%d writes (%+v), want at most %d", writes, st, bucketBurst+refills)
+	if got := int(writes.Load()); got > bucketBurst+refills {
+		t.Errorf("%d writes, want at most %d", got, bucketBurst+refills)
 	}
-	if got := log.count("kube event dropped"); got < 1 || got > 1+int(st.Created+st.Patched) {
+	findEvent(t, client, "Normal", "RelayBound", "bound")
+	findEvent(t, client, "Warning", "RelayLost", "lost")
+	if got := log.count("kube event dropped"); got < 1 || got > 1+int(writes.Load()) {
 		t.Errorf("%d drop warnings, want one per streak", got)
 	}
-	t.Logf("%d calls: %+v, %d in Event counts", goroutines*calls, st, total)
+	t.Logf("%d calls: %d writes, %d in Event counts", goroutines*calls, writes.Load(), total)
 }
 
 func TestFailuresLoggedOncePerStreak(t *testing.T) {
@@ -524,7 +570,8 @@ func TestFailuresLoggedOncePerStreak(t *testing.T) {
 	r.Normal("StateLoaded", "loaded")
 	r.Normal("RelayBound", "bound")
 	r.Warning("RelayLost", "lost")
-	waitStats(t, r, Stats{Failed: 3})
+	// One warning, then debug lines, each naming the Event it failed.
+	waitFor(t, "3 failures logged", func() bool { return log.count("kube event not posted") == 3 })
 	if got := creates.Load(); got != 3 {
 		t.Errorf("%d creates, want 3: Forbidden is not retried", got)
 	}
@@ -537,20 +584,24 @@ func TestFailuresLoggedOncePerStreak(t *testing.T) {
 
 	forbid.Store(false)
 	r.Normal("RelayBound", "bound again")
-	waitStats(t, r, Stats{Created: 1, Failed: 3})
-	if got := log.count("kube events posted again"); got != 1 {
-		t.Errorf("%d 'posted again' lines, want 1", got)
+	waitEvent(t, client, "Normal", "RelayBound", "bound again", 1)
+	if got := len(listEvents(t, client)); got != 1 {
+		t.Errorf("%d Events, want only the one posted after the Role was fixed", got)
+	}
+	waitFor(t, "'posted again' logged", func() bool { return log.count("kube events posted again") == 1 })
+	if !strings.Contains(log.String(), "failed_total=3") {
+		t.Errorf("'posted again' line does not count the 3 failures:\n%s", log.String())
 	}
 }
 
 func TestRetriesOnce(t *testing.T) {
 	for _, tc := range []struct {
-		name      string
-		failures  int32 // creates that fail before one succeeds
-		wantStats Stats
+		name     string
+		failures int32 // creates that fail before one succeeds
+		wantPost bool  // whether the Event lands
 	}{
-		{"TransientFailure", 1, Stats{Created: 1}},
-		{"PersistentFailure", 100, Stats{Failed: 1}},
+		{"TransientFailure", 1, true},
+		{"PersistentFailure", 100, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			client := newFakeClient()
@@ -561,12 +612,22 @@ func TestRetriesOnce(t *testing.T) {
 				}
 				return false, nil, nil
 			})
-			r, _, _ := newTestRecorder(t, client)
+			r, _, log := newTestRecorder(t, client)
 			startRun(t, r)
 			r.Normal("RelayBound", "bound")
-			waitStats(t, r, tc.wantStats)
+			if tc.wantPost {
+				waitEvent(t, client, "Normal", "RelayBound", "bound", 1)
+			} else {
+				waitFor(t, "the failure logged", func() bool { return log.count("kube event not posted") == 1 })
+				if got := len(listEvents(t, client)); got != 0 {
+					t.Errorf("%d Events, want 0", got)
+				}
+			}
 			if got := creates.Load(); got != 2 {
 				t.Errorf("%d creates, want 2 (one retry)", got)
+			}
+			if got, want := log.count("kube event not posted"), map[bool]int{true: 0, false: 1}[tc.wantPost]; got != want {
+				t.Errorf("%d failures logged, want %d", got, want)
 			}
 		})
 	}
@@ -581,15 +642,17 @@ func TestRunFlushesQueueOnStop(t *testing.T) {
 	cancel()
 	r.Run(ctx) // ctx is done already: flush and return
 
-	if got, want := r.Stats(), (Stats{Created: 2}); got != want {
-		t.Errorf("Stats after Run = %+v, want %+v", got, want)
+	findEvent(t, client, "Normal", "RelayBound", "bound")
+	findEvent(t, client, "Warning", "RelayLost", "lost: shutting down")
+	if got := len(listEvents(t, client)); got != 2 {
+		t.Errorf("%d Events after Run, want 2", got)
 	}
 	r.Normal("StateLoaded", "too late")
-	if got, want := r.Stats(), (Stats{Created: 2, Dropped: 1}); got != want {
-		t.Errorf("Stats after a record past Run = %+v, want %+v", got, want)
-	}
 	if !strings.Contains(log.String(), "recorder stopped") {
 		t.Errorf("no drop warning saying the recorder stopped:\n%s", log.String())
+	}
+	if got := len(listEvents(t, client)); got != 2 {
+		t.Errorf("%d Events after a record past Run, want 2", got)
 	}
 }
 
@@ -612,7 +675,7 @@ func TestRunReturnsWhenAPIServerHangs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, _, _ := newTestRecorder(t, client)
+	r, _, log := newTestRecorder(t, client)
 	r.Normal("StateLoaded", "loaded")
 	r.Normal("RelayBound", "bound")
 	r.Warning("RelayLost", "lost")
@@ -636,7 +699,47 @@ func TestRunReturnsWhenAPIServerHangs(t *testing.T) {
 	if took > flushTimeout+time.Second {
 		t.Errorf("Run returned %v after cancel, want about %v", took, flushTimeout)
 	}
-	if got, want := r.Stats(), (Stats{Dropped: 3}); got != want {
-		t.Errorf("Stats = %+v, want %+v", got, want)
+	// The post in flight is given up; the two behind it are dropped.
+	if got := requests.Load(); got != 1 {
+		t.Errorf("%d requests, want 1: a post cut short by shutdown is not retried", got)
 	}
+	if !strings.Contains(log.String(), `msg="kube events dropped at shutdown" count=2`) {
+		t.Errorf("no warning that 2 Events were dropped at shutdown:\n%s", log.String())
+	}
+}
+
+// TestForgetsLeastRecentlyPosted checks the dedup cache's bound: once more
+// than dedupKeys distinct Events have been posted, a repeat of the least
+// recently posted one becomes a new Event, and a repeat of a recent one
+// still raises its count.
+func TestForgetsLeastRecentlyPosted(t *testing.T) {
+	client := newFakeClient()
+	r, clock, _ := newTestRecorder(t, client)
+	startRun(t, r)
+
+	msg := func(i int) string { return fmt.Sprintf("endpoints %d", i) }
+	record := func(i int) {
+		clock.Advance(bucketRefill) // a token for each
+		r.Normal("EndpointsChanged", msg(i))
+	}
+	for i := range dedupKeys + 1 {
+		record(i)
+		// One at a time, so the order of posts is the order here.
+		waitFor(t, fmt.Sprintf("Event %q", msg(i)), func() bool { return len(listEvents(t, client)) == i+1 })
+	}
+	record(0)         // forgotten: created anew
+	record(dedupKeys) // remembered: patched
+	waitFor(t, "a second Event for the forgotten key and a count of 2 for the recent one", func() bool {
+		var zeros int
+		var last int64
+		for _, ev := range listEvents(t, client) {
+			switch str(ev.Object, "message") {
+			case msg(0):
+				zeros++
+			case msg(dedupKeys):
+				last = count(ev.Object)
+			}
+		}
+		return zeros == 2 && last == 2
+	})
 }

@@ -93,8 +93,8 @@ func (r *Recorder) stop() {
 	}
 }
 
-// post creates or patches one Event, counts the outcome and logs the first
-// failure of a streak.
+// post creates or patches one Event, counts a failure or a drop and logs
+// the first failure of a streak.
 func (r *Recorder) post(ctx context.Context, p *pending) {
 	err := r.createOrPatch(ctx, p)
 	if err == nil {
@@ -122,14 +122,12 @@ func (r *Recorder) post(ctx context.Context, p *pending) {
 // createOrPatch folds p into the Event with the same key if this Recorder
 // posted one, and otherwise creates an Event.
 func (r *Recorder) createOrPatch(ctx context.Context, p *pending) error {
-	if prev := r.posted[p.key]; prev != nil {
+	if v, ok := r.posted.Get(p.key); ok {
+		prev := v.(*postedEvent)
 		count := prev.count + p.n
 		err := r.withRetry(ctx, func(ctx context.Context) error { return r.patch(ctx, prev.name, count, p.last) })
 		if err == nil {
 			prev.count = count
-			r.postSeq++
-			prev.used = r.postSeq
-			r.patched.Add(1)
 			return nil
 		}
 		if !apierrors.IsNotFound(err) {
@@ -137,7 +135,7 @@ func (r *Recorder) createOrPatch(ctx context.Context, p *pending) error {
 		}
 		// Expired (the API server keeps Events for an hour by default) or
 		// deleted: start a new Event.
-		delete(r.posted, p.key)
+		r.posted.Remove(p.key)
 	}
 	name := r.newName(p.first)
 	tries := 0
@@ -152,8 +150,8 @@ func (r *Recorder) createOrPatch(ctx context.Context, p *pending) error {
 	if err != nil {
 		return err
 	}
-	r.remember(p.key, name, p.n)
-	r.created.Add(1)
+	// The cache forgets the least recently posted key when full.
+	r.posted.Add(p.key, &postedEvent{name: name, count: p.n})
 	return nil
 }
 
@@ -234,8 +232,8 @@ func (r *Recorder) newEvent(name string, p *pending) *unstructured.Unstructured 
 		"type":               p.eventType,
 		"reason":             p.reason,
 		"message":            p.message,
-		"source":             map[string]any{"component": r.component},
-		"reportingComponent": r.component,
+		"source":             map[string]any{"component": component},
+		"reportingComponent": component,
 		"reportingInstance":  r.pod.Name,
 		"firstTimestamp":     timestamp(p.first),
 		"lastTimestamp":      timestamp(p.last),
@@ -256,24 +254,6 @@ func (r *Recorder) newName(t time.Time) string {
 		prefix = strings.TrimRight(prefix[:maxNameLen-len(suffix)], ".-")
 	}
 	return prefix + suffix
-}
-
-// remember notes that Event name with count stands for k, forgetting the
-// least recently posted key if there are dedupKeys already.
-func (r *Recorder) remember(k key, name string, count int64) {
-	if len(r.posted) >= dedupKeys {
-		var oldest key
-		var oldestUsed uint64
-		first := true
-		for pk, e := range r.posted {
-			if first || e.used < oldestUsed {
-				oldest, oldestUsed, first = pk, e.used, false
-			}
-		}
-		delete(r.posted, oldest)
-	}
-	r.postSeq++
-	r.posted[k] = &postedEvent{name: name, count: count, used: r.postSeq}
 }
 
 // timestamp formats t as a metav1.Time: RFC 3339, seconds, UTC.

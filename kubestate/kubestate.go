@@ -11,7 +11,8 @@
 // emitted per write.
 //
 // It talks to the API server with client-go's dynamic client: the typed
-// client links all of k8s.io/api and would add about 19 MB to the binary.
+// client links all of k8s.io/api, which would take the binary over its size
+// budget.
 package kubestate
 
 import (

@@ -14,12 +14,15 @@ import (
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/tsrelay/tsrelay/internal/chans"
 )
 
 // follower keeps the latest copy of one Service with client-go's informer:
 // it lists, watches from the list's resourceVersion, resumes when the server
 // ends a watch, lists again after "410 Gone", and retries failures with a
-// capped, jittered backoff. (It costs 57 KB of binary.)
+// capped, jittered backoff. (It adds little to the binary: client-go's
+// REST machinery, which it builds on, is linked anyway.)
 type follower struct {
 	informer cache.SharedIndexInformer
 	name     string
@@ -61,12 +64,8 @@ func newFollower(client dynamic.Interface, namespace, name string, log *slog.Log
 	// list through a watch (the fake client in tests).
 	f.informer = cache.NewSharedIndexInformerWithOptions(cache.ToListWatcherWithWatchListSemantics(lw, client),
 		&unstructured.Unstructured{}, cache.SharedIndexInformerOptions{})
-	poke := func() {
-		select {
-		case f.changed <- struct{}{}:
-		default: // a change is pending already; the reader takes the latest
-		}
-	}
+	// A change pending already is folded in: the reader takes the latest.
+	poke := func() { chans.Poke(f.changed) }
 	f.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { poke() },
 		UpdateFunc: func(any, any) { poke() },
@@ -88,10 +87,7 @@ func (f *follower) run(ctx context.Context) {
 			return
 		}
 		close(f.synced)
-		select {
-		case f.changed <- struct{}{}:
-		default:
-		}
+		chans.Poke(f.changed)
 	}()
 	f.informer.RunWithContext(ctx)
 }

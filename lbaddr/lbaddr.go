@@ -48,6 +48,9 @@ type Endpoint struct {
 	Source   Source         `json:"source"`
 }
 
+// String formats e as addr:port(source), e.g. 192.0.2.7:61441(explicit).
+func (e Endpoint) String() string { return e.AddrPort.String() + "(" + string(e.Source) + ")" }
+
 // MaxEndpoints caps the merged list: every address is sent to peers in disco
 // messages over DERP and probed by them, so a long list costs every peer
 // bandwidth and probes for addresses that mostly lead to the same place.

@@ -122,3 +122,22 @@ func TestMergeStable(t *testing.T) {
 		}
 	}
 }
+
+func TestEndpointString(t *testing.T) {
+	for _, tt := range []struct {
+		ep   Endpoint
+		want string
+	}{
+		{ep("192.0.2.7:61441", SourceExplicit), "192.0.2.7:61441(explicit)"},
+		{ep("[2001:db8::7]:41000", SourceService), "[2001:db8::7]:41000(service)"},
+		{ep("198.51.100.3:41000", SourceDNS), "198.51.100.3:41000(dns)"},
+	} {
+		if got := tt.ep.String(); got != tt.want {
+			t.Errorf("%#v.String() = %q, want %q", tt.ep, got, tt.want)
+		}
+	}
+	// fmt uses it too, as logs and status messages do.
+	if got, want := fmt.Sprint([]Endpoint{ep("192.0.2.7:61441", SourceExplicit)}), "[192.0.2.7:61441(explicit)]"; got != want {
+		t.Errorf("fmt.Sprint = %q, want %q", got, want)
+	}
+}

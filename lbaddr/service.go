@@ -16,27 +16,8 @@ type HostPort struct {
 	Port uint16
 }
 
-// FromService returns the endpoints in a Service object: every IP in
-// status.loadBalancer.ingress (IPv4 and IPv6, IPv4-mapped ones unmapped,
-// unparsable ones skipped) paired with every Service port that leads to
-// relayPort, sorted and deduplicated; and the ingress hostnames of entries
-// without an IP, paired the same way, for the caller to resolve. When both are
-// empty, why says why in a few words; otherwise it is "".
-//
-// A Service port leads to relayPort when its protocol is UDP (absent means
-// TCP, as the API server defaults it) and its targetPort is relayPort, or is
-// absent and its port is relayPort (targetPort defaults to port). A
-// targetPort given by name cannot be resolved without reading the Pod: when no
-// port matches by number and exactly one UDP port has a named targetPort, that
-// one is assumed to be the relay's. The endpoints carry the Service's port,
-// which the load balancer listens on, not the targetPort.
-func FromService(svc *unstructured.Unstructured, relayPort uint16) (ips []netip.AddrPort, hosts []HostPort, why string) {
-	info := parseService(svc, relayPort)
-	return info.ips, info.hosts, info.why
-}
-
-// serviceInfo is what parseService found in a Service: FromService's results
-// plus what the watcher should log about.
+// serviceInfo is what parseService found in a Service: the endpoints plus
+// what the watcher should log about.
 type serviceInfo struct {
 	ips   []netip.AddrPort
 	hosts []HostPort
@@ -72,7 +53,21 @@ type namedPort struct {
 	target string
 }
 
-// parseService does FromService's work, keeping what the watcher logs.
+// parseService returns the endpoints in a Service object: every IP in
+// status.loadBalancer.ingress (IPv4 and IPv6, IPv4-mapped ones unmapped,
+// unparsable ones skipped) paired with every Service port that leads to
+// relayPort, sorted and deduplicated; and the ingress hostnames of entries
+// without an IP, paired the same way, for the caller to resolve. When both are
+// empty, why says why in a few words; otherwise it is "". It also keeps
+// what the watcher logs (badIPs, assumed).
+//
+// A Service port leads to relayPort when its protocol is UDP (absent means
+// TCP, as the API server defaults it) and its targetPort is relayPort, or is
+// absent and its port is relayPort (targetPort defaults to port). A
+// targetPort given by name cannot be resolved without reading the Pod: when no
+// port matches by number and exactly one UDP port has a named targetPort, that
+// one is assumed to be the relay's. The endpoints carry the Service's port,
+// which the load balancer listens on, not the targetPort.
 func parseService(svc *unstructured.Unstructured, relayPort uint16) serviceInfo {
 	ref := svc.GetNamespace() + "/" + svc.GetName()
 	var info serviceInfo

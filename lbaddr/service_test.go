@@ -50,7 +50,7 @@ func addrPorts(ss ...string) []netip.AddrPort {
 	return out
 }
 
-func TestFromService(t *testing.T) {
+func TestParseService(t *testing.T) {
 	relayUDP := []any{udp(41000, int64(testRelayPort))}
 	tests := []struct {
 		name      string
@@ -179,20 +179,19 @@ func TestFromService(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ips, hosts, why := FromService(tt.svc, testRelayPort)
-			if !slices.Equal(ips, tt.wantIPs) {
-				t.Errorf("FromService ips = %v, want %v", ips, tt.wantIPs)
-			}
-			if !slices.Equal(hosts, tt.wantHosts) {
-				t.Errorf("FromService hosts = %v, want %v", hosts, tt.wantHosts)
-			}
-			if tt.wantWhy == "" && why != "" {
-				t.Errorf("FromService why = %q, want empty", why)
-			}
-			if tt.wantWhy != "" && !strings.Contains(why, tt.wantWhy) {
-				t.Errorf("FromService why = %q, want it to contain %q", why, tt.wantWhy)
-			}
 			info := parseService(tt.svc, testRelayPort)
+			if !slices.Equal(info.ips, tt.wantIPs) {
+				t.Errorf("parseService ips = %v, want %v", info.ips, tt.wantIPs)
+			}
+			if !slices.Equal(info.hosts, tt.wantHosts) {
+				t.Errorf("parseService hosts = %v, want %v", info.hosts, tt.wantHosts)
+			}
+			if tt.wantWhy == "" && info.why != "" {
+				t.Errorf("parseService why = %q, want empty", info.why)
+			}
+			if tt.wantWhy != "" && !strings.Contains(info.why, tt.wantWhy) {
+				t.Errorf("parseService why = %q, want it to contain %q", info.why, tt.wantWhy)
+			}
 			if info.assumed != tt.wantAssumed {
 				t.Errorf("assumed port = %q, want %q", info.assumed, tt.wantAssumed)
 			}

@@ -311,11 +311,12 @@ func (w *watcher) whyEmpty() string {
 	return fmt.Sprintf("Service %s has no load-balancer address it can use", w.cfg.ref())
 }
 
-// endpointStrings formats eps for logs, e.g. "192.0.2.10:41000 (service)".
+// endpointStrings formats eps for logs with Endpoint.String, e.g.
+// "192.0.2.10:41000(service)".
 func endpointStrings(eps []Endpoint) []string {
 	out := make([]string, len(eps))
 	for i, e := range eps {
-		out[i] = e.AddrPort.String() + " (" + string(e.Source) + ")"
+		out[i] = e.String()
 	}
 	return out
 }

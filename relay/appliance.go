@@ -13,58 +13,109 @@ import (
 
 	"tailscale.com/client/local"
 	"tailscale.com/ipn"
+	"tailscale.com/net/netmon"
 	"tailscale.com/tailcfg"
 	"tailscale.com/tsnet"
 
+	"k8s.io/apimachinery/pkg/util/wait"
+
+	"github.com/tsrelay/tsrelay/internal/chans"
+	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
 // appliance runs the tailnet side of the relay: it starts the node, follows
-// its state on the IPN bus and keeps the relay prefs in force.
+// its state on the IPN bus, and runs the reconcile loop, which alone owns
+// the desired relay settings (port, endpoints) and decides whether they are
+// in force. Endpoint sources send it their findings (foundEndpoints); the
+// loop publishes what it applied to status.
 type appliance struct {
 	cfg    Config
 	logger *slog.Logger
 	ts     *tsnet.Server
 	status *status
-	stats  statsSource          // the state store's counters; nil for a directory
 	events *kubeevents.Recorder // nil outside a cluster: records nothing
+	// onNetChange is called when the node's network monitor sees routes
+	// or addresses change (the path MTU watcher's poke); may be nil.
+	onNetChange func()
 
 	// kick asks the reconcile loop to run now rather than at the next tick.
 	kick chan struct{}
+	// found carries the latest endpoints found from the Service to the
+	// reconcile loop (a mailbox of one: see chans.Replace).
+	found chan found
 	// resync is how often the reconcile loop runs without being asked
 	// (resyncInterval; tests lengthen it to see that wake-ups suffice).
 	resync time.Duration
-	// netChanged asks watchPathMTU to check the path MTU now.
-	netChanged chan struct{}
+
+	// relay is the reconcile loop's own: the desired endpoints and what
+	// it last found in force. Only the loop (and newAppliance, before it
+	// starts) touches it; status gets copies.
+	relay relayView
 
 	mu sync.Mutex
 	lc *local.Client // nil until the node has started
 }
 
-// newAppliance returns an appliance for cfg; store nil means TS_STATE_DIR.
-func newAppliance(cfg Config, store ipn.StateStore, logger *slog.Logger) *appliance {
-	stats, _ := store.(statsSource)
-	return &appliance{
-		cfg:    cfg,
-		logger: logger,
-		ts:     newTSNet(cfg, store, logger),
-		status: newStatus(cfg),
-		stats:  stats,
-		kick:   make(chan struct{}, 1),
-		resync: resyncInterval,
-
-		netChanged: make(chan struct{}, 1),
-	}
+// found is what an endpoint source reports: the endpoints it found, or why
+// it found none.
+type found struct {
+	endpoints []lbaddr.Endpoint
+	why       string
 }
 
-// run starts the node and keeps it configured until ctx is done.
+// applianceDeps is what the appliance uses but does not own.
+type applianceDeps struct {
+	// store keeps the node's state; nil means tsnet's files in
+	// TS_STATE_DIR.
+	store  ipn.StateStore
+	status *status
+	events *kubeevents.Recorder
+	// onNetChange, if set, is called on every route or address change.
+	onNetChange func()
+}
+
+// newAppliance returns an appliance for cfg. Until an endpoint source
+// reports, it advertises the explicit endpoints, and with a Service to
+// follow it says that the Service was not read yet.
+func newAppliance(cfg Config, d applianceDeps, logger *slog.Logger) *appliance {
+	a := &appliance{
+		cfg:         cfg,
+		logger:      logger,
+		ts:          newTSNet(cfg, d.store, logger),
+		status:      d.status,
+		events:      d.events,
+		onNetChange: d.onNetChange,
+		kick:        make(chan struct{}, 1),
+		found:       make(chan found, 1),
+		resync:      resyncInterval,
+	}
+	a.relay.endpoints, _ = lbaddr.Merge(cfg.RelayServerStaticEndpoints, nil, lbaddr.MaxEndpoints)
+	if d.status.service != "" {
+		a.relay.lbWhy = "Service " + d.status.service + " not read yet"
+	}
+	a.status.setRelay(a.relay)
+	return a
+}
+
+// foundEndpoints takes the endpoints an endpoint source found (it is
+// lbaddr.Config's OnChange) and hands them to the reconcile loop.
+func (a *appliance) foundEndpoints(eps []lbaddr.Endpoint, why string) {
+	chans.Replace(a.found, found{eps, why})
+}
+
+// run starts the node and keeps it configured until ctx is done. It stops
+// the node before it returns.
 func (a *appliance) run(ctx context.Context) error {
+	defer a.closeTailnet()
 	lc, err := a.startTailnet()
 	if err != nil {
 		return err
 	}
-	defer a.watchNetworkChanges()()
+	if nm, ok := a.ts.Sys().NetMon.GetOK(); ok && a.onNetChange != nil {
+		defer nm.RegisterChangeCallback(func(*netmon.ChangeDelta) { a.onNetChange() })()
+	}
 	watcher, err := lc.WatchIPNBus(ctx, ipn.NotifyInitialState|ipn.NotifyInitialPrefs|ipn.NotifyNoNetMap)
 	if err != nil {
 		return fmt.Errorf("watch IPN bus: %w", err)
@@ -151,53 +202,13 @@ func (a *appliance) onNotify(n ipn.Notify) {
 		}
 	}
 	if n.State != nil || n.Prefs != nil || n.LoginFinished != nil {
-		a.wake()
+		chans.Poke(a.kick)
 	}
 }
 
-// setFound takes the endpoints found from the Service (lbaddr.Config's
-// OnChange), merges them with the explicit ones and, if that changes what
-// to advertise, wakes the reconcile loop to apply it.
-func (a *appliance) setFound(found []lbaddr.Endpoint, why string) {
-	merged, dropped := lbaddr.Merge(a.cfg.RelayServerStaticEndpoints, found, lbaddr.MaxEndpoints)
-	if len(dropped) > 0 {
-		a.logger.Warn("too many static endpoints; advertising the first ones",
-			"max", lbaddr.MaxEndpoints, "dropped", endpointList(dropped))
-	}
-	if len(found) > 0 {
-		why = ""
-	}
-	old, changed := a.status.setEndpoints(merged, why)
-	if !changed {
-		return
-	}
-	a.logger.Info("static endpoints changed", "from", endpointList(old), "to", endpointList(merged), "why", why)
-	a.events.Normal("EndpointsChanged", fmt.Sprintf("static endpoints %s -> %s", orNone(endpointList(old)), orNone(endpointList(merged))))
-	a.wake()
-}
-
-func orNone(s string) string { return cmp.Or(s, "none") }
-
-// endpointList formats endpoints for the log as addr:port(source),...
-func endpointList(eps []lbaddr.Endpoint) string {
-	s := make([]string, len(eps))
-	for i, e := range eps {
-		s[i] = e.AddrPort.String() + "(" + string(e.Source) + ")"
-	}
-	return strings.Join(s, ",")
-}
-
-// wake asks the reconcile loop for a pass without blocking.
-func (a *appliance) wake() {
-	select {
-	case a.kick <- struct{}{}:
-	default:
-	}
-}
-
-// reconcileLoop runs reconcile on every wake-up and every a.resync.
-// It is level-triggered: each pass reads the current state instead of
-// trusting the events that caused it.
+// reconcileLoop runs reconcile on every wake-up, every a.resync and every
+// report from an endpoint source. It is level-triggered: each pass reads
+// the current state instead of trusting the events that caused it.
 func (a *appliance) reconcileLoop(ctx context.Context, lc *local.Client) error {
 	t := time.NewTicker(a.resync)
 	defer t.Stop()
@@ -208,44 +219,86 @@ func (a *appliance) reconcileLoop(ctx context.Context, lc *local.Client) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case f := <-a.found:
+			a.takeFound(f)
 		case <-a.kick:
 		case <-t.C:
 		}
 	}
 }
 
-// reconcile brings the node's relay prefs to the configured ones and records
+// takeFound merges endpoints found from the Service with the explicit ones
+// into the endpoints to advertise; the pass that follows applies them.
+func (a *appliance) takeFound(f found) {
+	merged, dropped := lbaddr.Merge(a.cfg.RelayServerStaticEndpoints, f.endpoints, lbaddr.MaxEndpoints)
+	if len(dropped) > 0 {
+		a.logger.Warn("too many static endpoints; advertising the first ones",
+			"max", lbaddr.MaxEndpoints, "dropped", endpointList(dropped))
+	}
+	a.relay.lbWhy = f.why
+	if len(f.endpoints) > 0 {
+		a.relay.lbWhy = ""
+	}
+	if old := a.relay.endpoints; !slices.Equal(old, merged) {
+		a.relay.endpoints = merged
+		a.relay.prefsApplied = false // until this pass applies them
+		a.logger.Info("static endpoints changed", "from", endpointList(old), "to", endpointList(merged), "why", a.relay.lbWhy)
+		a.events.Normal("EndpointsChanged", fmt.Sprintf("static endpoints %s -> %s", orNone(endpointList(old)), orNone(endpointList(merged))))
+	}
+	a.status.setRelay(a.relay)
+}
+
+// reconcile brings the node's relay prefs to the desired ones and records
 // whether the relay is serving.
 func (a *appliance) reconcile(ctx context.Context, lc *local.Client) error {
+	// Read first: a state change after this makes what the pass finds stale.
+	seq := a.status.backendSeq()
 	st, err := lc.StatusWithoutPeers(ctx)
 	if err != nil {
 		return fmt.Errorf("read status: %w", err)
 	}
-	a.status.setNode(st)
+	a.relay.seq = seq
+	defer func() { a.status.setRelay(a.relay) }()
+	node := nodeFrom(st)
+	defer func() { a.status.setNode(node) }()
 	running := st.BackendState == ipn.Running.String()
 	// Prefs go in as soon as a logged-in node is Starting, not only once it
 	// is Running: the relay server binds while the node connects (tsnet's
 	// start resets the prefs, so a restart always needs them applied).
-	// This took a restart's readiness from 0.17 to 0.14 s in `make bench`.
 	if !running && st.BackendState != ipn.Starting.String() {
-		if st.BackendState == ipn.NeedsLogin.String() && st.AuthURL != "" {
-			a.status.setLoginPending()
-		}
+		node.loginPending = st.BackendState == ipn.NeedsLogin.String() && st.AuthURL != ""
+		a.setRelayState(false, false, 0)
 		return nil
 	}
 	if st.Self != nil && st.Self.HasCap(tailcfg.NodeAttrDisableRelayServer) {
-		a.status.setRelay(false, false, 0)
-		a.status.setProblem("the tailnet disabled the relay server on this node (node attribute disable-relay-server)")
+		node.problem = "the tailnet disabled the relay server on this node (node attribute disable-relay-server)"
+		a.setRelayState(false, false, 0)
 		return nil
 	}
 	if err := a.applyRelayPrefs(ctx, lc); err != nil {
-		a.status.setRelay(false, false, 0)
+		a.setRelayState(false, false, 0)
 		return err
 	}
 	if !running {
 		return nil // Running wakes the loop again
 	}
 	return a.checkRelayBound(ctx, lc)
+}
+
+// setRelayState records the relay server's state and, when it stops or
+// starts listening, logs it and records an Event.
+func (a *appliance) setRelayState(prefsApplied, bound bool, sessions int) {
+	was := a.relay.bound
+	a.relay.prefsApplied, a.relay.bound, a.relay.sessions = prefsApplied, bound, sessions
+	port := a.cfg.RelayServerPort
+	switch {
+	case bound && !was:
+		a.logger.Info("relay bound", "port", port)
+		a.events.Normal("RelayBound", fmt.Sprintf("peer relay listening on UDP port %d", port))
+	case prefsApplied && !bound && was:
+		a.logger.Error("relay not bound", "port", port)
+		a.events.Warning("RelayNotBound", fmt.Sprintf("peer relay is not listening on UDP port %d (is the port in use?)", port))
+	}
 }
 
 // applyRelayPrefs sets RelayServerPort and RelayServerStaticEndpoints unless
@@ -257,14 +310,15 @@ func (a *appliance) applyRelayPrefs(ctx context.Context, lc *local.Client) error
 		return fmt.Errorf("read prefs: %w", err)
 	}
 	port := uint16(a.cfg.RelayServerPort)
-	want := a.status.endpointAddrs()
+	want := endpointAddrs(a.relay.endpoints)
 	if prefs.RelayServerPort != nil && *prefs.RelayServerPort == port &&
 		sameEndpoints(prefs.RelayServerStaticEndpoints, want) {
+		a.relay.prefsApplied = true
 		return nil
 	}
 	from := "unset"
 	if prefs.RelayServerPort != nil {
-		from = fmt.Sprintf("port=%d endpoints=%v", *prefs.RelayServerPort, prefs.RelayServerStaticEndpoints)
+		from = fmt.Sprintf("port=%d endpoints=%s", *prefs.RelayServerPort, Endpoints(prefs.RelayServerStaticEndpoints))
 	}
 	_, err = lc.EditPrefs(ctx, &ipn.MaskedPrefs{
 		Prefs: ipn.Prefs{
@@ -277,6 +331,7 @@ func (a *appliance) applyRelayPrefs(ctx context.Context, lc *local.Client) error
 	if err != nil {
 		return fmt.Errorf("set relay prefs (port %d): %w", port, err)
 	}
+	a.relay.prefsApplied = true
 	a.logger.Info("relay prefs applied", "from", from, "port", port, "staticEndpoints", Endpoints(want).String())
 	return nil
 }
@@ -286,8 +341,7 @@ func sameEndpoints(a, b []netip.AddrPort) bool {
 	if len(a) != len(b) {
 		return false
 	}
-	cmp := func(x, y netip.AddrPort) int { return x.Compare(y) }
-	a, b = slices.SortedFunc(slices.Values(a), cmp), slices.SortedFunc(slices.Values(b), cmp)
+	a, b = slices.SortedFunc(slices.Values(a), netip.AddrPort.Compare), slices.SortedFunc(slices.Values(b), netip.AddrPort.Compare)
 	return slices.Equal(a, b)
 }
 
@@ -296,32 +350,94 @@ func sameEndpoints(a, b []netip.AddrPort) bool {
 // keep trying it, so it must keep readiness failing.
 func (a *appliance) checkRelayBound(ctx context.Context, lc *local.Client) error {
 	want := uint16(a.cfg.RelayServerPort)
-	parent := ctx
-	ctx, cancel := context.WithTimeout(ctx, bindTimeout)
-	defer cancel()
-	for {
+	var lastErr error
+	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, bindTimeout, true, func(ctx context.Context) (bool, error) {
 		rs, err := lc.DebugPeerRelaySessions(ctx)
-		if err == nil && rs.UDPPort != nil && *rs.UDPPort == want {
-			if a.status.setRelay(true, true, len(rs.Sessions)) {
-				a.logger.Info("relay bound", "port", want)
-				a.events.Normal("RelayBound", fmt.Sprintf("peer relay listening on UDP port %d", want))
-			}
-			return nil
+		lastErr = err
+		if err != nil || rs.UDPPort == nil || *rs.UDPPort != want {
+			return false, nil
 		}
-		select {
-		case <-ctx.Done():
-			if parent.Err() != nil {
-				return parent.Err()
-			}
-			if a.status.setRelay(true, false, 0) {
-				a.logger.Error("relay not bound", "port", want, "err", err)
-				a.events.Warning("RelayNotBound", fmt.Sprintf("peer relay is not listening on UDP port %d (is the port in use?)", want))
-			}
-			if err != nil {
-				return fmt.Errorf("read relay status: %w", err)
-			}
-			return fmt.Errorf("relay server did not bind UDP port %d (is the port in use?)", want)
-		case <-time.After(100 * time.Millisecond):
-		}
+		a.setRelayState(true, true, len(rs.Sessions))
+		return true, nil
+	})
+	switch {
+	case err == nil:
+		return nil
+	case ctx.Err() != nil:
+		return ctx.Err()
+	}
+	a.setRelayState(true, false, 0)
+	if lastErr != nil {
+		return fmt.Errorf("read relay status: %w", lastErr)
+	}
+	return fmt.Errorf("relay server did not bind UDP port %d (is the port in use?)", want)
+}
+
+// relaySessions reads the relay server's sessions live, or returns false if
+// the node has not started or the relay is not bound.
+func (a *appliance) relaySessions(ctx context.Context) ([]readyz.Session, bool) {
+	lc := a.localClient()
+	if lc == nil {
+		return nil, false
+	}
+	ctx, cancel := context.WithTimeout(ctx, localAPITimeout)
+	defer cancel()
+	rs, err := lc.DebugPeerRelaySessions(ctx)
+	if err != nil || rs.UDPPort == nil {
+		return nil, false
+	}
+	out := make([]readyz.Session, 0, len(rs.Sessions))
+	for _, s := range rs.Sessions {
+		out = append(out, readyz.Session{VNI: s.VNI, Clients: [2]readyz.Client{
+			{Endpoint: s.Client1.Endpoint, PacketsTx: s.Client1.PacketsTx, BytesTx: s.Client1.BytesTx},
+			{Endpoint: s.Client2.Endpoint, PacketsTx: s.Client2.PacketsTx, BytesTx: s.Client2.BytesTx},
+		}})
+	}
+	return out, true
+}
+
+// endpointAddrs returns the addresses of eps.
+func endpointAddrs(eps []lbaddr.Endpoint) []netip.AddrPort {
+	out := make([]netip.AddrPort, len(eps))
+	for i, e := range eps {
+		out[i] = e.AddrPort
+	}
+	return out
+}
+
+// endpointList formats endpoints for the log as addr:port(source),...
+func endpointList(eps []lbaddr.Endpoint) string {
+	s := make([]string, len(eps))
+	for i, e := range eps {
+		s[i] = e.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func orNone(s string) string { return cmp.Or(s, "none") }
+
+// newTSNet configures the userspace Tailscale node. Tailscale's own backend
+// log is very chatty and meant for Tailscale's engineers, so it is dropped
+// unless TS_BACKEND_LOGS asks for it.
+func newTSNet(cfg Config, store ipn.StateStore, logger *slog.Logger) *tsnet.Server {
+	backend := func(string, ...any) {}
+	if cfg.BackendLogs {
+		bl := logger.With("src", "tailscale")
+		backend = func(format string, args ...any) { bl.Info(fmt.Sprintf(format, args...)) }
+	}
+	ul := logger.With("src", "tsnet")
+	return &tsnet.Server{
+		Dir:           cfg.StateDir,
+		Hostname:      cfg.Hostname,
+		AuthKey:       cfg.AuthKey,
+		ClientSecret:  cfg.ClientSecret,
+		AdvertiseTags: cfg.AdvertiseTags,
+		ControlURL:    cfg.ControlURL,
+		Port:          uint16(cfg.WireGuardPort),
+		Logf:          backend,
+		// tsnet's user-facing lines repeat what this package logs itself
+		// (the auth URL every few seconds, state changes).
+		UserLogf: func(format string, args ...any) { ul.Debug(fmt.Sprintf(format, args...)) },
+		Store:    store,
 	}
 }

@@ -31,14 +31,14 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 		t.Fatal(err)
 	}
 	ep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
-	a := newAppliance(Config{
+	a := testAppliance(t, Config{
 		AuthKey:                    control.AuthKey,
 		ControlURL:                 control.URL,
 		Hostname:                   "relay",
 		StateDir:                   t.TempDir(),
 		RelayServerPort:            Port(port),
 		RelayServerStaticEndpoints: Endpoints{ep},
-	}, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
+	}, "")
 	a.resync = time.Hour
 	ctx := t.Context()
 	runForTest(t, a)
@@ -83,10 +83,18 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 	}
 }
 
+// testAppliance returns an appliance for cfg, following Service service
+// ("namespace/name", or "") as Run wires it, logging to the test.
+func testAppliance(t *testing.T, cfg Config, service string) *appliance {
+	t.Helper()
+	logger := slog.New(slog.NewTextHandler(t.Output(), nil))
+	return newAppliance(cfg, applianceDeps{status: newStatus(uint16(cfg.RelayServerPort), service)}, logger)
+}
+
 // runForTest runs a in process, with the loops in also (the Service watch,
-// say), until the test ends. It keeps the node on this machine: no UPnP/PCP
-// probes of the gateway, and a panic rather than a dial to Tailscale's
-// control.
+// say), until the test ends; a's run stops the node. It keeps the node on
+// this machine: no UPnP/PCP probes of the gateway, and a panic rather than
+// a dial to Tailscale's control.
 func runForTest(t *testing.T, a *appliance, also ...func(context.Context) error) {
 	envknob.Setenv("TS_DISABLE_PORTMAPPER", "1")
 	envknob.Setenv("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")
@@ -101,28 +109,27 @@ func runForTest(t *testing.T, a *appliance, also ...func(context.Context) error)
 		for range loops {
 			<-done
 		}
-		a.closeTailnet()
 	})
 }
 
 // TestFailedStartDoesNotPanic checks that a node that cannot start (here its
-// state directory is a file) makes run return the error, and that the
-// shutdown that follows does not close what never started.
+// state directory is a file) makes run return the error, and that its
+// shutdown does not close what never started.
 func TestFailedStartDoesNotPanic(t *testing.T) {
 	notADir := filepath.Join(t.TempDir(), "file")
 	if err := os.WriteFile(notADir, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	a := newAppliance(Config{
+	a := testAppliance(t, Config{
 		ControlURL:      "http://127.0.0.1:1",
 		Hostname:        "relay",
 		StateDir:        notADir,
 		RelayServerPort: 40000,
-	}, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
+	}, "")
 	a.resync = time.Hour
+	// run closes the node on its way out, which must not panic.
 	err := a.run(t.Context())
 	if err == nil || !strings.Contains(err.Error(), "start tailscale") {
 		t.Fatalf("run with an unusable state dir = %v, want a start error", err)
 	}
-	a.closeTailnet() // must not panic
 }

@@ -53,6 +53,9 @@ type Config struct {
 	BackendLogs     bool `envconfig:"TS_BACKEND_LOGS" default:"false" desc:"Include Tailscale's own verbose backend log in this process's log."`
 	DebugPprof      bool `envconfig:"TS_DEBUG_PPROF" default:"false" desc:"Serve Go's profiler at /debug/pprof/ on TS_LOCAL_ADDR_PORT, for performance investigations. Anyone who reaches that address can then read the process's memory profile: turn it on only where that address is private."`
 
+	// DERPConfig: the in-cluster DERP region (derp.go), off by default.
+	DERPConfig
+
 	// Version is tsrelay's version, set by main for build info; not read
 	// from the environment.
 	Version string `ignored:"true"`
@@ -310,6 +313,7 @@ func (c *Config) Validate() error {
 	if _, err := netip.ParseAddrPort(c.LocalAddrPort); err != nil {
 		bad("TS_LOCAL_ADDR_PORT=%s: want ip:port or [ipv6]:port (e.g. [::]:9002)", c.LocalAddrPort)
 	}
+	errs = append(errs, c.DERPConfig.validate(c)...)
 	return errors.Join(errs...)
 }
 
@@ -333,13 +337,24 @@ func (c *Config) setDefaults() error {
 // PrintUsage writes every environment variable with its default and
 // meaning, read from Config's struct tags. It walks the tags itself rather
 // than through envconfig's template-based usage: text/template makes the
-// linker keep every exported method in the program, about 7 MB.
+// linker keep every exported method in the program, megabytes of them.
 func PrintUsage(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "VARIABLE\tDEFAULT\tMEANING")
-	t := reflect.TypeFor[Config]()
+	printUsage(tw, reflect.TypeFor[Config]())
+	return tw.Flush()
+}
+
+// printUsage writes the rows for struct type t, descending into embedded
+// structs (DERPConfig) as envconfig does.
+func printUsage(tw io.Writer, t reflect.Type) {
 	for i := range t.NumField() {
-		tag := t.Field(i).Tag
+		f := t.Field(i)
+		if f.Anonymous && f.Type.Kind() == reflect.Struct {
+			printUsage(tw, f.Type)
+			continue
+		}
+		tag := f.Tag
 		if tag.Get("ignored") == "true" {
 			continue
 		}
@@ -349,5 +364,4 @@ func PrintUsage(w io.Writer) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", tag.Get("envconfig"), def, tag.Get("desc"))
 	}
-	return tw.Flush()
 }

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"runtime"
 	"slices"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -19,15 +18,13 @@ import (
 	"tailscale.com/ipn"
 	tsversion "tailscale.com/version"
 
+	"github.com/tsrelay/tsrelay/derpregion"
+	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/internal/udpsock"
 	"github.com/tsrelay/tsrelay/kubestate"
 	"github.com/tsrelay/tsrelay/lbaddr"
 	"github.com/tsrelay/tsrelay/pathmtu"
 )
-
-// scrapeTimeout bounds the local API calls one scrape makes (Tailscale's
-// user metrics, the relay's session table). Both are in memory.
-const scrapeTimeout = 3 * time.Second
 
 // backendStates are the values of tsrelay_backend_state's state label.
 var backendStates = []ipn.State{ipn.NoState, ipn.NeedsLogin, ipn.NeedsMachineAuth, ipn.Stopped, ipn.Starting, ipn.Running}
@@ -38,7 +35,7 @@ type statsSource interface{ Stats() kubestate.Stats }
 // collector exposes tsrelay's own series, read from the appliance's status
 // at scrape time so that they always agree with /readyz.
 type collector struct {
-	a     *appliance
+	h     *handlers
 	store statsSource // nil when the state is in a directory
 
 	ready, backendState, bound, endpoints, sessions *prometheus.Desc
@@ -47,12 +44,12 @@ type collector struct {
 	sockets, socketsSetting                         *prometheus.Desc
 }
 
-func newCollector(a *appliance, store statsSource) *collector {
+func newCollector(h *handlers, store statsSource) *collector {
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc("tsrelay_"+name, help, labels, nil)
 	}
 	return &collector{
-		a:              a,
+		h:              h,
 		store:          store,
 		ready:          d("ready", "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."),
 		backendState:   d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
@@ -83,7 +80,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter := func(d *prometheus.Desc, v uint64) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
 	}
-	st := c.a.status.snapshot()
+	st := c.h.status.snapshot()
 	gauge(c.ready, bit(st.Ready))
 	for _, s := range backendStates {
 		gauge(c.backendState, bit(st.BackendState == s.String()), s.String())
@@ -92,13 +89,19 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for _, src := range []lbaddr.Source{lbaddr.SourceExplicit, lbaddr.SourceService, lbaddr.SourceDNS} {
 		n := 0
 		for _, e := range st.Relay.StaticEndpoints {
-			if e.Source == src {
+			if e.Source == string(src) {
 				n++
 			}
 		}
 		gauge(c.endpoints, float64(n), string(src))
 	}
-	gauge(c.sessions, float64(c.liveSessions(st.Relay.Bound, st.Relay.Sessions)))
+	sessions := st.Relay.Sessions // as of the last reconcile pass
+	if st.Relay.Bound {
+		if table, ok := c.h.node.relaySessions(context.Background()); ok {
+			sessions = len(table)
+		}
+	}
+	gauge(c.sessions, float64(sessions))
 	if c.store != nil {
 		s := c.store.Stats()
 		counter(c.writes, s.Writes)
@@ -111,34 +114,18 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(c.pathMTUNeeded, pathmtu.NeededIPv4, string(pathmtu.IPv4))
 		gauge(c.pathMTUNeeded, pathmtu.NeededIPv6, string(pathmtu.IPv6))
-		tooSmall := slices.ContainsFunc(mtu.Paths, func(p pathJSON) bool { return p.TooSmall })
+		tooSmall := slices.ContainsFunc(mtu.Paths, func(p readyz.Path) bool { return p.TooSmall })
 		gauge(c.mtuTooSmall, bit(tooSmall))
 		gauge(c.tunnel, bit(mtu.TunnelInTunnel != ""))
 	}
-	gauge(c.socketsSetting, float64(c.a.cfg.RelayServerSockets))
+	gauge(c.socketsSetting, float64(c.h.cfg.RelayServerSockets))
 	if st.Relay.Bound {
-		if n, err := udpsock.Count(0, int(c.a.cfg.RelayServerPort)); err == nil {
+		if n, err := udpsock.Count(0, int(c.h.cfg.RelayServerPort)); err == nil {
 			gauge(c.sockets, float64(n.IPv4), "ipv4")
 			gauge(c.sockets, float64(n.IPv6), "ipv6")
 		}
 	}
-	gauge(c.buildInfo, 1, c.a.cfg.Version, tsversion.Short(), runtime.Version())
-}
-
-// liveSessions asks the relay server how many sessions it holds, falling
-// back to the count from the last reconcile pass.
-func (c *collector) liveSessions(bound bool, last int) int {
-	lc := c.a.localClient()
-	if lc == nil || !bound {
-		return last
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
-	defer cancel()
-	rs, err := lc.DebugPeerRelaySessions(ctx)
-	if err != nil {
-		return last
-	}
-	return len(rs.Sessions)
+	gauge(c.buildInfo, 1, c.h.cfg.Version, tsversion.Short(), runtime.Version())
 }
 
 func bit(b bool) float64 {
@@ -152,30 +139,33 @@ func bit(b bool) float64 {
 // series, and Tailscale's user metrics for this node (among them
 // tailscaled_peer_relay_forwarded_packets_total and _bytes_total), merged
 // into one exposition.
-func (a *appliance) metricsHandler(store statsSource) http.Handler {
+func (h *handlers) metrics(store statsSource) http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
-		newCollector(a, store),
+		newCollector(h, store),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
-	g := prometheus.Gatherers{reg, prometheus.GathererFunc(a.tailscaleMetrics)}
+	if h.derp != nil {
+		reg.MustRegister(derpregion.NewCollector(h.derp.srv, applianceNode{h.node}, h.derp.cfg.RegionCode, h.logger))
+	}
+	g := prometheus.Gatherers{reg, prometheus.GathererFunc(h.tailscaleMetrics)}
 	return promhttp.HandlerFor(g, promhttp.HandlerOpts{
 		// A failure to read Tailscale's metrics must not hide ours.
 		ErrorHandling: promhttp.ContinueOnError,
-		ErrorLog:      promLogger{a.logger},
+		ErrorLog:      promLogger{h.logger},
 	})
 }
 
 // tailscaleMetrics reads Tailscale's user metrics from the node's local API
 // and parses them, so that the Gatherers merge them with ours into one
 // valid exposition.
-func (a *appliance) tailscaleMetrics() ([]*dto.MetricFamily, error) {
-	lc := a.localClient()
+func (h *handlers) tailscaleMetrics() ([]*dto.MetricFamily, error) {
+	lc := h.node.localClient()
 	if lc == nil {
 		return nil, nil // not started yet
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), localAPITimeout)
 	defer cancel()
 	text, err := lc.UserMetrics(ctx)
 	if err != nil {

@@ -4,12 +4,11 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"slices"
 	"strings"
 	"time"
 
-	"tailscale.com/net/netmon"
-
+	"github.com/tsrelay/tsrelay/internal/chans"
+	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/pathmtu"
 )
 
@@ -25,68 +24,63 @@ const (
 	mtuCheckTimeout = 5 * time.Second
 )
 
-// mtuCheck is the last path MTU check, for /readyz and /metrics.
-type mtuCheck struct {
-	report  pathmtu.Report
-	err     string // why the check failed, or ""
-	checked bool
+// mtuWatcher checks the path MTU: once before the HTTP server answers, so
+// that /readyz and /metrics never show an unchecked path, then whenever
+// the network changes and every mtuCheckInterval. It reports only changes
+// of the verdict, so a steady problem gives one log line and one Event.
+type mtuWatcher struct {
+	status *status
+	events *kubeevents.Recorder
+	logger *slog.Logger
+	// changed asks for a check now; see poke.
+	changed chan struct{}
 }
 
-// watchPathMTU checks the path MTU now, on every network change Tailscale's
-// network monitor announces (see watchNetworkChanges) and every
-// mtuCheckInterval, until ctx is done. It reports only changes of the
-// verdict, so a steady problem gives one log line and one Event.
-func (a *appliance) watchPathMTU(ctx context.Context) error {
+func newMTUWatcher(st *status, events *kubeevents.Recorder, logger *slog.Logger) *mtuWatcher {
+	return &mtuWatcher{status: st, events: events, logger: logger, changed: make(chan struct{}, 1)}
+}
+
+// poke asks for a check now without blocking; the node calls it when its
+// network monitor sees routes or addresses change.
+func (m *mtuWatcher) poke() { chans.Poke(m.changed) }
+
+// run checks the path MTU on every poke and every mtuCheckInterval until
+// ctx is done.
+func (m *mtuWatcher) run(ctx context.Context) error {
 	t := time.NewTicker(mtuCheckInterval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-a.netChanged:
+		case <-m.changed:
 		case <-t.C:
 		}
-		a.checkPathMTU(ctx)
+		m.check(ctx)
 	}
-}
-
-// watchNetworkChanges asks watchPathMTU for a check whenever the node's
-// network monitor sees routes or addresses change. It returns the function
-// that stops the watch.
-func (a *appliance) watchNetworkChanges() (stop func()) {
-	nm, ok := a.ts.Sys().NetMon.GetOK()
-	if !ok {
-		return func() {}
-	}
-	return nm.RegisterChangeCallback(func(*netmon.ChangeDelta) {
-		select {
-		case a.netChanged <- struct{}{}:
-		default:
-		}
-	})
 }
 
 // checkPathMTU finds and judges the path MTU, records the result and, when
 // the verdict changed, logs it and records an Event.
-func (a *appliance) checkPathMTU(ctx context.Context) {
+func (m *mtuWatcher) check(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, mtuCheckTimeout)
 	defer cancel()
 	paths, err := pathmtu.Find(ctx)
 	if err != nil {
-		if a.status.setPathMTU(mtuCheck{err: err.Error(), checked: true}) {
-			a.logger.Warn("cannot check the path MTU", "err", err)
+		if m.status.setPathMTU(mtuCheck{err: err.Error(), checked: true}) {
+			m.logger.Warn("cannot check the path MTU", "err", err)
 		}
 		return
 	}
 	r := pathmtu.Judge(paths)
-	old := a.status.pathMTU()
-	if !a.status.setPathMTU(mtuCheck{report: r, checked: true}) {
+	old := m.status.pathMTU()
+	if !m.status.setPathMTU(mtuCheck{report: r, checked: true}) {
 		return
 	}
 	if r.OK() {
 		if !old.report.OK() {
-			a.logger.Info("path MTU ok", pathAttrs(r.Paths)...)
-			a.events.Normal("PathMTUOK", "path MTU large enough for relayed packets: "+pathList(r.Paths))
+			m.logger.Info("path MTU ok", pathAttrs(r.Paths)...)
+			m.events.Normal("PathMTUOK", "path MTU large enough for relayed packets: "+pathList(r.Paths))
 		}
 		return
 	}
@@ -99,12 +93,12 @@ func (a *appliance) checkPathMTU(ctx context.Context) {
 			msg = "tunnel inside a tunnel"
 		}
 	}
-	a.logger.Warn(msg, attrs...)
+	m.logger.Warn(msg, attrs...)
 	if len(r.TooSmall) > 0 {
-		a.events.Warning("PathMTUTooSmall", pathmtu.Report{TooSmall: r.TooSmall}.Summary())
+		m.events.Warning("PathMTUTooSmall", pathmtu.Report{TooSmall: r.TooSmall}.Summary())
 	}
 	if r.Tunnel != "" {
-		a.events.Warning("TunnelInTunnel", pathmtu.Report{Tunnel: r.Tunnel}.Summary())
+		m.events.Warning("TunnelInTunnel", pathmtu.Report{Tunnel: r.Tunnel}.Summary())
 	}
 }
 
@@ -125,63 +119,4 @@ func pathList(paths []pathmtu.Path) string {
 		s[i] = fmt.Sprintf("%s via %s MTU %d", p.Family, p.Interface, p.MTU())
 	}
 	return strings.Join(s, ", ")
-}
-
-// setPathMTU records a check and reports whether its verdict differs from
-// the last one: another interface or MTU, another problem, or another
-// error.
-func (s *status) setPathMTU(c mtuCheck) (changed bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	old := s.mtu
-	s.mtu = c
-	return !old.checked || old.err != c.err || old.report.Tunnel != c.report.Tunnel ||
-		!slices.Equal(old.report.Paths, c.report.Paths)
-}
-
-// pathMTU returns the last check.
-func (s *status) pathMTU() mtuCheck {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.mtu
-}
-
-// pathMTUJSON is the path MTU part of the verbose /readyz.
-type pathMTUJSON struct {
-	// OK is true when relayed packets fit and no tunnel inside a tunnel
-	// was seen. It does not affect readiness.
-	OK       bool       `json:"ok"`
-	NeedIPv4 int        `json:"needIPv4"`
-	NeedIPv6 int        `json:"needIPv6"`
-	Paths    []pathJSON `json:"paths"`
-	// TunnelInTunnel says why the pod network looks like a tunnel inside a
-	// Tailscale tunnel.
-	TunnelInTunnel string `json:"tunnelInTunnel,omitempty"`
-	Error          string `json:"error,omitempty"`
-}
-
-type pathJSON struct {
-	pathmtu.Path
-	MTU      int  `json:"mtu"`
-	TooSmall bool `json:"tooSmall"`
-}
-
-// pathMTUStatus converts a check for the verbose /readyz; nil before the
-// first check.
-func pathMTUStatus(c mtuCheck) *pathMTUJSON {
-	if !c.checked {
-		return nil
-	}
-	out := &pathMTUJSON{
-		OK:             c.err == "" && c.report.OK(),
-		NeedIPv4:       pathmtu.NeededIPv4,
-		NeedIPv6:       pathmtu.NeededIPv6,
-		Paths:          []pathJSON{},
-		TunnelInTunnel: c.report.Tunnel,
-		Error:          c.err,
-	}
-	for _, p := range c.report.Paths {
-		out.Paths = append(out.Paths, pathJSON{Path: p, MTU: p.MTU(), TooSmall: p.TooSmall()})
-	}
-	return out
 }

@@ -4,7 +4,6 @@ import (
 	"testing"
 
 	"tailscale.com/ipn"
-	"tailscale.com/ipn/ipnstate"
 
 	"github.com/tsrelay/tsrelay/pathmtu"
 )
@@ -13,10 +12,10 @@ import (
 // so log and record an Event), and that the path MTU never touches
 // readiness.
 func TestPathMTUVerdict(t *testing.T) {
-	s := testStatus()
+	a := testRelay(t)
+	s := a.status
 	s.setBackendState(ipn.Running)
-	s.setNode(&ipnstate.Status{})
-	s.setRelay(true, true, 0)
+	pass(a, true, true, 0)
 	check := func(paths ...pathmtu.Path) mtuCheck {
 		return mtuCheck{report: pathmtu.Judge(paths), checked: true}
 	}

@@ -9,20 +9,17 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
 	"strings"
 	"time"
 
 	"golang.org/x/sync/errgroup"
+	"tailscale.com/envknob"
 	"tailscale.com/feature"
 	"tailscale.com/ipn"
-	"tailscale.com/tsnet"
 
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/kubestate"
-	"github.com/tsrelay/tsrelay/lbaddr"
 
 	// tsnet does not link the peer relay server. Without this import,
 	// RelayServerPort is still accepted and advertised, so peers keep trying
@@ -46,79 +43,57 @@ const (
 	shutdownTimeout = 5 * time.Second
 )
 
-// Run runs the relay until ctx is done or a stage fails. It returns nil after
-// a clean shutdown.
+// Run runs the relay until ctx is done or a component fails. It returns
+// nil after a clean shutdown. Everything that is checked before anything
+// long-running starts (the Kubernetes client, the state Secret, the HTTP
+// port, the Service's RBAC) fails here, with the setting it came from.
 func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	if !feature.IsRegistered(relayFeature) {
 		return errors.New("this binary was built without tailscale.com/feature/relayserver; it cannot relay")
 	}
-	var kc *kubeclient.Client
-	if cfg.KubeSecret != "" || cfg.RelayService != "" {
-		var err error
-		if kc, err = kubeclient.New(); err != nil {
-			return err
-		}
+	if cfg.NoLogsNoSupport {
+		envknob.SetNoLogsNoSupport() // the same as tsnet's own reading of the variable, made explicit
 	}
-	// Events about this pod, posted in the background; what is queued when
-	// Run returns (a failed state load, say) gets up to 2 s more.
-	var events *kubeevents.Recorder
-	if kc != nil && cfg.PodName != "" {
-		events = kubeevents.New(kc.Dynamic, kubeevents.Pod{Name: cfg.PodName, Namespace: cmp.Or(cfg.PodNamespace, kc.Namespace), UID: cfg.PodUID}, "tsrelay", logger)
-	}
-	eventsCtx, stopEvents := context.WithCancel(context.WithoutCancel(ctx))
-	eventsDone := make(chan struct{})
-	go func() { events.Run(eventsCtx); close(eventsDone) }()
-	defer func() { stopEvents(); <-eventsDone }()
-
-	store, err := newStateStore(ctx, cfg, kc, logger)
+	kc, err := newKubeClient(cfg)
 	if err != nil {
-		events.Warning("StateLoadFailed", err.Error())
 		return err
 	}
-	if s, ok := store.(*kubestate.Store); ok {
-		events.Normal("StateLoaded", "node state loaded from Secret "+strings.TrimPrefix(s.String(), "kube:"))
-	}
-	ln, err := net.Listen("tcp", cfg.LocalAddrPort)
-	if err != nil {
-		return fmt.Errorf("listen on TS_LOCAL_ADDR_PORT=%s: %w", cfg.LocalAddrPort, err)
-	}
+	events, flushEvents := startEvents(ctx, cfg, kc, logger)
+	defer flushEvents()
 
-	a := newAppliance(cfg, store, logger)
-	a.events = events
-	var svc *lbaddr.Config
-	if cfg.RelayService != "" {
-		svc = &lbaddr.Config{
-			Client:    kc.Dynamic,
-			Namespace: kc.Namespace,
-			Name:      cfg.RelayService,
-			RelayPort: uint16(cfg.RelayServerPort),
-			Logger:    logger,
-			OnChange:  a.setFound,
-		}
-		a.status.followService(kc.Namespace + "/" + cfg.RelayService)
-		if err := lbaddr.Check(ctx, *svc); err != nil {
-			ln.Close()
-			return fmt.Errorf("follow TS_RELAY_SERVICE=%s: %w", cfg.RelayService, err)
-		}
+	// The components, in the order data flows at start.
+	store, err := newStateStore(ctx, cfg, kc, events, logger)
+	if err != nil {
+		return err
+	}
+	st := newStatus(uint16(cfg.RelayServerPort), serviceRef(cfg, kc))
+	mtu := newMTUWatcher(st, events, logger)
+	node := newAppliance(cfg, applianceDeps{store: store, status: st, events: events, onNetChange: mtu.poke}, logger)
+	service, err := newServiceWatch(ctx, cfg, kc, node.foundEndpoints, logger)
+	if err != nil {
+		return err
+	}
+	derp, err := newDERPRegion(cfg, store, st, node, events, logger)
+	if err != nil {
+		return err
+	}
+	stats, _ := store.(statsSource)
+	web, err := newHTTPServer(cfg, st, node, derp, stats, logger)
+	if err != nil {
+		derp.close()
+		return err
 	}
 	logger.Info("starting", "hostname", cfg.Hostname, "relayPort", uint16(cfg.RelayServerPort),
 		"staticEndpoints", cfg.RelayServerStaticEndpoints.String(), "service", cfg.RelayService,
-		"state", stateLocation(cfg), "http", ln.Addr().String())
-
-	// Checked before /readyz and /metrics answer, so that they never show
-	// an unchecked path; a check is two netlink round trips.
-	a.checkPathMTU(ctx)
+		"state", stateLocation(cfg), "http", web.ln.Addr().String())
+	mtu.check(ctx) // before /readyz and /metrics answer
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return serveHTTP(gctx, ln, a.handler(), logger) })
-	g.Go(func() error { return a.watchPathMTU(gctx) })
-	g.Go(func() error {
-		defer a.closeTailnet()
-		return a.run(gctx)
-	})
-	if svc != nil {
-		g.Go(func() error { return lbaddr.Watch(gctx, *svc) })
-	}
+	g.Go(func() error { return web.run(gctx) })     // /healthz, /readyz, /metrics
+	g.Go(func() error { return mtu.run(gctx) })     // path MTU checks
+	g.Go(func() error { return node.run(gctx) })    // tailnet node + reconcile loop
+	g.Go(func() error { return service.run(gctx) }) // endpoints from the Service
+	g.Go(func() error { return derp.run(gctx) })    // in-cluster DERP region (TS_DERP_PORT)
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		err = nil
@@ -127,16 +102,42 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	return err
 }
 
+// newKubeClient returns the Kubernetes client when a setting needs one, or
+// nil.
+func newKubeClient(cfg Config) (*kubeclient.Client, error) {
+	if cfg.KubeSecret == "" && cfg.RelayService == "" {
+		return nil, nil
+	}
+	return kubeclient.New()
+}
+
+// startEvents starts posting Events about this pod in the background, if
+// there is a pod to post them on. Call flush when Run returns: what is
+// queued then (a failed state load, say) gets up to 2 s more.
+func startEvents(ctx context.Context, cfg Config, kc *kubeclient.Client, logger *slog.Logger) (events *kubeevents.Recorder, flush func()) {
+	if kc != nil && cfg.PodName != "" {
+		pod := kubeevents.Pod{Name: cfg.PodName, Namespace: cmp.Or(cfg.PodNamespace, kc.Namespace), UID: cfg.PodUID}
+		events = kubeevents.New(kc.Dynamic, pod, logger)
+	}
+	ectx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan struct{})
+	go func() { events.Run(ectx); close(done) }()
+	return events, func() { stop(); <-done }
+}
+
 // newStateStore returns the Kubernetes Secret store when TS_KUBE_SECRET is
 // set, or nil, which makes tsnet keep its state in TS_STATE_DIR.
-func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, logger *slog.Logger) (ipn.StateStore, error) {
+func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, events *kubeevents.Recorder, logger *slog.Logger) (ipn.StateStore, error) {
 	if cfg.KubeSecret == "" {
 		return nil, nil
 	}
 	s, err := kubestate.New(ctx, logger, kc.Dynamic, kc.Namespace, cfg.KubeSecret)
 	if err != nil {
-		return nil, fmt.Errorf("open state Secret (TS_KUBE_SECRET=%s): %w", cfg.KubeSecret, err)
+		err = fmt.Errorf("open state Secret (TS_KUBE_SECRET=%s): %w", cfg.KubeSecret, err)
+		events.Warning("StateLoadFailed", err.Error())
+		return nil, err
 	}
+	events.Normal("StateLoaded", "node state loaded from Secret "+strings.TrimPrefix(s.String(), "kube:"))
 	return s, nil
 }
 
@@ -146,56 +147,4 @@ func stateLocation(cfg Config) string {
 		return "secret/" + cfg.KubeSecret
 	}
 	return cfg.StateDir
-}
-
-// newTSNet configures the userspace Tailscale node. Tailscale's own backend
-// log is very chatty and meant for Tailscale's engineers, so it is dropped
-// unless TS_BACKEND_LOGS asks for it.
-func newTSNet(cfg Config, store ipn.StateStore, logger *slog.Logger) *tsnet.Server {
-	backend := func(string, ...any) {}
-	if cfg.BackendLogs {
-		bl := logger.With("src", "tailscale")
-		backend = func(format string, args ...any) { bl.Info(fmt.Sprintf(format, args...)) }
-	}
-	ul := logger.With("src", "tsnet")
-	s := &tsnet.Server{
-		Dir:           cfg.StateDir,
-		Hostname:      cfg.Hostname,
-		AuthKey:       cfg.AuthKey,
-		ClientSecret:  cfg.ClientSecret,
-		AdvertiseTags: cfg.AdvertiseTags,
-		ControlURL:    cfg.ControlURL,
-		Port:          uint16(cfg.WireGuardPort),
-		Logf:          backend,
-		// tsnet's user-facing lines repeat what this package logs itself
-		// (the auth URL every few seconds, state changes).
-		UserLogf: func(format string, args ...any) { ul.Debug(fmt.Sprintf(format, args...)) },
-		Store:    store,
-	}
-	return s
-}
-
-// serveHTTP serves h on ln until ctx is done, then drains requests.
-func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Logger) error {
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      10 * time.Second,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-	}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serve HTTP on %s: %w", ln.Addr(), err)
-	case <-ctx.Done():
-	}
-	// ctx is already cancelled; draining needs a deadline of its own.
-	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		return fmt.Errorf("shut down HTTP server: %w", err)
-	}
-	return ctx.Err()
 }

@@ -1,102 +1,108 @@
 package relay
 
 import (
-	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
-	"net/http/pprof"
 	"net/netip"
 	"slices"
 	"strings"
 	"sync"
-	"time"
 
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
-	udprelaystatus "tailscale.com/net/udprelay/status"
 
+	"github.com/tsrelay/tsrelay/internal/chans"
+	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/lbaddr"
+	"github.com/tsrelay/tsrelay/pathmtu"
 )
 
-// livenessTimeout bounds the in-memory LocalAPI call behind /healthz. It does
-// not involve the control server, so a slow answer means a wedged backend.
-const livenessTimeout = 3 * time.Second
-
-// status is what the relay knows about itself, shared between the reconcile
-// loop (writer) and the HTTP handlers (readers).
+// status is what the relay knows about itself: observations only, each
+// part with one writer, read by the HTTP handlers and metrics.
+//   - backend (state, last error): the IPN bus reader, appliance.onNotify.
+//   - node and relay: the reconcile loop, which also owns the desired relay
+//     settings and publishes what it applied here.
+//   - mtu: the path MTU watcher.
+//   - derp: the DERP region, once, when it is set up.
 type status struct {
-	port uint16
+	port    uint16 // TS_RELAY_SERVER_PORT
+	service string // namespace/name of the Service followed, or ""
+	// advertisedChanged is poked when the endpoints to advertise change
+	// (for the DERP region's derpMap, which lists their IPs).
+	advertisedChanged chan struct{}
 
 	mu sync.Mutex
+	// backend is the IPN state as the bus announced it.
+	backend backendView
+	node    nodeView
+	relay   relayView
+	mtu     mtuCheck // the last path MTU check; never affects readiness
+	derp    derpView
+}
+
+// derpView is the DERP region's part of readiness; zero when it is off.
+type derpView struct {
+	code    string      // the region's code, for the readiness reason
+	serving func() bool // reports whether DERP and STUN both serve
+}
+
+// backendView is what the IPN bus announced last.
+type backendView struct {
+	state ipn.State
+	err   string // last error announced; cleared when Running
+	// seq counts state changes; relay flags count only if the reconcile
+	// pass that set them began after the latest one.
+	seq uint64
+}
+
+// nodeView is what the node reports about itself, read by each reconcile
+// pass.
+type nodeView struct {
+	ips          []netip.Addr
+	dnsName      string
+	health       []string
+	loginPending bool   // NeedsLogin with an auth URL: a human must act
+	problem      string // a reason not to be ready the backend does not know
+}
+
+// relayView is the reconcile loop's view of the relay: the endpoints it
+// wants advertised and whether they are in force.
+type relayView struct {
+	// seq is backendView.seq when the pass that set the flags began.
+	seq uint64
 	// endpoints are the static endpoints to advertise: the explicit ones,
 	// then those found from the Service (see lbaddr.Merge).
 	endpoints []lbaddr.Endpoint
-	// service is "namespace/name" of the Service the relay follows, or "".
-	service string
 	// lbWhy says why no endpoint was found from the Service, while none is.
-	lbWhy string
-
-	backendState ipn.State
-	backendErr   string   // last error the backend announced; cleared when Running
-	health       []string // Tailscale's health warnings, shown while not Running
-	dnsName      string
-	ips          []netip.Addr
-	problem      string // a reason not to be ready that the backend does not know
+	lbWhy        string
 	prefsApplied bool
 	bound        bool
 	sessions     int
-	mtu          mtuCheck // the last path MTU check; never affects readiness
 }
 
-func newStatus(cfg Config) *status {
-	merged, _ := lbaddr.Merge(cfg.RelayServerStaticEndpoints, nil, lbaddr.MaxEndpoints)
-	return &status{port: uint16(cfg.RelayServerPort), endpoints: merged}
+// mtuCheck is the last path MTU check, for /readyz and /metrics.
+type mtuCheck struct {
+	report  pathmtu.Report
+	err     string // why the check failed, or ""
+	checked bool
 }
 
-// followService notes that endpoints come from Service ref
-// ("namespace/name") too, and that none was found from it yet.
-func (s *status) followService(ref string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.service = ref
-	s.lbWhy = "Service " + ref + " not read yet"
-}
-
-// setEndpoints records the endpoints to advertise, and why the Service gave
-// none, and reports the previous endpoints and whether they changed.
-func (s *status) setEndpoints(eps []lbaddr.Endpoint, why string) (old []lbaddr.Endpoint, changed bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	old, s.endpoints, s.lbWhy = s.endpoints, eps, why
-	changed = !slices.Equal(old, eps)
-	if changed {
-		s.prefsApplied = false // until the reconcile loop applies them
-	}
-	return old, changed
-}
-
-// endpointAddrs returns the addresses of the endpoints to advertise.
-func (s *status) endpointAddrs() []netip.AddrPort {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	out := make([]netip.AddrPort, len(s.endpoints))
-	for i, e := range s.endpoints {
-		out[i] = e.AddrPort
-	}
-	return out
+// newStatus returns the status of a relay on port that follows the
+// Service ref ("namespace/name"; "" for none).
+func newStatus(port uint16, service string) *status {
+	return &status{port: port, service: service, advertisedChanged: make(chan struct{}, 1)}
 }
 
 // setBackendState records the IPN state and reports the previous one.
 func (s *status) setBackendState(st ipn.State) (old ipn.State, changed bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	old, s.backendState = s.backendState, st
-	if st == ipn.Running {
-		s.backendErr = ""
+	old = s.backend.state
+	if old != st {
+		s.backend.state = st
+		s.backend.seq++
 	}
-	if st != ipn.Running {
-		s.prefsApplied, s.bound, s.sessions = false, false, 0
+	if st == ipn.Running {
+		s.backend.err = ""
 	}
 	return old, old != st
 }
@@ -106,49 +112,83 @@ func (s *status) setBackendState(st ipn.State) (old ipn.State, changed bool) {
 func (s *status) setBackendError(msg string) (changed bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	changed = s.backendErr != msg
-	s.backendErr = msg
+	changed = s.backend.err != msg
+	s.backend.err = msg
 	return changed
 }
 
-// setLoginPending notes that an interactive login is pending. The URL itself
-// is logged, never served: /readyz may be reachable through the load
-// balancer, and whoever opens the URL first owns the node.
-func (s *status) setLoginPending() {
+// backendSeq returns the count of backend state changes so far; a
+// reconcile pass reads it first and hands it back to setRelay.
+func (s *status) backendSeq() uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.backendErr == "" {
-		s.backendErr = "login URL printed in the log; open it, or restart with TS_AUTHKEY set"
-	}
+	return s.backend.seq
 }
 
-// setNode records what the node reports about itself and clears any problem
-// found by an earlier pass.
-func (s *status) setNode(st *ipnstate.Status) {
+// setNode records what a reconcile pass read about the node. The login
+// URL itself is logged, never served: /readyz may be reachable through the
+// load balancer, and whoever opens the URL first owns the node.
+func (s *status) setNode(n nodeView) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.ips = st.TailscaleIPs
-	s.health = st.Health
-	s.problem = ""
+	s.node = n
+}
+
+// nodeFrom is the part of a node's status that /readyz shows.
+func nodeFrom(st *ipnstate.Status) nodeView {
+	n := nodeView{ips: st.TailscaleIPs, health: st.Health}
 	if st.Self != nil {
-		s.dnsName = strings.TrimSuffix(st.Self.DNSName, ".")
+		n.dnsName = strings.TrimSuffix(st.Self.DNSName, ".")
 	}
+	return n
 }
 
-func (s *status) setProblem(p string) {
+// setRelay records the reconcile loop's view of the relay.
+func (s *status) setRelay(r relayView) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.problem = p
+	if !slices.Equal(s.relay.endpoints, r.endpoints) {
+		chans.Poke(s.advertisedChanged)
+	}
+	r.endpoints = slices.Clone(r.endpoints)
+	s.relay = r
 }
 
-// setRelay records the relay server's state and reports whether its
-// bound-ness changed, so that callers log transitions only.
-func (s *status) setRelay(prefsApplied, bound bool, sessions int) (changed bool) {
+// advertised returns the addresses of the endpoints to advertise.
+func (s *status) advertised() []netip.AddrPort {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	changed = s.bound != bound
-	s.prefsApplied, s.bound, s.sessions = prefsApplied, bound, sessions
-	return changed
+	return endpointAddrs(s.relay.endpoints)
+}
+
+// endpointsChanged is poked when what advertised returns changes; it has
+// one reader.
+func (s *status) endpointsChanged() <-chan struct{} { return s.advertisedChanged }
+
+// setDERP records how to tell whether the DERP region serves.
+func (s *status) setDERP(d derpView) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.derp = d
+}
+
+// setPathMTU records a check and reports whether its verdict differs from
+// the last one: another interface or MTU, another problem, or another
+// error.
+func (s *status) setPathMTU(c mtuCheck) (changed bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.mtu
+	s.mtu = c
+	return !old.checked || old.err != c.err || old.report.Tunnel != c.report.Tunnel ||
+		!slices.Equal(old.report.Paths, c.report.Paths)
+}
+
+// pathMTU returns the last check.
+func (s *status) pathMTU() mtuCheck {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.mtu
 }
 
 // readiness reports whether the relay is serving, and if not, why, in one
@@ -162,14 +202,16 @@ func (s *status) readiness() (ready bool, reason string) {
 func (s *status) readinessLocked() (bool, string) {
 	detail := func(state string) string {
 		switch {
-		case s.backendErr != "":
-			return state + ": " + s.backendErr
-		case len(s.health) > 0:
-			return state + ": " + strings.Join(s.health, "; ")
+		case s.backend.err != "":
+			return state + ": " + s.backend.err
+		case s.node.loginPending:
+			return state + ": login URL printed in the log; open it, or restart with TS_AUTHKEY set"
+		case len(s.node.health) > 0:
+			return state + ": " + strings.Join(s.node.health, "; ")
 		}
 		return state
 	}
-	switch s.backendState {
+	switch s.backend.state {
 	case ipn.NoState:
 		return false, "starting"
 	case ipn.NeedsLogin:
@@ -181,93 +223,48 @@ func (s *status) readinessLocked() (bool, string) {
 	case ipn.Starting:
 		return false, detail("Starting")
 	}
+	// Running. Flags set before the latest state change say nothing about
+	// the node as it is now.
+	current := s.relay.seq == s.backend.seq
 	switch {
-	case s.problem != "":
-		return false, s.problem
-	case s.service != "" && len(s.endpoints) == 0:
+	case s.node.problem != "":
+		return false, s.node.problem
+	case s.service != "" && len(s.relay.endpoints) == 0:
 		// Advertising only pod-network addresses would send peers to an
 		// address they cannot reach.
-		return false, "waiting for load balancer address: " + s.lbWhy
-	case !s.prefsApplied:
+		return false, "waiting for load balancer address: " + s.relay.lbWhy
+	case !current || !s.relay.prefsApplied:
 		return false, "relay prefs not applied yet"
-	case !s.bound:
+	case !s.relay.bound:
 		return false, fmt.Sprintf("relay not bound on UDP port %d", s.port)
+	case s.derp.serving != nil && !s.derp.serving():
+		return false, "DERP region " + s.derp.code + " not serving"
 	}
 	return true, "ok"
 }
 
-// statusJSON is the verbose form of /readyz. It holds nothing secret.
-type statusJSON struct {
-	Ready        bool         `json:"ready"`
-	Reason       string       `json:"reason"`
-	BackendState string       `json:"backendState"`
-	DNSName      string       `json:"dnsName,omitempty"`
-	TailscaleIPs []netip.Addr `json:"tailscaleIPs"`
-	Relay        relayJSON    `json:"relay"`
-	Health       []string     `json:"health,omitempty"`
-	// PathMTU is the last check of the path MTU; nil before the first.
-	PathMTU *pathMTUJSON `json:"pathMTU,omitempty"`
-	// Warnings are problems that slow relaying down without stopping it,
-	// one line each. They do not affect readiness.
-	Warnings []string `json:"warnings,omitempty"`
-}
-
-type relayJSON struct {
-	Port            uint16            `json:"port"`
-	PrefsApplied    bool              `json:"prefsApplied"`
-	Bound           bool              `json:"bound"`
-	StaticEndpoints []lbaddr.Endpoint `json:"staticEndpoints"`
-	// Service is the Service endpoints are found from, namespace/name.
-	Service  string `json:"service,omitempty"`
-	Sessions int    `json:"sessions"`
-	// SessionTable is read live from the relay server for each request.
-	SessionTable []sessionJSON `json:"sessionTable,omitempty"`
-}
-
-// sessionJSON is one relayed pair of peers. Disco keys are left out: they
-// mean nothing to people and change with every restart of a peer.
-type sessionJSON struct {
-	VNI     uint32        `json:"vni"`
-	Clients [2]clientJSON `json:"clients"`
-}
-
-type clientJSON struct {
-	Endpoint  netip.AddrPort `json:"endpoint"`
-	PacketsTx uint64         `json:"packetsTx"`
-	BytesTx   uint64         `json:"bytesTx"`
-}
-
-// sessionTable converts the relay server's view of its sessions.
-func sessionTable(st *udprelaystatus.ServerStatus) []sessionJSON {
-	out := make([]sessionJSON, 0, len(st.Sessions))
-	for _, s := range st.Sessions {
-		out = append(out, sessionJSON{VNI: s.VNI, Clients: [2]clientJSON{
-			{s.Client1.Endpoint, s.Client1.PacketsTx, s.Client1.BytesTx},
-			{s.Client2.Endpoint, s.Client2.PacketsTx, s.Client2.BytesTx},
-		}})
-	}
-	return out
-}
-
-func (s *status) snapshot() statusJSON {
+// snapshot returns the status as /readyz?verbose shows it, without the live
+// session table (see appliance.relaySessions).
+func (s *status) snapshot() readyz.Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	ready, reason := s.readinessLocked()
-	return statusJSON{
+	current := s.relay.seq == s.backend.seq && s.backend.state == ipn.Running
+	return readyz.Status{
 		Ready:        ready,
 		Reason:       reason,
-		BackendState: s.backendState.String(),
-		DNSName:      s.dnsName,
-		TailscaleIPs: append([]netip.Addr{}, s.ips...),
-		Relay: relayJSON{
+		BackendState: s.backend.state.String(),
+		DNSName:      s.node.dnsName,
+		TailscaleIPs: slices.Clone(s.node.ips),
+		Relay: readyz.Relay{
 			Port:            s.port,
-			PrefsApplied:    s.prefsApplied,
-			Bound:           s.bound,
-			StaticEndpoints: append([]lbaddr.Endpoint{}, s.endpoints...),
+			PrefsApplied:    current && s.relay.prefsApplied,
+			Bound:           current && s.relay.bound,
+			StaticEndpoints: endpointsJSON(s.relay.endpoints),
 			Service:         s.service,
-			Sessions:        s.sessions,
+			Sessions:        s.relay.sessions,
 		},
-		Health:   append([]string(nil), s.health...),
+		Health:   slices.Clone(s.node.health),
 		PathMTU:  pathMTUStatus(s.mtu),
 		Warnings: s.warningsLocked(),
 	}
@@ -281,67 +278,34 @@ func (s *status) warningsLocked() []string {
 	return nil
 }
 
-// handler serves the probes:
-//   - /healthz: the process and its Tailscale backend answer. It never asks
-//     the control server, so a control outage does not restart the pod.
-//   - /readyz: the node is Running, the relay prefs are in force and the
-//     relay socket is bound. ?verbose or Accept: application/json gives the
-//     full status as JSON.
-//   - /metrics: Prometheus metrics (see metrics.go).
-func (a *appliance) handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", a.serveHealthz)
-	mux.HandleFunc("GET /readyz", a.serveReadyz)
-	mux.Handle("GET /metrics", a.metricsHandler(a.stats))
-	if a.cfg.DebugPprof {
-		// Already linked (Tailscale's LocalAPI serves it too), so this
-		// costs no binary size.
-		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
-		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+// pathMTUStatus converts a check for the verbose /readyz; nil before the
+// first check.
+func pathMTUStatus(c mtuCheck) *readyz.PathMTU {
+	if !c.checked {
+		return nil
 	}
-	return mux
+	out := &readyz.PathMTU{
+		OK:             c.err == "" && c.report.OK(),
+		NeedIPv4:       pathmtu.NeededIPv4,
+		NeedIPv6:       pathmtu.NeededIPv6,
+		Paths:          []readyz.Path{},
+		TunnelInTunnel: c.report.Tunnel,
+		Error:          c.err,
+	}
+	for _, p := range c.report.Paths {
+		out.Paths = append(out.Paths, readyz.Path{
+			Family: string(p.Family), Interface: p.Interface, Kind: p.Kind, LinkMTU: p.LinkMTU, RouteMTU: p.RouteMTU,
+			MTU: p.MTU(), TooSmall: p.TooSmall(),
+		})
+	}
+	return out
 }
 
-func (a *appliance) serveHealthz(w http.ResponseWriter, r *http.Request) {
-	lc := a.localClient()
-	if lc == nil {
-		fmt.Fprintln(w, "ok: starting")
-		return
+// endpointsJSON converts endpoints for the verbose /readyz.
+func endpointsJSON(eps []lbaddr.Endpoint) []readyz.Endpoint {
+	out := make([]readyz.Endpoint, len(eps))
+	for i, e := range eps {
+		out[i] = readyz.Endpoint{AddrPort: e.AddrPort, Source: string(e.Source)}
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), livenessTimeout)
-	defer cancel()
-	if _, err := lc.StatusWithoutPeers(ctx); err != nil {
-		http.Error(w, "tailscale backend not answering: "+err.Error(), http.StatusServiceUnavailable)
-		return
-	}
-	fmt.Fprintln(w, "ok")
-}
-
-func (a *appliance) serveReadyz(w http.ResponseWriter, r *http.Request) {
-	_, verbose := r.URL.Query()["verbose"]
-	if verbose || strings.Contains(r.Header.Get("Accept"), "application/json") {
-		snap := a.status.snapshot()
-		if lc := a.localClient(); lc != nil && snap.Relay.Bound {
-			ctx, cancel := context.WithTimeout(r.Context(), livenessTimeout)
-			defer cancel()
-			if rs, err := lc.DebugPeerRelaySessions(ctx); err == nil {
-				snap.Relay.SessionTable = sessionTable(rs)
-				snap.Relay.Sessions = len(rs.Sessions)
-			}
-		}
-		w.Header().Set("Content-Type", "application/json")
-		if !snap.Ready {
-			w.WriteHeader(http.StatusServiceUnavailable)
-		}
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		enc.Encode(snap)
-		return
-	}
-	ready, reason := a.status.readiness()
-	if !ready {
-		http.Error(w, reason, http.StatusServiceUnavailable)
-		return
-	}
-	fmt.Fprintln(w, reason)
+	return out
 }

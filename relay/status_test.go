@@ -12,55 +12,66 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
 
+	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
-func testStatus() *status {
-	return newStatus(Config{
+// testRelay is an appliance with one explicit endpoint that was never
+// started, as newAppliance leaves it.
+func testRelay(t *testing.T) *appliance {
+	t.Helper()
+	return testAppliance(t, Config{
 		RelayServerPort:            40000,
 		RelayServerStaticEndpoints: Endpoints{netip.MustParseAddrPort("192.0.2.7:61441")},
-	})
+	}, "")
+}
+
+// pass does what a reconcile pass does with what it found, the relay prefs
+// applied or not and the socket bound or not: a stands in for the node.
+func pass(a *appliance, prefsApplied, bound bool, sessions int) {
+	a.relay.seq = a.status.backendSeq()
+	a.setRelayState(prefsApplied, bound, sessions)
+	a.status.setRelay(a.relay)
 }
 
 // TestReadinessWaitsForLoadBalancer checks that a relay following its
 // Service is not ready until it knows an address peers can reach, unless
-// explicit endpoints are set.
+// explicit endpoints are set, and that new endpoints are not in force until
+// a reconcile pass applies them.
 func TestReadinessWaitsForLoadBalancer(t *testing.T) {
-	ready := func(s *status) {
-		s.setBackendState(ipn.Running)
-		s.setRelay(true, true, 0)
-	}
-	s := newStatus(Config{RelayServerPort: 61441})
-	s.followService("kube-public/tsrelay")
-	ready(s)
+	a := testAppliance(t, Config{RelayServerPort: 61441}, "kube-public/tsrelay")
+	s := a.status
+	s.setBackendState(ipn.Running)
+	pass(a, true, true, 0)
 	if ok, reason := s.readiness(); ok || reason != "waiting for load balancer address: Service kube-public/tsrelay not read yet" {
 		t.Errorf("before the Service is read: readiness = %v %q", ok, reason)
 	}
-	s.setEndpoints(nil, "Service kube-public/tsrelay has no load-balancer address yet")
+	a.takeFound(found{why: "Service kube-public/tsrelay has no load-balancer address yet"})
 	if ok, reason := s.readiness(); ok || !strings.HasSuffix(reason, "has no load-balancer address yet") {
 		t.Errorf("with no ingress: readiness = %v %q", ok, reason)
 	}
-	found := []lbaddr.Endpoint{{AddrPort: netip.MustParseAddrPort("192.0.2.10:61441"), Source: lbaddr.SourceService}}
-	if _, changed := s.setEndpoints(found, ""); !changed {
-		t.Error("setEndpoints did not report a change")
-	}
-	// New endpoints are not in force until the reconcile loop applies them.
+	eps := []lbaddr.Endpoint{{AddrPort: netip.MustParseAddrPort("192.0.2.10:61441"), Source: lbaddr.SourceService}}
+	a.takeFound(found{endpoints: eps})
 	if ok, reason := s.readiness(); ok || reason != "relay prefs not applied yet" {
 		t.Errorf("with an address not yet applied: readiness = %v %q", ok, reason)
 	}
-	s.setRelay(true, true, 0)
+	pass(a, true, true, 0)
 	if ok, reason := s.readiness(); !ok {
 		t.Errorf("with an address applied: readiness = %v %q, want ready", ok, reason)
 	}
-	if _, changed := s.setEndpoints(slices.Clone(found), ""); changed {
-		t.Error("setEndpoints reported a change for the same endpoints")
+	a.takeFound(found{endpoints: slices.Clone(eps)})
+	if ok, reason := s.readiness(); !ok {
+		t.Errorf("after the same endpoints again: readiness = %v %q, want ready (nothing to apply)", ok, reason)
+	}
+	if got := s.snapshot().Relay.StaticEndpoints; len(got) != 1 || got[0].AddrPort != eps[0].AddrPort || got[0].Source != "service" {
+		t.Errorf("advertised endpoints = %v, want %v", got, eps)
 	}
 
 	// Explicit endpoints are enough on their own.
-	s = newStatus(Config{RelayServerPort: 61441, RelayServerStaticEndpoints: Endpoints{netip.MustParseAddrPort("203.0.113.7:61441")}})
-	s.followService("kube-public/tsrelay")
-	ready(s)
-	if ok, reason := s.readiness(); !ok {
+	a = testAppliance(t, Config{RelayServerPort: 61441, RelayServerStaticEndpoints: Endpoints{netip.MustParseAddrPort("203.0.113.7:61441")}}, "kube-public/tsrelay")
+	a.status.setBackendState(ipn.Running)
+	pass(a, true, true, 0)
+	if ok, reason := a.status.readiness(); !ok {
 		t.Errorf("with explicit endpoints: readiness = %v %q, want ready", ok, reason)
 	}
 }
@@ -68,55 +79,64 @@ func TestReadinessWaitsForLoadBalancer(t *testing.T) {
 func TestReadiness(t *testing.T) {
 	tests := []struct {
 		name       string
-		setup      func(s *status)
+		setup      func(a *appliance, s *status)
 		wantReady  bool
 		wantReason string
 	}{
-		{"new", func(s *status) {}, false, "starting"},
-		{"needs login", func(s *status) {
+		{"new", func(a *appliance, s *status) {}, false, "starting"},
+		{"needs login", func(a *appliance, s *status) {
 			s.setBackendState(ipn.NeedsLogin)
-			s.setLoginPending()
+			s.setNode(nodeView{loginPending: true})
 		}, false, "NeedsLogin: login URL printed in the log"},
-		{"login error", func(s *status) {
+		{"login error", func(a *appliance, s *status) {
 			s.setBackendState(ipn.NeedsLogin)
 			s.setBackendError("invalid key: unable to validate API key")
 		}, false, "NeedsLogin: invalid key"},
-		{"health warning while starting", func(s *status) {
+		{"health warning while starting", func(a *appliance, s *status) {
 			s.setBackendState(ipn.Starting)
-			s.setNode(&ipnstate.Status{Health: []string{"not connected to home DERP region 1"}})
+			s.setNode(nodeFrom(&ipnstate.Status{Health: []string{"not connected to home DERP region 1"}}))
 		}, false, "Starting: not connected to home DERP"},
-		{"running, prefs pending", func(s *status) {
+		{"running, prefs pending", func(a *appliance, s *status) {
 			s.setBackendState(ipn.Running)
 		}, false, "relay prefs not applied yet"},
-		{"running, not bound", func(s *status) {
+		{"running, not bound", func(a *appliance, s *status) {
 			s.setBackendState(ipn.Running)
-			s.setRelay(true, false, 0)
+			pass(a, true, false, 0)
 		}, false, "relay not bound on UDP port 40000"},
-		{"running, disabled by tailnet", func(s *status) {
+		{"running, disabled by tailnet", func(a *appliance, s *status) {
 			s.setBackendState(ipn.Running)
-			s.setRelay(true, true, 0)
-			s.setProblem("the tailnet disabled the relay server")
+			pass(a, false, false, 0)
+			s.setNode(nodeView{problem: "the tailnet disabled the relay server"})
 		}, false, "the tailnet disabled the relay server"},
-		{"ready", func(s *status) {
+		{"ready", func(a *appliance, s *status) {
 			s.setBackendState(ipn.Running)
-			s.setRelay(true, true, 2)
+			pass(a, true, true, 2)
 		}, true, "ok"},
-		{"ready, then logged out", func(s *status) {
+		{"ready, then logged out", func(a *appliance, s *status) {
 			s.setBackendState(ipn.Running)
-			s.setRelay(true, true, 2)
+			pass(a, true, true, 2)
 			s.setBackendState(ipn.NeedsLogin)
 		}, false, "NeedsLogin"},
-		{"error cleared by running", func(s *status) {
+		// Flags from before a restart of the backend say nothing about
+		// the node now: Running again is not ready until a pass.
+		{"ready, restarted, no pass yet", func(a *appliance, s *status) {
+			s.setBackendState(ipn.Running)
+			pass(a, true, true, 2)
+			s.setBackendState(ipn.Starting)
+			s.setBackendState(ipn.Running)
+		}, false, "relay prefs not applied yet"},
+		{"error cleared by running", func(a *appliance, s *status) {
 			s.setBackendState(ipn.NeedsLogin)
 			s.setBackendError("boom")
 			s.setBackendState(ipn.Running)
-			s.setRelay(true, true, 0)
+			pass(a, true, true, 0)
 		}, true, "ok"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := testStatus()
-			tt.setup(s)
+			a := testRelay(t)
+			s := a.status
+			tt.setup(a, s)
 			ready, reason := s.readiness()
 			if ready != tt.wantReady || !strings.HasPrefix(reason, tt.wantReason) {
 				t.Errorf("readiness() = %v, %q; want %v, %q…", ready, reason, tt.wantReady, tt.wantReason)
@@ -126,8 +146,9 @@ func TestReadiness(t *testing.T) {
 }
 
 func TestReadyzHandler(t *testing.T) {
-	a := &appliance{status: testStatus()}
-	h := a.handler()
+	a := testRelay(t)
+	st := a.status
+	h := (&handlers{status: st, node: a}).mux(nil)
 	get := func(path string, hdr ...string) *httptest.ResponseRecorder {
 		t.Helper()
 		req := httptest.NewRequest("GET", path, nil)
@@ -139,8 +160,8 @@ func TestReadyzHandler(t *testing.T) {
 		return rec
 	}
 
-	a.status.setBackendState(ipn.NeedsLogin)
-	a.status.setLoginPending()
+	st.setBackendState(ipn.NeedsLogin)
+	st.setNode(nodeView{loginPending: true})
 	if rec := get("/readyz"); rec.Code != http.StatusServiceUnavailable || !strings.HasPrefix(rec.Body.String(), "NeedsLogin") {
 		t.Errorf("GET /readyz while NeedsLogin = %d %q, want 503 NeedsLogin…", rec.Code, rec.Body)
 	}
@@ -149,9 +170,9 @@ func TestReadyzHandler(t *testing.T) {
 		t.Errorf("GET /healthz before the backend started = %d %q, want 200", rec.Code, rec.Body)
 	}
 
-	a.status.setBackendState(ipn.Running)
-	a.status.setNode(&ipnstate.Status{TailscaleIPs: []netip.Addr{netip.MustParseAddr("100.64.0.9")}, Self: &ipnstate.PeerStatus{DNSName: "tsrelay.example.ts.net."}})
-	a.status.setRelay(true, true, 3)
+	st.setBackendState(ipn.Running)
+	st.setNode(nodeFrom(&ipnstate.Status{TailscaleIPs: []netip.Addr{netip.MustParseAddr("100.64.0.9")}, Self: &ipnstate.PeerStatus{DNSName: "tsrelay.example.ts.net."}}))
+	pass(a, true, true, 3)
 	if rec := get("/readyz"); rec.Code != http.StatusOK || strings.TrimSpace(rec.Body.String()) != "ok" {
 		t.Errorf("GET /readyz when ready = %d %q, want 200 ok", rec.Code, rec.Body)
 	}
@@ -160,14 +181,14 @@ func TestReadyzHandler(t *testing.T) {
 		if rec.Code != http.StatusOK || rec.Header().Get("Content-Type") != "application/json" {
 			t.Fatalf("verbose /readyz = %d %s, want 200 JSON", rec.Code, rec.Header().Get("Content-Type"))
 		}
-		var got statusJSON
+		var got readyz.Status
 		if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil {
 			t.Fatalf("verbose /readyz is not JSON: %v\n%s", err, rec.Body)
 		}
 		if !got.Ready || got.BackendState != "Running" || got.Relay.Port != 40000 || !got.Relay.Bound ||
 			got.Relay.Sessions != 3 || len(got.TailscaleIPs) != 1 || got.DNSName != "tsrelay.example.ts.net" ||
 			len(got.Relay.StaticEndpoints) != 1 || got.Relay.StaticEndpoints[0].AddrPort.String() != "192.0.2.7:61441" ||
-			got.Relay.StaticEndpoints[0].Source != lbaddr.SourceExplicit {
+			got.Relay.StaticEndpoints[0].Source != "explicit" {
 			t.Errorf("verbose /readyz = %+v", got)
 		}
 	}
@@ -181,9 +202,10 @@ func TestReadyzHandler(t *testing.T) {
 // it, since a heap profile shows the process's memory.
 func TestDebugPprof(t *testing.T) {
 	for _, on := range []bool{false, true} {
-		a := &appliance{status: testStatus(), cfg: Config{DebugPprof: on}}
+		a := testRelay(t)
+		h := &handlers{status: a.status, node: a, cfg: Config{DebugPprof: on}}
 		rec := httptest.NewRecorder()
-		a.handler().ServeHTTP(rec, httptest.NewRequest("GET", "/debug/pprof/heap?debug=1", nil))
+		h.mux(nil).ServeHTTP(rec, httptest.NewRequest("GET", "/debug/pprof/heap?debug=1", nil))
 		switch {
 		case on && (rec.Code != http.StatusOK || !strings.Contains(rec.Body.String(), "heap profile")):
 			t.Errorf("TS_DEBUG_PPROF=true: GET /debug/pprof/heap = %d %.80q, want 200 and a heap profile", rec.Code, rec.Body)

@@ -59,6 +59,7 @@ package relaycheck
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -96,6 +97,7 @@ type LocalAPI interface {
 	Ping(ctx context.Context, ip netip.Addr, pingtype tailcfg.PingType) (*ipnstate.PingResult, error)
 	WhoIs(ctx context.Context, remoteAddr string) (*apitype.WhoIsResponse, error)
 	DebugResultJSON(ctx context.Context, action string) (any, error)
+	CurrentDERPMap(ctx context.Context) (*tailcfg.DERPMap, error)
 }
 
 // Options configure a check.
@@ -146,6 +148,9 @@ type PeerReport struct {
 	Error                  string     `json:"error,omitempty"`
 	Note                   string     `json:"note,omitempty"`
 	Diagnosis              *Diagnosis `json:"diagnosis,omitempty"`
+	// Home is the peer's home DERP region (its first packets' path), and
+	// for a tsrelay's in-cluster region whether this laptop reaches it.
+	Home *HomeRegion `json:"home,omitempty"`
 }
 
 // RelayUse says which relay carried a peer's traffic.
@@ -221,6 +226,17 @@ func Run(ctx context.Context, lc LocalAPI, opts Options) (*Report, error) {
 			peers.Go(func() { runs[i] = pingPeer(ctx, lc, t.ip, opts, start) })
 		}
 	}
+	// Home regions while the pings run: DERP checks take a second or two.
+	var homes map[string]*HomeRegion
+	peers.Go(func() {
+		var codes []string
+		for _, t := range targets {
+			if t.node != nil {
+				codes = append(codes, t.node.Relay)
+			}
+		}
+		homes = homeRegions(ctx, lc, codes)
+	})
 	peers.Wait()
 	if !slices.ContainsFunc(runs, func(r peerRun) bool { return len(r.pongs) > 0 && r.last().kind == ViaDERP }) {
 		stopProbes()
@@ -232,6 +248,9 @@ func Run(ctx context.Context, lc LocalAPI, opts Options) (*Report, error) {
 	for i := range opts.Peers {
 		rep.Peers[i] = peerReport(opts, targets[i], runs[i], exp, relays)
 		rep.Peers[i].Peer = opts.Peers[i]
+		if t := targets[i]; t.node != nil {
+			rep.Peers[i].Home = homes[t.node.Relay]
+		}
 		rep.OK = rep.OK && rep.Peers[i].OK
 	}
 	return rep, nil
@@ -272,46 +291,63 @@ func (r peerRun) last() path {
 func pingPeer(ctx context.Context, lc LocalAPI, ip netip.Addr, opts Options, start time.Time) peerRun {
 	var r peerRun
 	settled := 0
-	for opts.Count <= 0 || r.pings < opts.Count {
-		sent := time.Now()
-		pctx, cancel := context.WithTimeout(ctx, opts.pingTimeout)
-		pr, err := lc.Ping(pctx, ip, tailcfg.PingDisco)
-		timedOut := pctx.Err() != nil
-		cancel()
-		if ctx.Err() != nil {
-			break // the check's time is up; this ping does not count
-		}
+	pingLoop(ctx, lc, ip, opts.pingTimeout, opts.Interval, opts.Count, func(pr *ipnstate.PingResult, timedOut bool, err error) bool {
 		r.pings++
 		switch {
-		case err != nil && timedOut:
+		case timedOut:
 			r.timeouts++
 		case err != nil:
 			r.err = fmt.Sprintf("ping %s: %v", ip, err)
-			return r
-		case pr.Err != "":
-			r.err = fmt.Sprintf("ping %s: %s", ip, pr.Err)
-			return r
+			return false
 		default:
 			p, err := pathOf(pr)
 			if err != nil {
 				r.err = fmt.Sprintf("ping %s: %v", ip, err)
-				return r
+				return false
 			}
 			latency := time.Duration(pr.LatencySeconds * float64(time.Second))
 			r.pongs = append(r.pongs, pong{path: p, latency: latency, at: time.Since(start)})
 			if p.kind == ViaDERP {
 				settled = 0
 			} else if settled++; opts.Count <= 0 && settled >= stablePongs {
-				return r
+				return false
 			}
+		}
+		return true
+	})
+	return r
+}
+
+// pingLoop disco-pings ip, each ping bounded by timeout and started
+// interval after the one before (at once if that one took longer), until
+// ctx ends, count pings were sent (no bound if count <= 0), or handle
+// returns false. handle gets each ping's outcome: timedOut when it went
+// unanswered within timeout, err when it failed outright (a LocalAPI error
+// or the ping result's Err), and otherwise the pong in pr. A ping cut short
+// because ctx ended is not handed over: the check's time was up.
+func pingLoop(ctx context.Context, lc LocalAPI, ip netip.Addr, timeout, interval time.Duration, count int,
+	handle func(pr *ipnstate.PingResult, timedOut bool, err error) bool) {
+	for sent := 0; count <= 0 || sent < count; sent++ {
+		start := time.Now()
+		pctx, cancel := context.WithTimeout(ctx, timeout)
+		pr, err := lc.Ping(pctx, ip, tailcfg.PingDisco)
+		timedOut := err != nil && pctx.Err() != nil
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil && pr.Err != "" {
+			err = errors.New(pr.Err)
+		}
+		if !handle(pr, timedOut, err) {
+			return
 		}
 		select {
 		case <-ctx.Done():
-			return r
-		case <-time.After(time.Until(sent.Add(opts.Interval))):
+			return
+		case <-time.After(time.Until(start.Add(interval))):
 		}
 	}
-	return r
 }
 
 // resolve finds the peer arg names: a tailnet IP (any IP is pinged as is),
@@ -384,29 +420,21 @@ func dnsName(p *ipnstate.PeerStatus) string { return strings.TrimSuffix(p.DNSNam
 // any running node answers.
 func probe(ctx context.Context, lc LocalAPI, ip netip.Addr, timeout time.Duration) *Probe {
 	p := &Probe{}
-	for ctx.Err() == nil {
-		pctx, cancel := context.WithTimeout(ctx, timeout)
-		pr, err := lc.Ping(pctx, ip, tailcfg.PingDisco)
-		timedOut := pctx.Err() != nil
-		cancel()
+	pingLoop(ctx, lc, ip, timeout, 0, 0, func(pr *ipnstate.PingResult, timedOut bool, err error) bool {
 		switch {
-		case ctx.Err() != nil:
-		case err != nil && timedOut:
+		case timedOut:
 			p.Unanswered++
+			return true
 		case err != nil:
 			p.Error = err.Error()
-			return p
-		case pr.Err != "":
-			p.Error = pr.Err
-			return p
 		default:
 			p.Answered = true
 			if path, err := pathOf(pr); err == nil {
 				p.Via = path.String()
 			}
 			p.LatencyMs = ms(time.Duration(pr.LatencySeconds * float64(time.Second)))
-			return p
 		}
-	}
+		return false
+	})
 	return p
 }

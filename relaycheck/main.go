@@ -148,6 +148,9 @@ func WriteText(w io.Writer, rep *Report) error {
 		if p.Note != "" {
 			fmt.Fprintf(&b, "  note: %s\n", p.Note)
 		}
+		if l := homeLine(p.Home); l != "" {
+			fmt.Fprintf(&b, "  %s\n", l)
+		}
 	}
 	_, err := io.WriteString(w, b.String())
 	return err

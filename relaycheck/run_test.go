@@ -31,9 +31,18 @@ type fakeAPI struct {
 	mu         sync.Mutex
 	pingsSent  map[netip.Addr]int
 	whoisCalls int
+	// derpMap is the laptop's DERP map.
+	derpMap *tailcfg.DERPMap
 }
 
 func (f *fakeAPI) Status(context.Context) (*ipnstate.Status, error) { return f.status, nil }
+
+func (f *fakeAPI) CurrentDERPMap(context.Context) (*tailcfg.DERPMap, error) {
+	if f.derpMap == nil {
+		return &tailcfg.DERPMap{}, nil
+	}
+	return f.derpMap, nil
+}
 
 func (f *fakeAPI) Ping(ctx context.Context, ip netip.Addr, _ tailcfg.PingType) (*ipnstate.PingResult, error) {
 	f.mu.Lock()

@@ -49,7 +49,7 @@ func TestCheck(t *testing.T) {
 	if err != nil || len(rs.TailscaleIPs) == 0 {
 		t.Fatalf("relay status: %+v, %v", rs, err)
 	}
-	relayIP := netip.MustParseAddr(rs.TailscaleIPs[0])
+	relayIP := rs.TailscaleIPs[0]
 
 	a := tailnettest.StartLaptopForTest(t, bins, "a")
 	b := tailnettest.StartLaptopForTest(t, bins, "b")

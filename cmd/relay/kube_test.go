@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
+	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
 // TestRelayKubeState runs the real relay binary outside a cluster, with a
@@ -140,23 +142,38 @@ func waitEvents(t *testing.T, admin kubernetes.Interface, ns, pod string, want m
 	}
 }
 
-// TestRelayFollowsLoadBalancer is the load-balancer case end to end: the
-// real relay, deployed with the shipped RBAC and Service, learns its public
-// address only from the Service's load-balancer status, and laptops ping
-// through it there. The "load balancer" is a port forward on 127.0.0.2 (an
-// address of nothing else here) to the relay's port, so the Service port
-// differs from the relay's port, as it may in a cluster.
+// TestRelayFollowsLoadBalancer is the load-balancer case end to end, dual
+// stack as in the user report that started the project: the real relay,
+// deployed with the shipped RBAC and Service (PreferDualStack) on a
+// dual-stack API server, learns its public addresses only from the
+// Service's load-balancer status, one IPv6 and one IPv4 ingress listed in
+// that order, and advertises both, IPv4 first as the README documents.
+// Laptop a can reach the relay only at the IPv4 address and laptop b only
+// at the IPv6 one, so their pongs prove that both endpoints work. The "load
+// balancers" are port forwards on 127.0.0.2 (an address of nothing else
+// here) and ::1 (which the relay never advertises by itself) to the relay's
+// port, so the Service port differs from the relay's port, as it may in a
+// cluster.
 func TestRelayFollowsLoadBalancer(t *testing.T) {
 	bins := binaries(t)
+	requireIPv6Loopback(t)
 	srv := kubetest.StartForTest(t)
 	admin := srv.AdminClientForTest(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 
-	relayPort, lbAddr := forwardedRelayPort(t, "127.0.0.2:0")
+	// The laptops first: the load balancers let each in by its port.
+	a := tailnettest.StartLaptopForTest(t, bins, "a")
+	b := tailnettest.StartLaptopForTest(t, bins, "b")
+	relayPort, err := tailnettest.FreeDualStackUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sinkInterfaceAddrs(t, relayPort, func(ip netip.Addr) bool { return ip != netip.IPv6Loopback() })
+	lb4, lb6 := dualStackLoadBalancer(t, relayPort, a.Port, b.Port)
 
 	// The ServiceAccount, Role, RoleBinding and Service as shipped, with the
-	// Service's port moved to the one the "load balancer" listens on.
+	// Service's port moved to the one the "load balancers" listen on.
 	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding", "Service")
 	for _, o := range objs {
 		if o.GetKind() != "Service" {
@@ -165,7 +182,7 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 		ports, _, _ := unstructured.NestedSlice(o.Object, "spec", "ports")
 		for _, p := range ports {
 			if p := p.(map[string]any); p["protocol"] == "UDP" {
-				p["port"] = int64(lbAddr.Port())
+				p["port"] = int64(lb4.Port())
 			}
 		}
 		if err := unstructured.SetNestedSlice(o.Object, ports, "spec", "ports"); err != nil {
@@ -195,30 +212,76 @@ func TestRelayFollowsLoadBalancer(t *testing.T) {
 	// Logged in and bound, but no address peers could use yet.
 	waitUnready(t, relay, "waiting for load balancer address: Service kube-public/tsrelay has no load-balancer address")
 
-	// The load-balancer controller assigns the address.
+	// The load-balancer controller assigns the addresses, IPv6 first as
+	// MetalLB listed them in the user report.
 	svc, err := admin.CoreV1().Services(ns).Get(ctx, "tsrelay", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: lbAddr.Addr().String()}}
+	if fams := svc.Spec.IPFamilies; !slices.Equal(fams, []corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol}) {
+		t.Errorf("shipped Service on a dual-stack cluster has ipFamilies %v, want [IPv4 IPv6]", fams)
+	}
+	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: lb6.Addr().String()}, {IP: lb4.Addr().String()}}
 	if _, err := admin.CoreV1().Services(ns).UpdateStatus(ctx, svc, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	assigned := time.Now()
 	waitReady(t, relay)
-	t.Logf("relay ready %v after the Service got its address", time.Since(assigned).Round(time.Millisecond))
+	t.Logf("relay ready %v after the Service got its addresses", time.Since(assigned).Round(time.Millisecond))
 	rs, err := relay.Status(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if eps := rs.Relay.StaticEndpoints; len(eps) != 1 || eps[0].Endpoint != lbAddr.String() || eps[0].Source != "service" {
-		t.Errorf("relay static endpoints = %+v, want only %s from the service", eps, lbAddr)
+	var got []string
+	for _, e := range rs.Relay.StaticEndpoints {
+		got = append(got, e.AddrPort.String()+" "+e.Source)
+	}
+	if want := []string{lb4.String() + " " + string(lbaddr.SourceService), lb6.String() + " " + string(lbaddr.SourceService)}; !slices.Equal(got, want) {
+		t.Errorf("relay static endpoints = %q, want %q", got, want)
+	}
+	if v, _ := tailnettest.MetricSum(relayMetrics(t, relay), "tsrelay_static_endpoints", "source", "service"); v != 2 {
+		t.Errorf(`tsrelay_static_endpoints{source="service"} = %v, want 2`, v)
 	}
 
 	waitEvents(t, admin, ns, "tsrelay-lb", map[string]int32{"StateLoaded": 1, "LoggedIn": 1, "RelayBound": 1, "EndpointsChanged": 1})
 
-	a, ipB := startLaptops(t, bins, control)
-	pingVia(t, ctx, a, ipB, "via peer-relay("+lbAddr.String()+":vni:")
+	ipA := tailnettest.UpForTest(t, control, a)
+	ipB := tailnettest.UpForTest(t, control, b)
+	if err := a.WaitForPeer(ctx, ipB); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.WaitForPeer(ctx, ipA); err != nil {
+		t.Fatal(err)
+	}
+	pingUntilVia(t, ctx, a, ipB, "via peer-relay("+lb4.String()+":vni:")
+	pingUntilVia(t, ctx, b, ipA, "via peer-relay("+lb6.String()+":vni:")
+}
+
+// dualStackLoadBalancer stands for a dual-stack load balancer in front of
+// the relay's port: port forwards on 127.0.0.2 and ::1 at one port, as a
+// Service has one port for both families. Only the client on port from4
+// may use the IPv4 one and only the one on port from6 the IPv6 one.
+func dualStackLoadBalancer(t *testing.T, relayPort, from4, from6 int) (lb4, lb6 netip.AddrPort) {
+	t.Helper()
+	only := func(port int) func(netip.AddrPort) bool {
+		return func(c netip.AddrPort) bool { return int(c.Port()) == port }
+	}
+	for range 20 {
+		fwd4, err := tailnettest.StartPortForwardFor("127.0.0.2:0", netip.AddrPortFrom(netip.MustParseAddr(forwardTarget), uint16(relayPort)), only(from4))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lb6 = netip.AddrPortFrom(netip.IPv6Loopback(), fwd4.Addr.Port())
+		fwd6, err := tailnettest.StartPortForwardFor(lb6.String(), netip.AddrPortFrom(netip.IPv6Loopback(), uint16(relayPort)), only(from6))
+		if err != nil {
+			fwd4.Close() // that port is taken on ::1; try another
+			continue
+		}
+		t.Cleanup(func() { fwd4.Close(); fwd6.Close() })
+		return fwd4.Addr, fwd6.Addr
+	}
+	t.Fatal("no port free on both 127.0.0.2 and ::1 for the load balancer")
+	return
 }
 
 // shippedObjects returns the objects of manifests/install.yaml of the given

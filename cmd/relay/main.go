@@ -42,6 +42,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			return relaycheck.Main(ctx, args[1:], stdout, stderr)
+		case "derpmap":
+			return derpmapMain(context.Background(), args[1:], stdout, stderr)
 		default:
 			fmt.Fprintf(stderr, "relay: unknown argument %q; the relay is configured through its environment\n\n", args[0])
 			usage(stderr)
@@ -82,6 +84,8 @@ func usage(w io.Writer) {
 Usage: relay [--help | --version]
        relay check [flags] <peer>...   on a laptop: does traffic to <peer> ride
                                        a peer relay? (relay check --help)
+       relay derpmap [--format=headscale]  in the relay's pod: the derpMap of
+                                       its DERP region, for the policy file
 
 The relay joins your tailnet as a userspace node (no TUN, no privileges),
 turns on Tailscale's peer relay on TS_RELAY_SERVER_PORT, and serves

@@ -167,6 +167,99 @@ func testRelayPathMTU(t *testing.T, mtu int) {
 	}
 }
 
+// TestRelayPathMTUIPv6 is TestRelayPathMTU for the IPv6 route: a pod
+// whose IPv4 route is fine (1500) but whose IPv6 route carries MTU 1360,
+// which fits an IPv4 relayed packet (1348 bytes) and not an IPv6 one (1368:
+// the IPv6 header is 20 bytes longer). The relay must warn about IPv6 alone,
+// with its numbers, and notice when the IPv6 route is fixed.
+func TestRelayPathMTUIPv6(t *testing.T) {
+	binaries(t)
+	netnstest.Run(t, testRelayPathMTUIPv6)
+}
+
+func testRelayPathMTUIPv6(t *testing.T) {
+	bins := binaries(t)
+	ip := func(args ...string) { netnstest.IP(t, args...) }
+	ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
+	ip("link", "set", "v0", "up")
+	ip("link", "set", "v1", "up")
+	ip("addr", "add", "10.77.0.1/24", "dev", "v0")
+	ip("addr", "add", "fd77::1/64", "dev", "v0", "nodad")
+	ip("route", "add", "default", "via", "10.77.0.2", "dev", "v0")
+	ip("-6", "route", "add", "default", "via", "fd77::2", "dev", "v0", "mtu", "1360")
+
+	control := tailnettest.StartControlForTest(t)
+	port, err := tailnettest.FreeDualStackUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	relay := startRelay(t, bins, "relay", "TS_STATE_DIR="+t.TempDir(),
+		"TS_CONTROL_URL="+control.URL, "TS_AUTHKEY="+control.AuthKey, fmt.Sprintf("TS_RELAY_SERVER_PORT=%d", port))
+	waitReady(t, relay)
+
+	st, err := relay.Status(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.PathMTU == nil || len(st.PathMTU.Paths) != 2 {
+		t.Fatalf("/readyz?verbose pathMTU = %+v, want an IPv4 and an IPv6 path", st.PathMTU)
+	}
+	if st.PathMTU.NeedIPv4 != 1348 || st.PathMTU.NeedIPv6 != 1368 || st.PathMTU.OK {
+		t.Errorf("/readyz?verbose pathMTU: needIPv4 %d, needIPv6 %d, ok %v; want 1348, 1368, false", st.PathMTU.NeedIPv4, st.PathMTU.NeedIPv6, st.PathMTU.OK)
+	}
+	for i, want := range []struct {
+		family   string
+		mtu      int
+		tooSmall bool
+	}{{"ipv4", 1500, false}, {"ipv6", 1360, true}} {
+		p := st.PathMTU.Paths[i]
+		if p.Family != want.family || p.Interface != "v0" || p.MTU != want.mtu || p.TooSmall != want.tooSmall {
+			t.Errorf("/readyz?verbose path %d = %+v, want %s via v0 at %d, tooSmall %v", i, p, want.family, want.mtu, want.tooSmall)
+		}
+	}
+	t.Logf("/readyz?verbose paths %+v, warnings %q", st.PathMTU.Paths, st.Warnings)
+	const wantWarning = "path MTU too small for relayed packets: ipv6 via v0 has MTU 1360, relayed packets need 1368;"
+	if len(st.Warnings) != 1 || !strings.HasPrefix(st.Warnings[0], wantWarning) || st.PathMTU.TunnelInTunnel != "" {
+		t.Errorf("/readyz?verbose warnings = %q, tunnelInTunnel %q; want one starting %q and no tunnel", st.Warnings, st.PathMTU.TunnelInTunnel, wantWarning)
+	}
+	m := relayMetrics(t, relay)
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"tsrelay_path_mtu_bytes", []string{"family", "ipv4", "interface", "v0"}, 1500},
+		{"tsrelay_path_mtu_bytes", []string{"family", "ipv6", "interface", "v0"}, 1360},
+		{"tsrelay_path_mtu_needed_bytes", []string{"family", "ipv6"}, 1368},
+		{"tsrelay_path_mtu_too_small", nil, 1},
+		{"tsrelay_path_tunnel_in_tunnel", nil, 0},
+	} {
+		if got, ok := tailnettest.MetricSum(m, c.name, c.labels...); !ok || got != c.want {
+			t.Errorf("%s%v = %v (present %v), want %v", c.name, c.labels, got, ok, c.want)
+		}
+	}
+	const warnLine = `level=WARN msg="path MTU too small for relayed packets" ipv4Interface=v0 ipv4MTU=1500 ipv6Interface=v0 ipv6MTU=1360 needIPv4=1348 needIPv6=1368`
+	if log := readFile(t, relay.LogPath()); !strings.Contains(log, warnLine) {
+		t.Errorf("relay log lacks %q:\n%s", warnLine, log)
+	}
+
+	// Fix the IPv6 route; an address change makes the relay look again
+	// (see testRelayPathMTU).
+	ip("-6", "route", "change", "default", "via", "fd77::2", "dev", "v0", "mtu", "1500")
+	ip("addr", "add", "fd77::9/64", "dev", "v0", "nodad")
+	const okLine = `level=INFO msg="path MTU ok" ipv4Interface=v0 ipv4MTU=1500 ipv6Interface=v0 ipv6MTU=1500`
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	if err := tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
+		return strings.Contains(readFile(t, relay.LogPath()), okLine), nil
+	}); err != nil {
+		t.Fatalf("relay log never said %q after the IPv6 route MTU went to 1500: %v", okLine, err)
+	}
+	if got, _ := tailnettest.MetricSum(relayMetrics(t, relay), "tsrelay_path_mtu_too_small"); got != 0 {
+		t.Errorf("after the IPv6 route MTU went to 1500, tsrelay_path_mtu_too_small = %v, want 0", got)
+	}
+}
+
 // kubeForRelay starts a real API server with the ServiceAccount, Role and
 // RoleBinding the manifests ship, and returns an admin client and the
 // environment that points the relay at it as that ServiceAccount.

@@ -1,7 +1,7 @@
 // Package kubeclient loads the one Kubernetes client the relay uses, for its
 // state Secret, its own Service and its Events: a dynamic client, because
-// client-go's typed clients link every type in k8s.io/api and would add
-// about 16 MB to the binary.
+// client-go's typed clients link every type in k8s.io/api, which would take
+// the binary over its size budget.
 package kubeclient
 
 import (

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -19,20 +20,26 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
+	"github.com/tsrelay/tsrelay/internal/testenv"
 )
 
 // apiTimeout bounds the helpers' own API calls.
 const apiTimeout = 30 * time.Second
 
-// StartForTest is Start for tests, in t.TempDir(). It skips the test, saying
-// how to get the binaries, when they are missing; fails it when the control
-// plane does not start; and stops it in t.Cleanup, logging the tail of the
-// API server's log if the test failed.
+// StartForTest is Start for tests, in t.TempDir(). When the binaries are
+// missing it fails the test if $TSRELAY_KUBE_ASSETS is set (it names them,
+// as make test does) or skips are not allowed (see testenv), and otherwise
+// skips it, saying how to get them. It fails the test when the control plane
+// does not start (a broken binary, say), and stops it in t.Cleanup, logging
+// the tail of the API server's log if the test failed.
 func StartForTest(t testing.TB) *Server {
 	t.Helper()
 	assets, err := Assets()
 	if err != nil {
-		t.Skipf("no real Kubernetes API server: %v", err)
+		if dir := os.Getenv(AssetsEnv); dir != "" {
+			t.Fatalf("no real Kubernetes API server, though %s=%s: %v", AssetsEnv, dir, err)
+		}
+		testenv.SkipUnlessAllowed(t, "no real Kubernetes API server: %v", err)
 	}
 	s, err := Start(t.Context(), assets, t.TempDir())
 	if err != nil {

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/tsrelay/tsrelay/internal/testenv"
 )
 
 // childEnv marks the child process; its value is the name of the test to
@@ -22,7 +24,8 @@ const childEnv = "TSRELAY_NETNS_TEST"
 // Run runs body in a new network namespace, with loopback up. In the
 // parent it re-runs the test binary for t alone in the namespace and fails
 // t if the child fails; in the child it calls body. It skips t when not
-// root, when the namespace cannot be made, or when `ip` is missing.
+// root; when the namespace cannot be made or `ip` is missing it skips t
+// only where skips are allowed (see testenv), and fails it otherwise.
 func Run(t *testing.T, body func(t *testing.T)) {
 	t.Helper()
 	if os.Getenv(childEnv) == t.Name() {
@@ -30,11 +33,9 @@ func Run(t *testing.T, body func(t *testing.T)) {
 		body(t)
 		return
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to make a network namespace")
-	}
+	testenv.SkipUnlessRoot(t, "a network namespace")
 	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skip("needs iproute2's ip (scripts/net-tools installs it)")
+		testenv.SkipUnlessAllowed(t, "needs iproute2's ip (scripts/net-tools installs it)")
 	}
 	var pattern []string
 	for part := range strings.SplitSeq(t.Name(), "/") {
@@ -46,14 +47,14 @@ func Run(t *testing.T, body func(t *testing.T)) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.CombinedOutput()
 	if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EINVAL) {
-		t.Skipf("cannot make a network namespace: %v", err)
+		testenv.SkipUnlessAllowed(t, "cannot make a network namespace: %v", err)
 	}
 	t.Logf("in a network namespace:\n%s", out)
 	if err != nil {
 		t.Fatalf("test in network namespace: %v", err)
 	}
 	if strings.Contains(string(out), "--- SKIP: "+t.Name()) {
-		t.Skip("skipped in the network namespace (see the log above)")
+		testenv.SkipUnlessAllowed(t, "skipped in the network namespace (see the log above)")
 	}
 	// A pattern that matched nothing passes too: make sure the body ran.
 	if !strings.Contains(string(out), "--- PASS: "+t.Name()) {

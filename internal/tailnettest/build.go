@@ -3,6 +3,7 @@ package tailnettest
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"os"
 	"os/exec"
@@ -52,6 +53,19 @@ func BuildClients(ctx context.Context, dir string) (Binaries, error) {
 		Tailscaled: filepath.Join(dir, "tailscaled"),
 		Tailscale:  filepath.Join(dir, "tailscale"),
 	}, nil
+}
+
+// CheckoutBinDir returns a directory under the system's temporary one for
+// binaries built from this checkout: name plus a hash of the module root, so
+// that two checkouts on one machine (a developer's and CI's clone, say)
+// never run each other's relay.
+func CheckoutBinDir(ctx context.Context, name string) (string, error) {
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256([]byte(root))
+	return filepath.Join(os.TempDir(), fmt.Sprintf("%s-%x", name, sum[:4])), nil
 }
 
 // goBuild runs `go build -o dir/ pkgs...` from the module root.

@@ -26,6 +26,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"time"
 
 	"tailscale.com/derp/derpserver"
 	"tailscale.com/net/netaddr"
@@ -57,7 +58,8 @@ type Control struct {
 	// example AwaitNodeInMapRequest or SetGlobalAppCaps).
 	Server *testcontrol.Server
 	// DERPMap is the map the control server hands to nodes: region 1, code
-	// "test", one node on 127.0.0.1 with IPv6 disabled.
+	// "test", one node on 127.0.0.1 with IPv6 disabled, plus
+	// ControlOptions.Regions.
 	DERPMap *tailcfg.DERPMap
 	// STUNAddr is the address of the STUN server.
 	STUNAddr netip.AddrPort
@@ -66,6 +68,19 @@ type Control struct {
 	derpHTTP    *httptest.Server
 	derp        *derpserver.Server
 	stun        *stunServer
+	delayTCP    *DelayTCP // in front of derpHTTP, with ControlOptions.Delay
+	delayUDP    *DelayUDP // in front of stun, with ControlOptions.Delay
+}
+
+// ControlOptions are the ways a Control can differ from StartControl's.
+type ControlOptions struct {
+	// Delay puts region 1 ("test") behind delaying proxies, its DERP (TCP)
+	// and its STUN (UDP): each direction waits Delay, so every round trip
+	// to it costs 2×Delay more. This makes it an "off-site" region that
+	// nodes measure as farther than a region on loopback.
+	Delay time.Duration
+	// Regions are added to the DERP map (IDs other than 1).
+	Regions []*tailcfg.DERPRegion
 }
 
 // StartControl starts control, DERP and STUN on 127.0.0.1. logf receives the
@@ -85,7 +100,12 @@ func StartControl(logf logger.Logf) (*Control, error) {
 // StartControlAt is StartControl listening on ip, an IPv4 address of this
 // process's network namespace, for nodes in other namespaces (the bench's
 // laptops) that cannot reach its loopback.
-func StartControlAt(ip netip.Addr, logf logger.Logf) (_ *Control, err error) {
+func StartControlAt(ip netip.Addr, logf logger.Logf) (*Control, error) {
+	return StartControlWith(ip, logf, ControlOptions{})
+}
+
+// StartControlWith is StartControlAt with options.
+func StartControlWith(ip netip.Addr, logf logger.Logf, opts ControlOptions) (_ *Control, err error) {
 	if !ip.Is4() {
 		return nil, fmt.Errorf("start control: %v is not an IPv4 address", ip)
 	}
@@ -114,6 +134,17 @@ func StartControlAt(ip netip.Addr, logf logger.Logf) (_ *Control, err error) {
 		return nil, err
 	}
 	derpPort := c.derpHTTP.Listener.Addr().(*net.TCPAddr).Port
+	stunPort := int(c.STUNAddr.Port())
+	if opts.Delay > 0 {
+		derpAddr := c.derpHTTP.Listener.Addr().(*net.TCPAddr).AddrPort()
+		if c.delayTCP, err = StartDelayTCP(net.JoinHostPort(host, "0"), derpAddr, opts.Delay); err != nil {
+			return nil, err
+		}
+		if c.delayUDP, err = StartDelayUDP(net.JoinHostPort(host, "0"), c.STUNAddr, opts.Delay); err != nil {
+			return nil, err
+		}
+		derpPort, stunPort = int(c.delayTCP.Addr.Port()), int(c.delayUDP.Addr.Port())
+	}
 
 	c.DERPMap = &tailcfg.DERPMap{
 		Regions: map[int]*tailcfg.DERPRegion{
@@ -126,13 +157,20 @@ func StartControlAt(ip netip.Addr, logf logger.Logf) (_ *Control, err error) {
 					HostName:         host,
 					IPv4:             host,
 					IPv6:             "none",
-					STUNPort:         int(c.STUNAddr.Port()),
+					STUNPort:         stunPort,
 					DERPPort:         derpPort,
 					InsecureForTests: true,
 					STUNTestIP:       host,
 				}},
 			},
 		},
+	}
+
+	for _, r := range opts.Regions {
+		if _, dup := c.DERPMap.Regions[r.RegionID]; dup {
+			return nil, fmt.Errorf("start control: DERP region %d is taken", r.RegionID)
+		}
+		c.DERPMap.Regions[r.RegionID] = r
 	}
 
 	c.Server = &testcontrol.Server{
@@ -186,6 +224,12 @@ func (c *Control) Close() {
 	if c.derpHTTP != nil {
 		c.derpHTTP.CloseClientConnections()
 		c.derpHTTP.Close()
+	}
+	if c.delayTCP != nil {
+		c.delayTCP.Close()
+	}
+	if c.delayUDP != nil {
+		c.delayUDP.Close()
 	}
 	if c.derp != nil {
 		c.derp.Close()

@@ -20,6 +20,7 @@ type PortForward struct {
 	cancel context.CancelFunc
 	pc     net.PacketConn
 	target netip.AddrPort
+	allow  func(client netip.AddrPort) bool // nil allows every client
 
 	mu       sync.Mutex
 	upstream map[netip.AddrPort]net.PacketConn // by client address
@@ -29,6 +30,14 @@ type PortForward struct {
 // StartPortForward listens on listen (e.g. "127.0.0.1:0") and forwards to
 // target until Close.
 func StartPortForward(listen string, target netip.AddrPort) (*PortForward, error) {
+	return StartPortForwardFor(listen, target, nil)
+}
+
+// StartPortForwardFor is StartPortForward that forwards only the datagrams
+// of clients allow reports true for and drops the others, like a firewall
+// in front of the router; nil allows every client. Tests use it to give
+// each laptop a different way to the relay.
+func StartPortForwardFor(listen string, target netip.AddrPort, allow func(client netip.AddrPort) bool) (*PortForward, error) {
 	pc, err := net.ListenPacket("udp", listen)
 	if err != nil {
 		return nil, fmt.Errorf("port forward: listen on %s: %w", listen, err)
@@ -40,6 +49,7 @@ func StartPortForward(listen string, target netip.AddrPort) (*PortForward, error
 		cancel:   cancel,
 		pc:       pc,
 		target:   target,
+		allow:    allow,
 		upstream: make(map[netip.AddrPort]net.PacketConn),
 	}
 	f.wg.Add(1)
@@ -57,6 +67,9 @@ func (f *PortForward) serve() {
 			return // closed
 		}
 		client := from.(*net.UDPAddr).AddrPort()
+		if f.allow != nil && !f.allow(client) {
+			continue
+		}
 		up, err := f.upstreamFor(client)
 		if err != nil {
 			continue // like a router out of NAT entries: drop

@@ -14,6 +14,8 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+
+	"github.com/tsrelay/tsrelay/internal/readyz"
 )
 
 // Relay is the real relay binary (cmd/relay) running as a subprocess,
@@ -120,45 +122,9 @@ func (r *Relay) WaitReady(ctx context.Context, answer func(code int, body string
 	})
 }
 
-// RelayStatus is the part of the relay's verbose /readyz that tests and the
-// demo read. It is declared here, not taken from package relay, so that a
-// change to the JSON users see breaks the tests.
-type RelayStatus struct {
-	Ready        bool     `json:"ready"`
-	Reason       string   `json:"reason"`
-	BackendState string   `json:"backendState"`
-	TailscaleIPs []string `json:"tailscaleIPs"`
-	Relay        struct {
-		Port            uint16 `json:"port"`
-		Bound           bool   `json:"bound"`
-		StaticEndpoints []struct {
-			Endpoint string `json:"endpoint"`
-			Source   string `json:"source"` // explicit, service or dns
-		} `json:"staticEndpoints"`
-		Service      string `json:"service"`
-		SessionTable []struct {
-			VNI     uint32 `json:"vni"`
-			Clients [2]struct {
-				Endpoint  string `json:"endpoint"`
-				PacketsTx uint64 `json:"packetsTx"`
-				BytesTx   uint64 `json:"bytesTx"`
-			} `json:"clients"`
-		} `json:"sessionTable"`
-	} `json:"relay"`
-	Warnings []string `json:"warnings"`
-	PathMTU  *struct {
-		OK       bool `json:"ok"`
-		NeedIPv4 int  `json:"needIPv4"`
-		Paths    []struct {
-			Family    string `json:"family"`
-			Interface string `json:"interface"`
-			Kind      string `json:"kind"`
-			MTU       int    `json:"mtu"`
-			TooSmall  bool   `json:"tooSmall"`
-		} `json:"paths"`
-		TunnelInTunnel string `json:"tunnelInTunnel"`
-	} `json:"pathMTU"`
-}
+// RelayStatus is the relay's verbose /readyz, decoded into the type the
+// relay encodes (internal/readyz, whose own test keeps the field names).
+type RelayStatus = readyz.Status
 
 // Status fetches and decodes /readyz?verbose.
 func (r *Relay) Status(ctx context.Context) (RelayStatus, error) {

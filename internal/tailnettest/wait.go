@@ -52,3 +52,25 @@ func FreeTCPAddr() (string, error) {
 	defer ln.Close()
 	return ln.Addr().String(), nil
 }
+
+// FreeDualStackUDPPort returns a UDP port that was free a moment ago on
+// both the IPv4 and the IPv6 wildcard address, for a relay that binds it in
+// both families. It fails if this machine cannot bind an IPv6 UDP socket.
+func FreeDualStackUDPPort() (int, error) {
+	var lastErr error
+	for range 20 {
+		pc4, err := net.ListenPacket("udp4", "0.0.0.0:0")
+		if err != nil {
+			return 0, fmt.Errorf("find free dual-stack UDP port: %w", err)
+		}
+		port := pc4.LocalAddr().(*net.UDPAddr).Port
+		pc6, err := net.ListenPacket("udp6", net.JoinHostPort("::", fmt.Sprint(port)))
+		pc4.Close()
+		if err == nil {
+			pc6.Close()
+			return port, nil
+		}
+		lastErr = err
+	}
+	return 0, fmt.Errorf("find free dual-stack UDP port: no port free in both families: %w", lastErr)
+}

@@ -1,0 +1,326 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"tailscale.com/client/tailscale/apitype"
+	"tailscale.com/ipn"
+	"tailscale.com/ipn/ipnstate"
+	"tailscale.com/ipn/store"
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+
+	"github.com/tsrelay/tsrelay/derpregion"
+	"github.com/tsrelay/tsrelay/internal/readyz"
+	"github.com/tsrelay/tsrelay/kubeevents"
+)
+
+// DERPConfig are the settings of the in-cluster DERP region (package
+// derpregion). It is off unless TS_DERP_PORT is set.
+type DERPConfig struct {
+	DERPPort   Port   `envconfig:"TS_DERP_PORT" desc:"TCP port for DERP over TLS of an in-cluster DERP region, so that first packets between nodes on this network stay on it; empty or 0 (default): no DERP and no STUN server. Needs TS_STUN_PORT. Add the region to the tailnet policy's derpMap (GET /derpmap on TS_LOCAL_ADDR_PORT)."`
+	STUNPort   Port   `envconfig:"TS_STUN_PORT" desc:"UDP port for the DERP region's STUN server (how nodes measure that the region is near); required with TS_DERP_PORT."`
+	RegionID   int    `envconfig:"TS_DERP_REGION_ID" default:"900" desc:"ID of the DERP region, 900-999 (the range Tailscale keeps for a tailnet's own regions); unique in the tailnet's derpMap."`
+	RegionCode string `envconfig:"TS_DERP_REGION_CODE" default:"tsrelay" desc:"Short name of the DERP region, as tailscale ping shows it (via DERP(tsrelay)): lower-case letters, digits and '-'."`
+	Addrs      IPList `envconfig:"TS_DERP_ADDRS" desc:"Comma-separated IP addresses clients dial for the DERP region (one IPv4, one IPv6 used). Default: the IPs of the static endpoints (TS_RELAY_SERVER_STATIC_ENDPOINTS and TS_RELAY_SERVICE's load balancer)."`
+	CertFile   string `envconfig:"TS_DERP_CERT_FILE" desc:"PEM certificate for the DERP server (tls.crt of a mounted kubernetes.io/tls Secret), with TS_DERP_KEY_FILE and TS_DERP_HOSTNAME. Default: a self-signed certificate kept with the node state and pinned in the derpMap by its SHA-256."`
+	KeyFile    string `envconfig:"TS_DERP_KEY_FILE" desc:"PEM private key of TS_DERP_CERT_FILE (tls.key)."`
+	HostName   string `envconfig:"TS_DERP_HOSTNAME" desc:"DNS name TS_DERP_CERT_FILE is for; clients check the certificate against it."`
+}
+
+// IPList is a comma-separated list of IP addresses.
+type IPList []netip.Addr
+
+// Decode implements envconfig.Decoder.
+func (l *IPList) Decode(s string) error {
+	var out IPList
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		a, err := netip.ParseAddr(f)
+		if err != nil || a.Zone() != "" || a.IsUnspecified() || a.IsMulticast() {
+			return fmt.Errorf("%q is not a unicast IP address; want comma-separated IPv4 or IPv6 addresses (no ports, no brackets)", f)
+		}
+		if a = a.Unmap(); !slices.Contains(out, a) {
+			out = append(out, a)
+		}
+	}
+	*l = out
+	return nil
+}
+
+// enabled reports whether the DERP region is on.
+func (d DERPConfig) enabled() bool { return d.DERPPort != 0 || d.STUNPort != 0 }
+
+// validate checks the DERP settings against the rest of the configuration.
+func (d DERPConfig) validate(c *Config) []error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if !d.enabled() {
+		if d.CertFile != "" || d.KeyFile != "" || d.HostName != "" || len(d.Addrs) > 0 {
+			bad("TS_DERP_CERT_FILE, TS_DERP_KEY_FILE, TS_DERP_HOSTNAME or TS_DERP_ADDRS is set but TS_DERP_PORT is not: set TS_DERP_PORT and TS_STUN_PORT to turn the DERP region on, or unset them")
+		}
+		return errs
+	}
+	if d.DERPPort == 0 {
+		bad("TS_STUN_PORT=%d is set without TS_DERP_PORT: want both, a TCP port for DERP over TLS and a UDP port for STUN (e.g. TS_DERP_PORT=8443 TS_STUN_PORT=3478)", d.STUNPort)
+	}
+	if d.STUNPort == 0 {
+		bad("TS_DERP_PORT=%d needs TS_STUN_PORT: the UDP port nodes measure the region's latency with (e.g. TS_STUN_PORT=3478)", d.DERPPort)
+	}
+	if d.STUNPort != 0 && (d.STUNPort == c.RelayServerPort || d.STUNPort == c.WireGuardPort) {
+		bad("TS_STUN_PORT=%d: must differ from TS_RELAY_SERVER_PORT and TS_PORT, which are UDP sockets of this process too", d.STUNPort)
+	}
+	if ap, err := netip.ParseAddrPort(c.LocalAddrPort); err == nil && d.DERPPort != 0 && uint16(d.DERPPort) == ap.Port() {
+		bad("TS_DERP_PORT=%d: must differ from the port of TS_LOCAL_ADDR_PORT=%s, both are TCP listeners of this process", d.DERPPort, c.LocalAddrPort)
+	}
+	if err := derpregion.ValidateRegion(d.RegionID, d.RegionCode, "TS_DERP_REGION_ID", "TS_DERP_REGION_CODE"); err != nil {
+		errs = append(errs, err)
+	}
+	if (d.CertFile == "") != (d.KeyFile == "") {
+		bad("TS_DERP_CERT_FILE and TS_DERP_KEY_FILE go together: want both (tls.crt and tls.key of a kubernetes.io/tls Secret) or neither (a self-signed certificate)")
+	}
+	if d.CertFile != "" && d.HostName == "" {
+		bad("TS_DERP_CERT_FILE needs TS_DERP_HOSTNAME: the DNS name the certificate is for, which clients dial")
+	}
+	if d.HostName != "" && d.CertFile == "" {
+		bad("TS_DERP_HOSTNAME=%s is set without TS_DERP_CERT_FILE: a self-signed certificate has a fixed name; want TS_DERP_CERT_FILE and TS_DERP_KEY_FILE too, or no TS_DERP_HOSTNAME", d.HostName)
+	}
+	return errs
+}
+
+// derpCertStateFile holds the self-signed certificate when the node state
+// is in TS_STATE_DIR. Not tsnet's own state file: two file stores on one
+// file would overwrite each other's keys.
+const derpCertStateFile = "tsrelay-derp.json"
+
+// derpRegion is the running DERP region: the servers, the certificate and
+// the derpMap for the addresses currently known. A nil *derpRegion is a
+// relay without one: its methods do nothing.
+type derpRegion struct {
+	cfg    DERPConfig
+	srv    *derpregion.Server
+	cert   *derpregion.Cert
+	logger *slog.Logger
+	events *kubeevents.Recorder
+	// status has the relay's static endpoints, whose IPs clients dial
+	// when TS_DERP_ADDRS is empty, and tells when they change.
+	status *status
+
+	mu     sync.Mutex
+	region *tailcfg.DERPRegion // nil until an address is known
+	why    string              // why region is nil
+}
+
+// newDERPRegion returns the DERP region cfg asks for, or nil when it asks
+// for none. It loads or creates the certificate and binds the DERP and STUN
+// sockets. stateStore is the node's Secret store, or nil for a file in
+// TS_STATE_DIR; node admits DERP clients; the region's readiness becomes
+// part of st's.
+func newDERPRegion(cfg Config, stateStore ipn.StateStore, st *status, node *appliance, events *kubeevents.Recorder, logger *slog.Logger) (*derpRegion, error) {
+	d, stateDir := cfg.DERPConfig, cfg.StateDir
+	if !d.enabled() {
+		return nil, nil
+	}
+	var cert *derpregion.Cert
+	var err error
+	if d.CertFile != "" {
+		cert, err = derpregion.FromFiles(d.CertFile, d.KeyFile, d.HostName)
+	} else {
+		st := derpregion.Store(stateStore)
+		if stateStore == nil {
+			if st, err = store.NewFileStore(func(string, ...any) {}, filepath.Join(stateDir, derpCertStateFile)); err != nil {
+				return nil, fmt.Errorf("open the DERP certificate store in TS_STATE_DIR=%s: %w", stateDir, err)
+			}
+		}
+		cert, err = derpregion.SelfSigned(st, time.Now())
+	}
+	if err != nil {
+		return nil, err
+	}
+	srv, err := derpregion.Listen(derpregion.Config{
+		DERPAddr: net.JoinHostPort("", strconv.Itoa(int(d.DERPPort))),
+		STUNAddr: net.JoinHostPort("", strconv.Itoa(int(d.STUNPort))),
+		TLS:      cert,
+		Node:     applianceNode{node},
+		Logger:   logger.With("src", "derp"),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("DERP region (TS_DERP_PORT=%d, TS_STUN_PORT=%d): %w", d.DERPPort, d.STUNPort, err)
+	}
+	if cert.Created() {
+		logger.Info("created a self-signed DERP certificate; add the region to the tailnet policy's derpMap", "fingerprint", cert.Fingerprint())
+	}
+	r := &derpRegion{cfg: d, srv: srv, cert: cert, logger: logger, events: events, status: st}
+	st.setDERP(derpView{code: d.RegionCode, serving: srv.Serving})
+	r.update()
+	return r, nil
+}
+
+// run serves the region until ctx is done, refreshing the derpMap as soon
+// as the advertised endpoints change.
+func (r *derpRegion) run(ctx context.Context) error {
+	if r == nil {
+		return nil
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- r.srv.Serve(ctx) }()
+	for {
+		select {
+		case err := <-errc:
+			return err
+		case <-r.status.endpointsChanged():
+			r.update()
+		}
+	}
+}
+
+// close releases the sockets of a region that never ran.
+func (r *derpRegion) close() {
+	if r != nil {
+		r.srv.Close()
+	}
+}
+
+// dialAddrs are the IPs clients dial: TS_DERP_ADDRS, or the static
+// endpoints' IPs (the load balancer's: DERP and STUN share its address).
+func (r *derpRegion) dialAddrs() []netip.Addr {
+	if len(r.cfg.Addrs) > 0 {
+		return r.cfg.Addrs
+	}
+	var out []netip.Addr
+	for _, ap := range r.status.advertised() {
+		if !slices.Contains(out, ap.Addr()) {
+			out = append(out, ap.Addr())
+		}
+	}
+	return out
+}
+
+// update recomputes the derpMap and, when it changed, logs it once and
+// records an Event: the user must paste it into the policy again.
+func (r *derpRegion) update() {
+	d := r.cfg
+	region, err := derpregion.Region(derpregion.RegionOptions{
+		RegionID: d.RegionID, RegionCode: d.RegionCode, Cert: r.cert,
+		Addrs:    r.dialAddrs(),
+		DERPPort: int(d.DERPPort), STUNPort: int(d.STUNPort),
+	})
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err != nil {
+		r.region, r.why = nil, err.Error()
+		return
+	}
+	old := r.region
+	r.region, r.why = region, ""
+	if old != nil && reflect.DeepEqual(old, region) {
+		return
+	}
+	js, err := derpregion.PolicyJSON(region)
+	if err != nil {
+		return
+	}
+	compact := new(bytes.Buffer)
+	if err := json.Compact(compact, js); err != nil {
+		return
+	}
+	r.logger.Info("DERP region derpMap changed; put it in the tailnet policy file's derpMap", "derpMap", compact.String())
+	r.events.Normal("DERPMapChanged", "DERP region "+d.RegionCode+" derpMap: "+compact.String())
+}
+
+// serveDERPMap answers GET /derpmap: the policy file's derpMap as JSON, or
+// with ?format=headscale the YAML for Headscale's derp.paths.
+func (r *derpRegion) serveDERPMap(w http.ResponseWriter, req *http.Request) {
+	r.mu.Lock()
+	region, why := r.region, r.why
+	r.mu.Unlock()
+	if region == nil {
+		http.Error(w, "no derpMap yet: "+why, http.StatusServiceUnavailable)
+		return
+	}
+	var out []byte
+	var err error
+	switch f := req.URL.Query().Get("format"); f {
+	case "", "json":
+		w.Header().Set("Content-Type", "application/json")
+		out, err = derpregion.PolicyJSON(region)
+	case "headscale", "yaml":
+		w.Header().Set("Content-Type", "application/yaml")
+		out, err = derpregion.HeadscaleYAML(region)
+	default:
+		http.Error(w, fmt.Sprintf("format=%q: want json (the policy file's derpMap) or headscale (derp.paths YAML)", f), http.StatusBadRequest)
+		return
+	}
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Write(out)
+}
+
+// statusJSON returns the region's state for /readyz?verbose; nil when the
+// region is off.
+func (r *derpRegion) statusJSON() *readyz.DERP {
+	if r == nil {
+		return nil
+	}
+	r.mu.Lock()
+	region, why := r.region, r.why
+	r.mu.Unlock()
+	s := &readyz.DERP{
+		Serving: r.srv.Serving(), RegionID: r.cfg.RegionID, RegionCode: r.cfg.RegionCode,
+		CertName: r.cert.CertName(), NoDERPMap: why,
+	}
+	if region != nil {
+		s.DERPMap = &tailcfg.DERPMap{Regions: map[int]*tailcfg.DERPRegion{region.RegionID: region}}
+	}
+	return s
+}
+
+// applianceNode admits DERP clients through the appliance's tailnet node,
+// refusing everyone before it has started.
+type applianceNode struct{ a *appliance }
+
+var errNodeNotStarted = errors.New("tailnet node not started")
+
+func (n applianceNode) StatusWithoutPeers(ctx context.Context) (*ipnstate.Status, error) {
+	lc := n.a.localClient()
+	if lc == nil {
+		return nil, errNodeNotStarted
+	}
+	return lc.StatusWithoutPeers(ctx)
+}
+
+func (n applianceNode) WhoIsNodeKey(ctx context.Context, k key.NodePublic) (*apitype.WhoIsResponse, error) {
+	lc := n.a.localClient()
+	if lc == nil {
+		return nil, errNodeNotStarted
+	}
+	return lc.WhoIsNodeKey(ctx, k)
+}
+
+func (n applianceNode) Status(ctx context.Context) (*ipnstate.Status, error) {
+	lc := n.a.localClient()
+	if lc == nil {
+		return nil, errNodeNotStarted
+	}
+	return lc.Status(ctx)
+}

@@ -1,0 +1,90 @@
+package relay
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func TestDERPConfigValidate(t *testing.T) {
+	base := Config{RelayServerPort: 40000, WireGuardPort: 41641, LocalAddrPort: "[::]:9002"}
+	on := DERPConfig{DERPPort: 8443, STUNPort: 3478, RegionID: 900, RegionCode: "tsrelay"}
+	for _, tc := range []struct {
+		name string
+		edit func(*DERPConfig)
+		want []string // substrings of the error; none means valid
+	}{
+		{"off", func(d *DERPConfig) { *d = DERPConfig{RegionID: 900, RegionCode: "tsrelay"} }, nil},
+		{"on, self-signed", func(*DERPConfig) {}, nil},
+		{"on, user cert", func(d *DERPConfig) {
+			d.CertFile, d.KeyFile, d.HostName = "/tls/tls.crt", "/tls/tls.key", "derp.example.com"
+		}, nil},
+		{"explicit addresses", func(d *DERPConfig) { d.Addrs = IPList{netip.MustParseAddr("192.0.2.10")} }, nil},
+		{"STUN without DERP", func(d *DERPConfig) { d.DERPPort = 0 }, []string{"TS_STUN_PORT=3478 is set without TS_DERP_PORT"}},
+		{"DERP without STUN", func(d *DERPConfig) { d.STUNPort = 0 }, []string{"TS_DERP_PORT=8443 needs TS_STUN_PORT"}},
+		{"STUN on the relay port", func(d *DERPConfig) { d.STUNPort = 40000 }, []string{"TS_STUN_PORT=40000: must differ from TS_RELAY_SERVER_PORT"}},
+		{"STUN on the WireGuard port", func(d *DERPConfig) { d.STUNPort = 41641 }, []string{"TS_STUN_PORT=41641"}},
+		{"DERP on the HTTP port", func(d *DERPConfig) { d.DERPPort = 9002 }, []string{"TS_DERP_PORT=9002: must differ from the port of TS_LOCAL_ADDR_PORT"}},
+		{"region ID", func(d *DERPConfig) { d.RegionID = 1 }, []string{"TS_DERP_REGION_ID=1: want a region ID from 900 to 999"}},
+		{"region code", func(d *DERPConfig) { d.RegionCode = "My Region" }, []string{`TS_DERP_REGION_CODE="My Region"`}},
+		{"cert without key", func(d *DERPConfig) { d.CertFile, d.HostName = "/tls/tls.crt", "derp.example.com" }, []string{"TS_DERP_CERT_FILE and TS_DERP_KEY_FILE go together"}},
+		{"cert without host name", func(d *DERPConfig) { d.CertFile, d.KeyFile = "/tls/tls.crt", "/tls/tls.key" }, []string{"TS_DERP_CERT_FILE needs TS_DERP_HOSTNAME"}},
+		{"host name without cert", func(d *DERPConfig) { d.HostName = "derp.example.com" }, []string{"TS_DERP_HOSTNAME=derp.example.com is set without TS_DERP_CERT_FILE"}},
+		{"settings while off", func(d *DERPConfig) { d.DERPPort, d.STUNPort, d.CertFile = 0, 0, "/tls/tls.crt" }, []string{"is set but TS_DERP_PORT is not"}},
+		{"every mistake at once", func(d *DERPConfig) { d.STUNPort, d.RegionID, d.RegionCode = 0, 5, "" }, []string{"needs TS_STUN_PORT", "TS_DERP_REGION_ID=5", "TS_DERP_REGION_CODE"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := base
+			d := on
+			tc.edit(&d)
+			err := errors.Join(d.validate(&c)...)
+			if len(tc.want) == 0 {
+				if err != nil {
+					t.Errorf("validate(%+v) = %v, want nil", d, err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("validate(%+v) = nil, want errors containing %q", d, tc.want)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("validate(%+v) = %v, want it to contain %q", d, err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestIPListDecode(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want string // the list, or the error's start
+	}{
+		{"", ""},
+		{"192.0.2.10", "192.0.2.10"},
+		{" 192.0.2.10 , 2001:db8::1,192.0.2.10", "192.0.2.10,2001:db8::1"},
+		{"::ffff:192.0.2.10", "192.0.2.10"},
+		{"192.0.2.10:8443", `"192.0.2.10:8443" is not a unicast IP address`},
+		{"[2001:db8::1]", `"[2001:db8::1]" is not`},
+		{"0.0.0.0", `"0.0.0.0" is not`},
+		{"derp.example.com", `"derp.example.com" is not`},
+	} {
+		var l IPList
+		err := l.Decode(tc.in)
+		var got string
+		if err != nil {
+			got = err.Error()
+		} else {
+			s := make([]string, len(l))
+			for i, a := range l {
+				s[i] = a.String()
+			}
+			got = strings.Join(s, ",")
+		}
+		if !strings.HasPrefix(got, tc.want) || (err == nil && got != tc.want) {
+			t.Errorf("IPList.Decode(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,156 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"log/slog"
+	"net/http/httptest"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+	"tailscale.com/derp"
+	"tailscale.com/derp/derphttp"
+	"tailscale.com/net/netmon"
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+
+	"github.com/tsrelay/tsrelay/internal/readyz"
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
+)
+
+// TestDERPRegionInAppliance runs the appliance in process with the DERP
+// region on: /readyz waits for it, /derpmap serves the derpMap for the
+// relay's static endpoint, /metrics has its series, the certificate is kept
+// in TS_STATE_DIR, and the tsnet node refuses a DERP client it does not
+// know.
+func TestDERPRegionInAppliance(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a tailnet; skipped in -short mode")
+	}
+	control := tailnettest.StartControlForTest(t)
+	relayPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stunPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	derpAddr, err := tailnettest.FreeTCPAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	derpPort := netip.MustParseAddrPort(derpAddr).Port()
+	ep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(relayPort))
+	cfg := Config{
+		AuthKey:                    control.AuthKey,
+		ControlURL:                 control.URL,
+		Hostname:                   "relay",
+		StateDir:                   t.TempDir(),
+		RelayServerPort:            Port(relayPort),
+		RelayServerStaticEndpoints: Endpoints{ep},
+		LocalAddrPort:              "127.0.0.1:9002",
+		DERPConfig:                 DERPConfig{DERPPort: Port(derpPort), STUNPort: Port(stunPort), RegionID: 901, RegionCode: "home"},
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	logger := slog.New(slog.NewTextHandler(t.Output(), nil))
+	// The same wiring as Run.
+	a := testAppliance(t, cfg, "")
+	region901, err := newDERPRegion(cfg, nil, a.status, a, nil, logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runForTest(t, a, region901.run)
+	h := (&handlers{cfg: cfg, status: a.status, node: a, derp: region901, logger: logger}).mux(nil)
+	get := func(path string) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+		return rec
+	}
+
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	if err := tailnettest.WaitFor(ctx, 50*time.Millisecond, func() (bool, error) { return get("/readyz").Code == 200, nil }); err != nil {
+		t.Fatalf("/readyz never 200: %s", get("/readyz").Body)
+	}
+	rec := get("/derpmap")
+	if rec.Code != 200 {
+		t.Fatalf("/derpmap = %d %s", rec.Code, rec.Body)
+	}
+	var m tailcfg.DERPMap
+	if err := json.Unmarshal(rec.Body.Bytes(), &m); err != nil {
+		t.Fatalf("decode /derpmap: %v\n%s", err, rec.Body)
+	}
+	r := m.Regions[901]
+	if r == nil || len(r.Nodes) != 1 {
+		t.Fatalf("/derpmap has no region 901 with one node:\n%s", rec.Body)
+	}
+	n := r.Nodes[0]
+	if n.IPv4 != "127.0.0.1" || n.DERPPort != int(derpPort) || n.STUNPort != stunPort || n.CertName != region901.cert.CertName() || r.RegionCode != "home" {
+		t.Errorf("/derpmap node = %+v, want 127.0.0.1, DERP port %d, STUN port %d, %s", n, derpPort, stunPort, region901.cert.CertName())
+	}
+	var hs tailcfg.DERPMap
+	if rec := get("/derpmap?format=headscale"); rec.Code != 200 || yaml.Unmarshal(rec.Body.Bytes(), &hs) != nil || hs.Regions[901] == nil {
+		t.Errorf("/derpmap?format=headscale = %d\n%s", rec.Code, rec.Body)
+	}
+	if rec := get("/derpmap?format=xml"); rec.Code != 400 || !strings.Contains(rec.Body.String(), "want json") {
+		t.Errorf("/derpmap?format=xml = %d %s, want 400 naming the formats", rec.Code, rec.Body)
+	}
+	var verbose readyz.Status
+	if err := json.Unmarshal(get("/readyz?verbose").Body.Bytes(), &verbose); err != nil || verbose.DERP == nil {
+		t.Fatalf("/readyz?verbose has no derp section: %v", err)
+	}
+	if d := verbose.DERP; !d.Serving || d.CertName != region901.cert.CertName() || d.DERPMap == nil || d.DERPMap.Regions[901].Nodes[0].IPv4 != "127.0.0.1" {
+		t.Errorf("/readyz?verbose derp = %+v, want serving, the pin and the derpMap", d)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.StateDir, derpCertStateFile)); err != nil {
+		t.Errorf("self-signed certificate not kept in TS_STATE_DIR: %v", err)
+	}
+
+	// A stranger, refused by the tsnet node's WhoIsNodeKey.
+	region := &tailcfg.DERPRegion{RegionID: 901, RegionCode: "home", Nodes: []*tailcfg.DERPNode{{
+		Name: "901a", RegionID: 901, HostName: n.HostName, CertName: n.CertName, IPv4: "127.0.0.1", IPv6: "none", DERPPort: n.DERPPort,
+	}}}
+	c := derphttp.NewRegionClient(key.NewNode(), t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
+	defer c.Close()
+	if err := c.Connect(ctx); err != nil {
+		t.Fatalf("TLS and DERP handshake with the pinned certificate: %v", err)
+	}
+	// Admitted clients get the server's info first; a refused one sees the
+	// connection close. c.Close (deferred) ends a Recv that hangs.
+	admitted := make(chan bool, 1)
+	go func() {
+		msg, err := c.Recv()
+		_, ok := msg.(derp.ServerInfoMessage)
+		admitted <- err == nil && ok
+	}()
+	select {
+	case ok := <-admitted:
+		if ok {
+			t.Errorf("a node key the tailnet does not know was admitted")
+		}
+	case <-ctx.Done():
+		t.Fatalf("no answer from the DERP server")
+	}
+	metrics := get("/metrics").Body.String()
+	for _, want := range []string{"tsrelay_derp_serving 1", "tsrelay_derp_clients_refused_total 1"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	var lines bytes.Buffer
+	for l := range strings.SplitSeq(metrics, "\n") {
+		if strings.HasPrefix(l, "tsrelay_derp_") {
+			lines.WriteString(l + "\n")
+		}
+	}
+	t.Logf("DERP series:\n%s", lines.String())
+}
