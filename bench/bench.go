@@ -30,6 +30,7 @@ import (
 	"tailscale.com/types/logger"
 
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
+	"github.com/tsrelay/tsrelay/internal/udpsock"
 )
 
 // Config says what to run.
@@ -64,6 +65,14 @@ type Config struct {
 	// its heap when idle and after the load, and its CPU while k pairs
 	// send through it. Read them with `go tool pprof`.
 	ProfileDir string
+	// Levers are extra tsrelay configurations for the footprint rows, each
+	// a list of environment settings (e.g. GOGC=50), measured like the
+	// default and compared with it in the same run.
+	Levers [][]string
+	// FootprintOnly runs only the relayed scenarios (paths through each
+	// relay variant, idle and loaded RSS) and sizes: no direct or DERP
+	// path, MTU row or readiness.
+	FootprintOnly bool
 	// Logf receives progress; nil discards it.
 	Logf logger.Logf
 }
@@ -109,7 +118,54 @@ const (
 	scRelay  = "tsrelay peer relay"
 	scRelay6 = "tsrelay peer relay over IPv6"
 	scStock  = "stock tailscaled peer relay"
+	// The same relays sized for a 16-core node: tsrelay told to bind 16
+	// sockets per family, the stock relay with GOMAXPROCS=16 (what a pod
+	// without a CPU limit gets there; its socket count follows).
+	scRelay16 = "tsrelay peer relay, TS_RELAY_SERVER_SOCKETS=16"
+	scStock16 = "stock tailscaled peer relay, GOMAXPROCS=16"
 )
+
+// bigNode is the GOMAXPROCS a 16-core node gives a pod without a CPU
+// limit. Every relay variant but the stock one at 2 runs with it, so that
+// what tsrelay binds by default is seen on such a node.
+const bigNode = "GOMAXPROCS=16"
+
+// variant is one relay the relayed scenarios run: tsrelay or the stock
+// relay, with extra environment.
+type variant struct {
+	name  string
+	stock bool
+	env   []string
+	// ipv6: peers reach the relay over IPv6 only; noLoad: no memory rows.
+	ipv6, noLoad bool
+}
+
+// variants returns the relays to run: tsrelay at its default socket count
+// (over IPv4, then over IPv6 with no memory rows) and the stock relay at
+// GOMAXPROCS 2 (this machine's) for the path rows;
+// then, for the footprint rows, both sized for a 16-core node, and one
+// tsrelay per lever.
+func (c *Config) variants() []variant {
+	vs := []variant{
+		{name: scRelay, env: []string{bigNode}},
+		{name: scRelay6, env: []string{bigNode}, ipv6: true, noLoad: true},
+		{name: scStock, stock: true, env: []string{"GOMAXPROCS=2"}},
+	}
+	if c.Smoke {
+		return vs[:1]
+	}
+	vs = append(vs,
+		variant{name: scRelay16, env: []string{bigNode, "TS_RELAY_SERVER_SOCKETS=16"}},
+		variant{name: scStock16, stock: true, env: []string{bigNode}},
+	)
+	for _, l := range c.Levers {
+		vs = append(vs, variant{name: leverName(l), env: append([]string{bigNode}, l...)})
+	}
+	return vs
+}
+
+// leverName is the scenario name of a tsrelay lever variant.
+func leverName(env []string) string { return scRelay + ", " + strings.Join(env, " ") }
 
 // Pod link MTU of every relay but the MTU row's: an ordinary pod network.
 const podMTU = 1500
@@ -171,7 +227,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	b := &bench{cfg: cfg, lab: lab, bins: bins}
 
 	res := map[string]*pathResult{}
-	if !cfg.Smoke && ctx.Err() == nil {
+	if !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
 		logf("paths: %s and %s", scDirect, scDERP)
 		direct, derp, err := b.runUnrelayed(ctx, filepath.Join(work, "unrelayed"))
 		if err != nil {
@@ -182,40 +238,41 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	// The IPv6 row comes right after the IPv4 one, so that the two are
 	// measured under much the same load on the machine; it has no memory
-	// rows (loads nil).
-	kinds := []string{scRelay, scRelay6, scStock}
-	if cfg.Smoke {
-		kinds = kinds[:1]
-	}
-	for _, sc := range kinds {
+	// rows.
+	variants := cfg.variants()
+	for i, v := range variants {
 		if ctx.Err() != nil {
 			break
 		}
-		logf("path: %s", sc)
-		loads := cfg.Pairs
-		if sc == scRelay6 {
-			loads = nil
-		}
-		r, err := b.runRelayed(ctx, filepath.Join(work, "relayed-"+strconv.Itoa(len(res))), sc, podMTU, sc == scRelay6, loads)
-		if err != nil {
-			fail(sc, err)
+		if v.noLoad && cfg.FootprintOnly {
 			continue
 		}
-		res[sc] = r
+		logf("path: %s", v.name)
+		loads := cfg.Pairs
+		if v.noLoad {
+			loads = nil
+		}
+		r, err := b.runRelayed(ctx, filepath.Join(work, "relayed-"+strconv.Itoa(i)), v, podMTU, loads)
+		if err != nil {
+			fail(v.name, err)
+			continue
+		}
+		res[v.name] = r
 	}
 	var small *pathResult
-	if !cfg.Smoke && ctx.Err() == nil {
+	if !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
 		logf("path: %s, pod link MTU %d", scRelay, cfg.SmallMTU)
-		small, err = b.runRelayed(ctx, filepath.Join(work, "small-mtu"), scRelay, cfg.SmallMTU, false, nil)
+		small, err = b.runRelayed(ctx, filepath.Join(work, "small-mtu"), variants[0], cfg.SmallMTU, nil)
 		if err != nil {
 			fail(fmt.Sprintf("%s, MTU %d", scRelay, cfg.SmallMTU), err)
 		}
 	}
 	rep.addPaths(res)
 	rep.addMTU(res[scRelay], small, cfg.SmallMTU)
-	rep.addLoad(res[scRelay], res[scStock], cfg.Pairs)
+	rep.addSockets(res, variants)
+	rep.addLoad(res, variants, cfg.Pairs)
 
-	if ctx.Err() == nil {
+	if !cfg.FootprintOnly && ctx.Err() == nil {
 		var rounds []readiness
 		for i := range cfg.Rounds {
 			logf("readiness, round %d of %d", i+1, cfg.Rounds)
@@ -271,6 +328,12 @@ type pathResult struct {
 	RelayIdleKiB int64
 	RelayIdle    map[string]int64 // its /proc status figures then (KiB)
 	Load         map[int]load
+	// RelayAfter is its /proc status figures (KiB) afterSettle after the
+	// last load ended: what it keeps once traffic stops.
+	RelayAfter   map[string]int64
+	AfterSeconds float64 // how long after the load RelayAfter was read
+	// Sockets is how many UDP sockets the relay had bound on its port.
+	Sockets udpsock.Counts
 	// MTUWarning is tsrelay's tsrelay_path_mtu_too_small gauge after the
 	// transfers (-1: not exported).
 	MTUWarning float64
@@ -406,7 +469,7 @@ func (tn *tailnet) pod(ctx context.Context, name string, mtu int) (pod, error) {
 
 // startTSRelay starts the relay binary in p, configured as in a cluster
 // with a load balancer: its static endpoint is the node's forwarded port.
-func (tn *tailnet) startTSRelay(ctx context.Context, p pod, dir string, withKey bool) (*tailnettest.Relay, error) {
+func (tn *tailnet) startTSRelay(ctx context.Context, p pod, dir string, withKey bool, extraEnv ...string) (*tailnettest.Relay, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -423,6 +486,7 @@ func (tn *tailnet) startTSRelay(ctx context.Context, p pod, dir string, withKey 
 	if tn.cfg.ProfileDir != "" {
 		env = append(env, "TS_DEBUG_PPROF=true")
 	}
+	env = append(env, extraEnv...)
 	return tailnettest.StartRelayInNetns(ctx, tn.bins, p.Netns, "relay", filepath.Join(dir, "relay.log"), env...)
 }
 
@@ -443,9 +507,9 @@ func waitReadyz(ctx context.Context, r *tailnettest.Relay) error {
 // by hand: `tailscale up`, then `tailscale set --relay-server-port=…
 // --relay-server-static-endpoints=…`; without, it is expected to resume from
 // its saved state. It returns once the relay socket is bound.
-func (tn *tailnet) startStock(ctx context.Context, p pod, dir string, up bool) (*tailnettest.Laptop, error) {
+func (tn *tailnet) startStock(ctx context.Context, p pod, dir string, up bool, env ...string) (*tailnettest.Laptop, error) {
 	l, err := tailnettest.StartLaptopWith(ctx, tn.bins, dir, "stock-relay",
-		tailnettest.LaptopOptions{Netns: p.Netns, AllowDirect: true, Poll: 5 * time.Millisecond})
+		tailnettest.LaptopOptions{Netns: p.Netns, AllowDirect: true, Poll: 5 * time.Millisecond, Env: env})
 	if err != nil {
 		return nil, err
 	}
@@ -501,12 +565,14 @@ func (b *bench) runUnrelayed(ctx context.Context, dir string) (direct, derp *pat
 	return direct, derp, nil
 }
 
-// runRelayed starts a relay of kind sc (tsrelay or the stock baseline) in a
-// pod with the given link MTU, records its idle RSS, measures the path of
-// one pair through it, and then its peak RSS while each count in loads of
-// pairs sends through it at once. With ipv6 the peers reach the relay over
-// IPv6 only, and the path must show its IPv6 load-balancer address.
-func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, ipv6 bool, loads []int) (*pathResult, error) {
+// runRelayed starts the relay v (tsrelay or the stock baseline) in a pod
+// with the given link MTU, records its idle RSS, measures the path of one
+// pair through it, then its peak RSS while each count in loads of pairs
+// sends through it at once, and what it still holds afterSettle later.
+// With v.ipv6 the peers reach the relay over IPv6 only, and the path must
+// show its IPv6 load-balancer address.
+func (b *bench) runRelayed(ctx context.Context, dir string, v variant, mtu int, loads []int) (*pathResult, error) {
+	sc, ipv6 := v.name, v.ipv6
 	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
 	defer cancel()
 	tn, err := b.newTailnet(dir)
@@ -521,9 +587,15 @@ func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, ipv6 bo
 	}
 	var pid int
 	var ts *tailnettest.Relay
-	switch sc {
-	case scRelay, scRelay6:
-		if ts, err = tn.startTSRelay(ctx, p, filepath.Join(dir, "relay"), true); err != nil {
+	if v.stock {
+		l, err := tn.startStock(ctx, p, filepath.Join(dir, "relay"), true, v.env...)
+		if err != nil {
+			return nil, err
+		}
+		tn.cleanup(func() { l.Close() })
+		pid = l.Pid()
+	} else {
+		if ts, err = tn.startTSRelay(ctx, p, filepath.Join(dir, "relay"), true, v.env...); err != nil {
 			return nil, err
 		}
 		tn.cleanup(func() { ts.Close() })
@@ -531,13 +603,6 @@ func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, ipv6 bo
 			return nil, err
 		}
 		pid = ts.Pid()
-	case scStock:
-		l, err := tn.startStock(ctx, p, filepath.Join(dir, "relay"), true)
-		if err != nil {
-			return nil, err
-		}
-		tn.cleanup(func() { l.Close() })
-		pid = l.Pid()
 	}
 	// Idle: ready, settled, before any laptop joins.
 	time.Sleep(b.settle())
@@ -545,7 +610,7 @@ func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, ipv6 bo
 	if err != nil {
 		return nil, err
 	}
-	b.profile(ctx, ts, fmt.Sprintf("mtu%d-idle.heap", mtu), "/debug/pprof/heap")
+	b.profile(ctx, ts, fmt.Sprintf("%s-mtu%d-idle.heap", filepath.Base(dir), mtu), "/debug/pprof/heap")
 
 	n := 1
 	for _, k := range loads {
@@ -588,7 +653,7 @@ func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, ipv6 bo
 		var g errgroup.Group
 		g.Go(func() error {
 			secs := int(b.loadTransfer().Seconds())
-			b.profile(ctx, ts, fmt.Sprintf("mtu%d-%dpairs.cpu", mtu, k), "/debug/pprof/profile?seconds="+strconv.Itoa(secs))
+			b.profile(ctx, ts, fmt.Sprintf("%s-mtu%d-%dpairs.cpu", filepath.Base(dir), mtu, k), "/debug/pprof/profile?seconds="+strconv.Itoa(secs))
 			return nil
 		})
 		l, err := b.loadRelay(ctx, pid, pairs[:k])
@@ -599,7 +664,26 @@ func (b *bench) runRelayed(ctx context.Context, dir, sc string, mtu int, ipv6 bo
 		b.cfg.Logf("%s: %d pairs at once: %.0f Mbit/s in all, relay RSS peak %.1f MiB", sc, k, l.Mbps, float64(l.PeakKiB)/1024)
 		res.Load[k] = l
 	}
-	b.profile(ctx, ts, fmt.Sprintf("mtu%d-loaded.heap", mtu), "/debug/pprof/heap")
+	b.profile(ctx, ts, fmt.Sprintf("%s-mtu%d-loaded.heap", filepath.Base(dir), mtu), "/debug/pprof/heap")
+	if len(loads) > 0 {
+		// What the relay keeps once the traffic has stopped. The laptops
+		// stay up, idle, as a user's would.
+		select {
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		case <-time.After(b.afterSettle()):
+		}
+		if res.RelayAfter, err = procStatus(pid); err != nil {
+			return nil, err
+		}
+		res.AfterSeconds = b.afterSettle().Seconds()
+		b.cfg.Logf("%s: %v after the load: RSS %.1f MiB (%s)", sc, b.afterSettle(), float64(res.RelayAfter["VmRSS"])/1024, rssParts(res.RelayAfter))
+	}
+	// How many sockets the relay bound on its port: what its buffers scale
+	// with.
+	if res.Sockets, err = udpsock.Count(pid, relayPort); err != nil {
+		return nil, err
+	}
 	return res, nil
 }
 
@@ -713,6 +797,16 @@ func (b *bench) settle() time.Duration {
 		return 500 * time.Millisecond
 	}
 	return 2 * time.Second
+}
+
+// afterSettle is how long after the last load the relay's RSS is read
+// again: long enough for tsrelay's ReturnFreeMemory (which looks every 5 s
+// and wants one whole quiet interval) to act.
+func (b *bench) afterSettle() time.Duration {
+	if b.cfg.Smoke {
+		return time.Second
+	}
+	return 15 * time.Second
 }
 
 func (b *bench) loadTransfer() time.Duration {

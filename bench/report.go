@@ -192,40 +192,118 @@ func (r *Report) addMTU(normal, small *pathResult, mtu int) {
 		Note: fmt.Sprintf("%d ICMP pings through the tailnet", small.Pongs)}, base, b50, normal != nil)
 }
 
-// addLoad adds the relays' memory rows: idle, and peak while k pairs send
-// through them at once.
-func (r *Report) addLoad(ts, stock *pathResult, pairs []int) {
-	const base = "stock tailscaled relay"
+// footName is a relay variant's scenario name in the footprint rows.
+func footName(v string) string {
+	switch v {
+	case scRelay:
+		return "tsrelay"
+	case scStock:
+		return "stock tailscaled relay, GOMAXPROCS=2"
+	}
+	return strings.Replace(v, " peer relay", " relay", 1)
+}
+
+// footBaselines returns what a variant's footprint rows are compared with:
+// tsrelay's default with the stock relay on a 16-core node (the goal) and
+// on this machine's 2; the stock relay at 16 with itself at 2; every other
+// tsrelay variant with tsrelay's default, so that a lever's effect shows.
+func footBaselines(v string) []string {
+	switch v {
+	case scRelay:
+		return []string{scStock16, scStock}
+	case scStock:
+		return []string{""}
+	case scStock16:
+		return []string{scStock}
+	}
+	return []string{scRelay}
+}
+
+// addLoad adds the relays' memory rows: idle, peak while k pairs send
+// through them at once, and what they hold once the traffic has stopped.
+func (r *Report) addLoad(res map[string]*pathResult, variants []variant, pairs []int) {
 	mib := func(kib int64) float64 { return float64(kib) / 1024 }
-	if ts != nil {
-		var si float64
-		if stock != nil {
-			si = mib(stock.RelayIdleKiB)
+	for _, v := range variants {
+		p, ok := res[v.name]
+		if !ok || v.noLoad {
+			continue
 		}
-		r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "RSS idle (ready, no peers)", Unit: "MiB", Value: mib(ts.RelayIdleKiB), Better: "lower",
-			Note: rssParts(ts.RelayIdle)}, base, si, stock != nil)
-	}
-	if stock != nil {
-		r.add(Row{Section: "footprint", Scenario: base, Metric: "RSS idle (ready, no peers)", Unit: "MiB", Value: mib(stock.RelayIdleKiB), Better: "lower",
-			Note: rssParts(stock.RelayIdle)}, "", 0, false)
-	}
-	for _, k := range pairs {
-		metric := fmt.Sprintf("RSS peak, %d pair(s) sending at once", k)
-		sl, haveStock := load{}, false
-		if stock != nil {
-			sl, haveStock = stock.Load[k]
-		}
-		if ts != nil {
-			if l, ok := ts.Load[k]; ok {
-				r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: metric, Unit: "MiB", Value: mib(l.PeakKiB), Better: "lower",
-					Note: loadNote(l)}, base, mib(sl.PeakKiB), haveStock)
+		var bases []string
+		for _, bn := range footBaselines(v.name) {
+			if _, ok := res[bn]; ok || bn == "" {
+				bases = append(bases, bn)
 			}
 		}
-		if haveStock {
-			r.add(Row{Section: "footprint", Scenario: base, Metric: metric, Unit: "MiB", Value: mib(sl.PeakKiB), Better: "lower",
-				Note: loadNote(sl)}, "", 0, false)
+		if len(bases) == 0 {
+			bases = footBaselines(v.name)[:1] // noted as not measured
+		}
+		for _, bn := range bases {
+			base, haveBase := res[bn]
+			value := func(f func(*pathResult) (float64, bool)) (float64, bool) {
+				if !haveBase {
+					return 0, false
+				}
+				return f(base)
+			}
+			bv, bok := value(func(x *pathResult) (float64, bool) { return mib(x.RelayIdleKiB), true })
+			r.add(Row{Section: "footprint", Scenario: footName(v.name), Metric: "RSS idle (ready, no peers)", Unit: "MiB", Value: mib(p.RelayIdleKiB), Better: "lower",
+				Note: rssParts(p.RelayIdle)}, footBase(bn), bv, bok)
+			for _, k := range pairs {
+				l, ok := p.Load[k]
+				if !ok {
+					continue
+				}
+				bv, bok := value(func(x *pathResult) (float64, bool) { bl, ok := x.Load[k]; return mib(bl.PeakKiB), ok })
+				r.add(Row{Section: "footprint", Scenario: footName(v.name), Metric: fmt.Sprintf("RSS peak, %d pair(s) sending at once", k), Unit: "MiB", Value: mib(l.PeakKiB), Better: "lower",
+					Note: loadNote(l) + "; " + socketsNote(p)}, footBase(bn), bv, bok)
+			}
+			if p.RelayAfter != nil {
+				bv, bok := value(func(x *pathResult) (float64, bool) { return mib(x.RelayAfter["VmRSS"]), x.RelayAfter != nil })
+				r.add(Row{Section: "footprint", Scenario: footName(v.name), Metric: fmt.Sprintf("RSS %.0f s after the load", p.AfterSeconds), Unit: "MiB", Value: mib(p.RelayAfter["VmRSS"]), Better: "lower",
+					Note: rssParts(p.RelayAfter)}, footBase(bn), bv, bok)
+			}
 		}
 	}
+}
+
+// footBase is the footprint name of baseline variant bn ("" for none).
+func footBase(bn string) string {
+	if bn == "" {
+		return ""
+	}
+	return footName(bn)
+}
+
+// addSockets adds the rows that show what each socket count costs in
+// relayed throughput: tsrelay's default against itself at 16 sockets (the
+// goal: at least 0.95×), every other variant against its default.
+func (r *Report) addSockets(res map[string]*pathResult, variants []variant) {
+	for _, v := range variants {
+		p, ok := res[v.name]
+		if !ok || v.noLoad {
+			continue // the IPv6 row is compared in the paths section
+		}
+		bn := scRelay
+		switch v.name {
+		case scRelay:
+			bn = scRelay16
+		case scStock:
+			continue // a baseline; its throughput is in the paths section
+		case scStock16:
+			bn = scStock
+		}
+		base, haveBase := res[bn]
+		if !haveBase {
+			continue // nothing to compare with (a smoke run); the paths section has the value
+		}
+		r.add(Row{Section: "sockets", Scenario: v.name, Metric: "TCP throughput a→b", Unit: "Mbit/s", Value: p.Mbps, Better: "higher",
+			Note: fmt.Sprintf("%s; median of %s", socketsNote(p), fmtRuns(p.MbpsRuns))}, bn, base.Mbps, true)
+	}
+}
+
+// socketsNote says how many UDP sockets the relay had bound on its port.
+func socketsNote(p *pathResult) string {
+	return fmt.Sprintf("%d+%d sockets (IPv4+IPv6)", p.Sockets.IPv4, p.Sockets.IPv6)
 }
 
 // rssParts says what an RSS figure is made of: anonymous memory (heap,
@@ -326,6 +404,7 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 		{"paths", "Paths: laptop a → laptop b"},
 		{"mtu", "Pod network MTU: relayed packets that do not fit"},
 		{"readiness", "Readiness"},
+		{"sockets", "Relay sockets: relayed throughput by socket count"},
 		{"footprint", "Footprint"},
 	}
 	for _, s := range sections {

@@ -46,6 +46,8 @@ type Config struct {
 	RelayServerPort            Port      `envconfig:"TS_RELAY_SERVER_PORT" desc:"Required. UDP port the peer relay listens on, 1-65535 (1024 or above in an unprivileged pod)."`
 	RelayServerStaticEndpoints Endpoints `envconfig:"TS_RELAY_SERVER_STATIC_ENDPOINTS" desc:"Comma-separated addresses peers can reach the relay on, ip:port or [ipv6]:port (e.g. a LoadBalancer IP, or a router's WAN IP and forwarded port)."`
 
+	RelayServerSockets Sockets `envconfig:"TS_RELAY_SERVER_SOCKETS" default:"2" desc:"UDP sockets the peer relay binds per IP family, 1-16 (GOMAXPROCS is set to it). Each can hold 8 MiB of receive buffers once bulk traffic fills them: raise it for more relayed throughput on a node with spare cores, at that memory cost (README: Resources)."`
+
 	WireGuardPort Port   `envconfig:"TS_PORT" default:"0" desc:"UDP port for this node's own WireGuard traffic; 0 picks a free one."`
 	LocalAddrPort string `envconfig:"TS_LOCAL_ADDR_PORT" default:"[::]:9002" desc:"ip:port for the HTTP server with /healthz, /readyz and /metrics."`
 
@@ -82,6 +84,24 @@ func (p *Port) Decode(s string) error {
 		return fmt.Errorf("port %d out of range; want 0-65535", n)
 	}
 	*p = Port(n)
+	return nil
+}
+
+// Sockets is how many UDP sockets the peer relay binds per IP family.
+type Sockets int
+
+// MaxSockets is the most sockets per family Tailscale's relay server binds,
+// however many Ps there are (min(16, GOMAXPROCS) in bindSockets of
+// net/udprelay/server.go, tailscale.com v1.102.5).
+const MaxSockets = 16
+
+// Decode implements envconfig.Decoder.
+func (n *Sockets) Decode(s string) error {
+	v, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil || v < 1 || v > MaxSockets {
+		return fmt.Errorf("want a whole number of sockets per IP family, 1-%d", MaxSockets)
+	}
+	*n = Sockets(v)
 	return nil
 }
 

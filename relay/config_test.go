@@ -18,7 +18,7 @@ func setEnv(t *testing.T, env map[string]string) {
 	for _, k := range []string{
 		"TS_AUTHKEY", "TS_AUTH_KEY", "TS_CLIENT_SECRET", "TS_ADVERTISE_TAGS", "TS_HOSTNAME",
 		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
-		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_PORT", "TS_LOCAL_ADDR_PORT",
+		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_RELAY_SERVER_SOCKETS", "TS_PORT", "TS_LOCAL_ADDR_PORT",
 		"TS_NO_LOGS_NO_SUPPORT", "TS_BACKEND_LOGS", "KUBERNETES_SERVICE_HOST",
 		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_NAMESPACE", "POD_UID", "TS_LEASE_DURATION",
 	} {
@@ -58,6 +58,9 @@ func TestLoadConfigValid(t *testing.T) {
 	if c.Hostname != "tsrelay" || c.LocalAddrPort != "[::]:9002" || c.WireGuardPort != 0 {
 		t.Errorf("defaults: Hostname=%q LocalAddrPort=%q WireGuardPort=%d", c.Hostname, c.LocalAddrPort, c.WireGuardPort)
 	}
+	if c.RelayServerSockets != 2 {
+		t.Errorf("RelayServerSockets = %d, want the default 2", c.RelayServerSockets)
+	}
 }
 
 func TestLoadConfigErrors(t *testing.T) {
@@ -81,6 +84,21 @@ func TestLoadConfigErrors(t *testing.T) {
 			name: "port not a number",
 			env:  map[string]string{"TS_RELAY_SERVER_PORT": "udp"},
 			want: []string{"TS_RELAY_SERVER_PORT=udp", "want 0-65535"},
+		},
+		{
+			name: "sockets zero",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "40000", "TS_RELAY_SERVER_SOCKETS": "0"},
+			want: []string{"TS_RELAY_SERVER_SOCKETS=0", "1-16"},
+		},
+		{
+			name: "sockets over what the relay server binds",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "40000", "TS_RELAY_SERVER_SOCKETS": "32"},
+			want: []string{"TS_RELAY_SERVER_SOCKETS=32", "1-16"},
+		},
+		{
+			name: "sockets not a number",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "40000", "TS_RELAY_SERVER_SOCKETS": "auto"},
+			want: []string{"TS_RELAY_SERVER_SOCKETS=auto", "whole number"},
 		},
 		{
 			// Seen in a real deployment.
@@ -353,7 +371,7 @@ func TestPrintUsageListsEveryVariable(t *testing.T) {
 	}
 	for _, v := range []string{"TS_AUTHKEY", "TS_AUTH_KEY", "TS_CLIENT_SECRET", "TS_ADVERTISE_TAGS", "TS_HOSTNAME",
 		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
-		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_PORT", "TS_LOCAL_ADDR_PORT", "TS_NO_LOGS_NO_SUPPORT",
+		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_RELAY_SERVER_SOCKETS", "TS_PORT", "TS_LOCAL_ADDR_PORT", "TS_NO_LOGS_NO_SUPPORT",
 		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_UID"} {
 		if !strings.Contains(b.String(), "\n"+v+" ") {
 			t.Errorf("usage does not list %s:\n%s", v, b.String())

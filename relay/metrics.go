@@ -21,6 +21,7 @@ import (
 
 	"github.com/tsrelay/tsrelay/derpregion"
 	"github.com/tsrelay/tsrelay/internal/readyz"
+	"github.com/tsrelay/tsrelay/internal/udpsock"
 	"github.com/tsrelay/tsrelay/kubestate"
 	"github.com/tsrelay/tsrelay/lbaddr"
 	"github.com/tsrelay/tsrelay/pathmtu"
@@ -39,6 +40,7 @@ type collector struct {
 	sessions, unpersisted, dropped                 *prometheus.Desc
 	writes, failures, conflicts, buildInfo         *prometheus.Desc
 	pathMTU, pathMTUNeeded, mtuTooSmall, tunnel    *prometheus.Desc
+	sockets, socketsSetting                        *prometheus.Desc
 }
 
 func newCollector(h *handlers, store *kubestate.Store) *collector {
@@ -46,24 +48,26 @@ func newCollector(h *handlers, store *kubestate.Store) *collector {
 		return prometheus.NewDesc("tsrelay_"+name, help, labels, nil)
 	}
 	return &collector{
-		h:             h,
-		store:         store,
-		ready:         d("ready", readyHelp),
-		waiting:       d("identity_waiting", identityWaitingHelp),
-		unpersisted:   d("state_unpersisted_seconds", "How long the state Secret has lacked writes the relay made (0 when it holds them all); a restart now would lose them, perhaps the node identity."),
-		dropped:       d("static_endpoints_dropped", "Endpoints found but not advertised: explicit plus Service-found addresses beyond the 16 a relay advertises (explicit ones are kept first)."),
-		backendState:  d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
-		bound:         d("relay_bound", "1 when the peer relay's UDP socket is bound."),
-		endpoints:     d("static_endpoints", "Static endpoints advertised to peers, by where they came from.", "source"),
-		sessions:      d("relay_sessions", "Relay sessions (pairs of peers) the relay server holds now."),
-		writes:        d("state_writes_total", "State writes the Kubernetes API server accepted."),
-		failures:      d("state_write_failures_total", "State writes that failed; the node's identity may not survive a restart."),
-		conflicts:     d("state_write_conflicts_total", "State writes retried because someone else changed the Secret."),
-		pathMTU:       d("path_mtu_bytes", "MTU of the route to the internet, by IP family and the interface it leaves through (the route's own MTU if it sets one).", "family", "interface"),
-		pathMTUNeeded: d("path_mtu_needed_bytes", "Largest relayed packet on a path of this IP family: Tailscale's 1280-byte inner MTU plus WireGuard, Geneve, UDP and IP headers.", "family"),
-		mtuTooSmall:   d("path_mtu_too_small", "1 when relayed packets do not fit the path MTU of some IP family: they are fragmented or dropped, and relaying slows down."),
-		tunnel:        d("path_tunnel_in_tunnel", "1 when the pod network looks like a tunnel inside a Tailscale tunnel (route through a WireGuard or Tailscale interface, or an MTU of 1280 minus an encapsulation)."),
-		buildInfo:     d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
+		h:              h,
+		store:          store,
+		ready:          d("ready", readyHelp),
+		waiting:        d("identity_waiting", identityWaitingHelp),
+		unpersisted:    d("state_unpersisted_seconds", "How long the state Secret has lacked writes the relay made (0 when it holds them all); a restart now would lose them, perhaps the node identity."),
+		dropped:        d("static_endpoints_dropped", "Endpoints found but not advertised: explicit plus Service-found addresses beyond the 16 a relay advertises (explicit ones are kept first)."),
+		backendState:   d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
+		bound:          d("relay_bound", "1 when the peer relay's UDP socket is bound."),
+		endpoints:      d("static_endpoints", "Static endpoints advertised to peers, by where they came from.", "source"),
+		sessions:       d("relay_sessions", "Relay sessions (pairs of peers) the relay server holds now."),
+		writes:         d("state_writes_total", "State writes the Kubernetes API server accepted."),
+		failures:       d("state_write_failures_total", "State writes that failed; the node's identity may not survive a restart."),
+		conflicts:      d("state_write_conflicts_total", "State writes retried because someone else changed the Secret."),
+		pathMTU:        d("path_mtu_bytes", "MTU of the route to the internet, by IP family and the interface it leaves through (the route's own MTU if it sets one).", "family", "interface"),
+		pathMTUNeeded:  d("path_mtu_needed_bytes", "Largest relayed packet on a path of this IP family: Tailscale's 1280-byte inner MTU plus WireGuard, Geneve, UDP and IP headers.", "family"),
+		mtuTooSmall:    d("path_mtu_too_small", "1 when relayed packets do not fit the path MTU of some IP family: they are fragmented or dropped, and relaying slows down."),
+		tunnel:         d("path_tunnel_in_tunnel", "1 when the pod network looks like a tunnel inside a Tailscale tunnel (route through a WireGuard or Tailscale interface, or an MTU of 1280 minus an encapsulation)."),
+		sockets:        d("relay_sockets", "UDP sockets the peer relay has bound on its port, by IP family, counted in /proc; each can hold 8 MiB of receive buffers.", "family"),
+		socketsSetting: d("relay_sockets_setting", "TS_RELAY_SERVER_SOCKETS: the sockets per IP family the relay binds (GOMAXPROCS)."),
+		buildInfo:      d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
 	}
 }
 
@@ -119,6 +123,13 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		tooSmall := slices.ContainsFunc(mtu.Paths, func(p readyz.Path) bool { return p.TooSmall })
 		gauge(c.mtuTooSmall, bit(tooSmall))
 		gauge(c.tunnel, bit(mtu.TunnelInTunnel != ""))
+	}
+	gauge(c.socketsSetting, float64(c.h.cfg.RelayServerSockets))
+	if st.Relay.Bound {
+		if n, err := udpsock.Count(0, int(c.h.cfg.RelayServerPort)); err == nil {
+			gauge(c.sockets, float64(n.IPv4), "ipv4")
+			gauge(c.sockets, float64(n.IPv6), "ipv6")
+		}
 	}
 	gauge(c.buildInfo, 1, c.h.cfg.Version, tsversion.Short(), runtime.Version())
 }

@@ -59,14 +59,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	cfg.Version = version
+	// Before anything starts: the relay server sizes itself by GOMAXPROCS.
+	rt := cfg.ApplyRuntime()
 	logger := cfg.NewLogger(stderr)
 	logger.Info("tsrelay", "version", version, "go", runtime.Version())
+	logger.Info("relay sockets", "runtime", rt)
 	// client-go logs through klog (a watch that ended with an error, say);
 	// send that to the same log, structured like the rest.
 	klog.SetSlogLogger(logger.With("src", "client-go"))
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	go relay.ReturnFreeMemory(ctx, relay.DefaultReturnMemory(), logger)
 	if err := relay.Run(ctx, cfg, logger); err != nil {
 		logger.Error("relay failed", "err", err)
 		return 1

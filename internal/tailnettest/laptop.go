@@ -90,14 +90,17 @@ type LaptopOptions struct {
 	// Poll is how often the laptop's start and Up re-check what they wait
 	// for; zero means 50 ms. Timing measurements want less.
 	Poll time.Duration
+	// Env is added to tailscaled's environment (e.g. GOMAXPROCS=16).
+	Env []string
 }
 
 // env returns the environment of the laptop's tailscaled and CLI.
 func (o LaptopOptions) env() []string {
+	env := laptopEnv()
 	if o.AllowDirect {
-		return OffMachineEnv()
+		env = OffMachineEnv()
 	}
-	return laptopEnv()
+	return append(env, o.Env...)
 }
 
 func (o LaptopOptions) poll() time.Duration {

@@ -33,6 +33,8 @@ func main() {
 	rounds := flag.Int("rounds", 0, "throughput transfers per path and readiness rounds; the median is reported (default 3, 1 with -smoke)")
 	pairs := flag.String("pairs", "", "comma-separated numbers of laptop pairs sending through a relay at once, for the memory rows (default 1,4,8; 1 with -smoke)")
 	mtu := flag.Int("mtu", 0, "pod link MTU of the small-MTU row (default 1230)")
+	levers := flag.String("levers", "", "semicolon-separated extra tsrelay configurations for the footprint rows, each space-separated NAME=VALUE settings (e.g. 'GOGC=50;TS_RELAY_SERVER_SOCKETS=1'), compared with the default in the same run")
+	footprint := flag.Bool("footprint", false, "run only the relayed scenarios and sizes (no direct or DERP path, MTU row or readiness)")
 	profile := flag.String("profile", "", "save tsrelay's heap and CPU profiles in this directory (go tool pprof reads them)")
 	work := flag.String("work", "", "keep the nodes' state and logs in this directory (default: a temporary one, removed)")
 	flag.Parse()
@@ -71,6 +73,19 @@ func main() {
 		SmallMTU: *mtu,
 		Logf:     log.Printf,
 		WorkDir:  *work,
+
+		FootprintOnly: *footprint,
+	}
+	for _, l := range strings.Split(*levers, ";") {
+		env := strings.Fields(l)
+		for _, kv := range env {
+			if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+				log.Fatalf("bench: -levers: %q is not NAME=VALUE (want e.g. 'GOGC=50;TS_RELAY_SERVER_SOCKETS=1')", kv)
+			}
+		}
+		if len(env) > 0 {
+			cfg.Levers = append(cfg.Levers, env)
+		}
 	}
 	if *profile != "" {
 		if err := os.MkdirAll(*profile, 0o755); err != nil {
