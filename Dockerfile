@@ -25,12 +25,13 @@ COPY . .
 ARG TARGETOS TARGETARCH TARGETVARIANT
 ARG VERSION=dev
 # The Makefile's build: static (no cgo, so no libc to bring along), no build
-# machine paths in the binary (-trimpath), stripped (-s -w), version
-# stamped. GOARM is 7 for arm/v7; Go ignores it for other architectures.
+# machine paths in the binary (-trimpath), Tailscale features a relay never
+# uses left out (cmd/relay/build-tags), stripped (-s -w), version stamped.
+# GOARM is 7 for arm/v7; Go ignores it for other architectures.
 RUN --mount=type=cache,target=/go/pkg/mod \
     --mount=type=cache,target=/root/.cache/go-build \
     CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH GOARM=${TARGETVARIANT#v} \
-    go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/relay ./cmd/relay
+    go build -trimpath -tags "$(cat cmd/relay/build-tags)" -ldflags "-s -w -X main.version=${VERSION}" -o /out/relay ./cmd/relay
 
 # scratch rather than distroless/static: from a base image the relay needs
 # only CA certificates (tsnet talks TLS to the control server and DERP). It

@@ -4,6 +4,10 @@ SHELL := /usr/bin/env bash
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 GO ?= go
 LDFLAGS := -s -w -X main.version=$(VERSION)
+# Tailscale features a relay never uses, left out of the binary
+# (tailscale.com/feature/featuretags). One list, in cmd/relay/build-tags, for
+# this Makefile, the Dockerfile and the tests' builds of the relay.
+BUILD_TAGS := $(shell cat cmd/relay/build-tags)
 # The container image (see Dockerfile): where it goes and what it is built for.
 IMAGE ?= ghcr.io/tsrelay/relay
 PLATFORMS ?= linux/amd64,linux/arm64,linux/arm/v7
@@ -20,7 +24,7 @@ help: ## Show the targets.
 
 .PHONY: build
 build: ## Build the static relay binary into bin/relay.
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/relay ./cmd/relay
+	$(GO) build -trimpath -tags '$(BUILD_TAGS)' -ldflags '$(LDFLAGS)' -o bin/relay ./cmd/relay
 
 .PHONY: demo
 demo: ## Run a relay between two laptops on a private loopback tailnet and show the traffic moving onto it.

@@ -24,9 +24,23 @@ import (
 // testVersion is what the tests stamp into main.version.
 const testVersion = "image-test"
 
-// buildFlags are the Dockerfile's go build flags with VERSION=testVersion.
-// TestDockerfile checks that the Dockerfile still uses them.
-var buildFlags = []string{"-trimpath", "-ldflags", "-s -w -X main.version=" + testVersion}
+// buildFlags are the Dockerfile's go build flags with VERSION=testVersion
+// and the tags in cmd/relay/build-tags. TestDockerfile checks that the
+// Dockerfile still uses them.
+func buildFlags(t testing.TB) []string {
+	return []string{"-trimpath", "-tags", buildTags(t), "-ldflags", "-s -w -X main.version=" + testVersion}
+}
+
+// buildTags returns cmd/relay/build-tags, the tags every build of the relay
+// uses.
+func buildTags(t testing.TB) string {
+	t.Helper()
+	b, err := os.ReadFile("../cmd/relay/build-tags")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
 
 // platform is one platform the image is built for.
 type platform struct {
@@ -56,11 +70,12 @@ func buildRelay(t *testing.T, p platform) string {
 	if testing.Short() {
 		t.Skip("skipping the relay build in -short mode")
 	}
+	flags := buildFlags(t)
 	once, _ := builds.LoadOrStore(p.name, sync.OnceValues(func() (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 		defer cancel()
 		out := filepath.Join(os.TempDir(), "tsrelay-image-bin", strings.ReplaceAll(p.name, "/", "-"), "relay")
-		args := append(append([]string{"build"}, buildFlags...), "-o", out, "./cmd/relay")
+		args := append(append([]string{"build"}, flags...), "-o", out, "./cmd/relay")
 		cmd := exec.CommandContext(ctx, "go", args...)
 		cmd.Dir = ".." // the module root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+p.goarch, "GOARM="+p.goarm)

@@ -133,13 +133,13 @@ func TestDockerfile(t *testing.T) {
 	// The flags TestStaticBinary builds with, and the Makefile's LDFLAGS.
 	for _, want := range []string{
 		"CGO_ENABLED=0", "GOOS=$TARGETOS", "GOARCH=$TARGETARCH", "GOARM=${TARGETVARIANT#v}",
-		"-trimpath", `-ldflags "` + makefileLDFLAGS(t) + `"`, "./cmd/relay",
+		"-trimpath", `-tags "$(cat cmd/relay/build-tags)"`, `-ldflags "` + makefileLDFLAGS(t) + `"`, "./cmd/relay",
 	} {
 		if !strings.Contains(goBuild, want) {
 			t.Errorf("the build stage's go build (%q) lacks %s", goBuild, want)
 		}
 	}
-	if got, want := strings.Join(buildFlags, " "), `-trimpath -ldflags -s -w -X main.version=`+testVersion; got != want {
+	if got, want := strings.Join(buildFlags(t), " "), `-trimpath -tags `+buildTags(t)+` -ldflags -s -w -X main.version=`+testVersion; got != want {
 		t.Errorf("the tests build with %q, want %q like the Dockerfile", got, want)
 	}
 

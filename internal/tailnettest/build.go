@@ -28,11 +28,23 @@ type Binaries struct {
 	Relay      string // this module's cmd/relay
 }
 
-// Build builds tailscaled, tailscale and ./cmd/relay into dir with one `go
-// build`. It runs from the module root (found with `go env GOMOD`, so the
+// Build builds tailscaled and tailscale, as Tailscale ships them, and
+// ./cmd/relay, with the tags the release build uses (cmd/relay/build-tags),
+// into dir. It runs from the module root (found with `go env GOMOD`, so the
 // working directory must be inside the module) with CGO_ENABLED=0.
 func Build(ctx context.Context, dir string) (Binaries, error) {
-	if err := goBuild(ctx, dir, tailscaledPkg, tailscalePkg, relayPkg); err != nil {
+	if err := goBuild(ctx, dir, "", tailscaledPkg, tailscalePkg); err != nil {
+		return Binaries{}, err
+	}
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return Binaries{}, err
+	}
+	tags, err := os.ReadFile(filepath.Join(root, "cmd", "relay", "build-tags"))
+	if err != nil {
+		return Binaries{}, fmt.Errorf("read the relay's build tags: %w", err)
+	}
+	if err := goBuild(ctx, dir, strings.TrimSpace(string(tags)), relayPkg); err != nil {
 		return Binaries{}, err
 	}
 	return Binaries{
@@ -46,7 +58,7 @@ func Build(ctx context.Context, dir string) (Binaries, error) {
 // tailscale, so it works while cmd/relay does not compile. Relay is empty in
 // the result.
 func BuildClients(ctx context.Context, dir string) (Binaries, error) {
-	if err := goBuild(ctx, dir, tailscaledPkg, tailscalePkg); err != nil {
+	if err := goBuild(ctx, dir, "", tailscaledPkg, tailscalePkg); err != nil {
 		return Binaries{}, err
 	}
 	return Binaries{
@@ -68,8 +80,8 @@ func CheckoutBinDir(ctx context.Context, name string) (string, error) {
 	return filepath.Join(os.TempDir(), fmt.Sprintf("%s-%x", name, sum[:4])), nil
 }
 
-// goBuild runs `go build -o dir/ pkgs...` from the module root.
-func goBuild(ctx context.Context, dir string, pkgs ...string) error {
+// goBuild runs `go build -tags tags -o dir/ pkgs...` from the module root.
+func goBuild(ctx context.Context, dir, tags string, pkgs ...string) error {
 	root, err := moduleRoot(ctx)
 	if err != nil {
 		return err
@@ -86,7 +98,7 @@ func goBuild(ctx context.Context, dir string, pkgs ...string) error {
 	// Stripped like a release build (see the Makefile), so that tests can
 	// check the relay's size budget on the binary they run. Linker flags do
 	// not change the compile cache, so the test binaries share it.
-	args := append([]string{"build", "-ldflags=-s -w", "-o", abs + string(filepath.Separator)}, pkgs...)
+	args := append([]string{"build", "-tags=" + tags, "-ldflags=-s -w", "-o", abs + string(filepath.Separator)}, pkgs...)
 	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
