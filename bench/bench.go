@@ -272,6 +272,15 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	rep.addSockets(res, variants)
 	rep.addLoad(res, variants, cfg.Pairs)
 
+	if !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
+		logf("DERP: first pongs via %s and %s; %s", scOffsiteDERP, scInClusterDERP, scRelayDERPOn)
+		d, err := b.runDERP(ctx, filepath.Join(work, "derp"))
+		if err != nil {
+			fail("DERP", err)
+		}
+		rep.addDERP(d, res[scRelay])
+	}
+
 	if !cfg.FootprintOnly && ctx.Err() == nil {
 		var rounds []readiness
 		for i := range cfg.Rounds {

@@ -179,6 +179,7 @@ func (l *lab) host(ctx context.Context, name string, ipv6 bool) (ns string, addr
 // LB (the node's world address, UDP port) to it.
 type pod struct {
 	Netns string
+	Addr  netip.Addr // the pod's own IPv4 address, behind the node
 	LB    netip.AddrPort
 	MTU   int
 }
@@ -233,7 +234,7 @@ func (l *lab) pod(ctx context.Context, name string, port, mtu int, ipv6 bool) (p
 		lb = netip.AddrPortFrom(nodeAddr6, uint16(port))
 	}
 	err = run(ctx, lines...)
-	return pod{Netns: ns, LB: lb, MTU: mtu}, err
+	return pod{Netns: ns, Addr: addr, LB: lb, MTU: mtu}, err
 }
 
 // remove deletes network namespaces; their links go with them. Processes

@@ -406,6 +406,7 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 		{"readiness", "Readiness"},
 		{"sockets", "Relay sockets: relayed throughput by socket count"},
 		{"footprint", "Footprint"},
+		{"derp", "DERP: first pong between laptops that cannot go direct; the relay with its DERP server on"},
 	}
 	for _, s := range sections {
 		fmt.Fprintf(&b, "\n## %s\n\n", s.title)
