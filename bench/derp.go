@@ -54,6 +54,21 @@ type derpResult struct {
 	RelayIdle    map[string]int64
 	Load         load
 	LoadPairs    int
+	LoadAttempts int // load runs made (see runInClusterDERP)
+}
+
+// stillRelayed checks, at once, that every pair's disco pong comes via the
+// peer relay.
+func stillRelayed(ctx context.Context, pairs []*pair) error {
+	for _, p := range pairs {
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := waitPath(wctx, p.a, p.ipB, pathRelay)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("after the transfer: %w", err)
+		}
+	}
+	return nil
 }
 
 // runDERP runs the DERP section: rounds first pongs via the off-site
@@ -178,8 +193,23 @@ func (b *bench) runInClusterDERP(ctx context.Context, dir string, res *derpResul
 		pairs = append(pairs, more...)
 	}
 	res.LoadPairs = b.cfg.Pairs[0]
-	if res.Load, err = b.loadRelay(ctx, r.Pid(), pairs[:res.LoadPairs]); err != nil {
-		return fmt.Errorf("%d pairs at once: %w", res.LoadPairs, err)
+	// Under load on 2 shared cores a pair sometimes loses the relay path
+	// during the transfer and falls back to DERP, here the relay's own
+	// DERP server, which would count DERP's CPU as relaying: a run whose
+	// pairs are not all on the relay path afterwards is run again, once.
+	for attempt := 1; ; attempt++ {
+		if res.Load, err = b.loadRelay(ctx, r.Pid(), pairs[:res.LoadPairs]); err != nil {
+			return fmt.Errorf("%d pairs at once: %w", res.LoadPairs, err)
+		}
+		res.LoadAttempts = attempt
+		err := stillRelayed(ctx, pairs[:res.LoadPairs])
+		if err == nil {
+			break
+		}
+		if attempt == 2 {
+			return fmt.Errorf("%d pairs at once, twice: %w", res.LoadPairs, err)
+		}
+		b.cfg.Logf("%s: %d pairs at once: %v; running the load again", scRelayDERPOn, res.LoadPairs, err)
 	}
 	b.cfg.Logf("%s: %d pairs at once: %.0f Mbit/s in all, relay RSS peak %.1f MiB, %.2f CPU-s/GB",
 		scRelayDERPOn, res.LoadPairs, res.Load.Mbps, float64(res.Load.PeakKiB)/1024, res.Load.CPUPerGB)
@@ -324,10 +354,14 @@ func (r *Report) addDERP(d *derpResult, relay *pathResult) {
 			off, ok = relay.Load[d.LoadPairs]
 		}
 		base := fmt.Sprintf("%s (DERP off), %d pairs", scRelay, d.LoadPairs)
+		note := loadNote(d.Load)
+		if d.LoadAttempts > 1 {
+			note += fmt.Sprintf("; the second of %d load runs (in the first a pair fell back to DERP)", d.LoadAttempts)
+		}
 		scen := fmt.Sprintf("%s, %d pairs", scRelayDERPOn, d.LoadPairs)
-		r.add(Row{Section: sec, Scenario: scen, Metric: "RSS peak", Unit: "MiB", Value: float64(d.Load.PeakKiB) / 1024, Better: "lower", Note: loadNote(d.Load)},
+		r.add(Row{Section: sec, Scenario: scen, Metric: "RSS peak", Unit: "MiB", Value: float64(d.Load.PeakKiB) / 1024, Better: "lower", Note: note},
 			base, float64(off.PeakKiB)/1024, ok && off.PeakKiB > 0)
-		r.add(Row{Section: sec, Scenario: scen, Metric: "CPU per Gbit relayed", Unit: "CPU-ms", Value: d.Load.CPUPerGB / 8 * 1000, Better: "lower", Note: loadNote(d.Load)},
+		r.add(Row{Section: sec, Scenario: scen, Metric: "CPU per Gbit relayed", Unit: "CPU-ms", Value: d.Load.CPUPerGB / 8 * 1000, Better: "lower", Note: note},
 			base, off.CPUPerGB/8*1000, ok && off.CPUPerGB > 0)
 	}
 }
