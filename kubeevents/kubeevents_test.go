@@ -1,7 +1,6 @@
 package kubeevents
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -60,23 +59,8 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.t = c.t.Add(d)
 }
 
-// logBuffer is a bytes.Buffer safe for concurrent use.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+// logBuffer is the tests' log sink, with a line count.
+type logBuffer struct{ tailnettest.LogBuffer }
 
 // count returns how many log lines contain s.
 func (b *logBuffer) count(s string) int {

@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"log/slog"
@@ -21,24 +20,6 @@ import (
 	"github.com/tsrelay/tsrelay/kubestate"
 )
 
-// syncBuffer is a log sink safe for the goroutines that write it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestUnpersistedStateReported writes state while the real API server is
 // away and checks what a user sees: /readyz?verbose says since when the
 // Secret lacks it, tsrelay_state_unpersisted_seconds is above 0, one
@@ -56,7 +37,7 @@ func TestUnpersistedStateReported(t *testing.T) {
 		rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"get", "create", "update"}},
 		rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 	)
-	var logs syncBuffer
+	var logs tailnettest.LogBuffer
 	logger := slog.New(slog.NewTextHandler(&logs, nil))
 	ctx := t.Context()
 	store, err := kubestate.New(ctx, logger, client, ns, "state")
