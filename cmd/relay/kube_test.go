@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"tailscale.com/types/key"
 
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
@@ -104,6 +105,24 @@ func TestRelayKubeState(t *testing.T) {
 	// start no node. It has no key: the Secret alone must bring back the
 	// same node once it may run it.
 	nodesBefore := control.Server.NumNodes()
+	// The control server's view of the relay's node: a second process
+	// running the same identity would announce its own disco key (each
+	// process makes a new one), which is what broke peers' paths before
+	// the lease. It must not change while the second relay waits.
+	relayDisco := func() (key.DiscoPublic, bool) {
+		for _, n := range control.Server.AllNodes() {
+			for _, a := range n.Addresses {
+				if a.Addr() == relayIP {
+					return n.DiscoKey, true
+				}
+			}
+		}
+		return key.DiscoPublic{}, false
+	}
+	discoBefore, ok := relayDisco()
+	if !ok || discoBefore.IsZero() {
+		t.Fatalf("control has no disco key for the relay's node %s", relayIP)
+	}
 	control.AllowRegisterWithoutKey()
 	relay2 := startRelay(t, bins, "relay-second", append(append(env, pod("tsrelay-2")...), scratch())...)
 	waitUnready(t, relay2, "waiting for the node identity, held by tsrelay-1_tsrelay-1-uid")
@@ -126,6 +145,9 @@ func TestRelayKubeState(t *testing.T) {
 		if strings.Contains(relay2.LogTail(200), "kube state loaded") {
 			t.Fatal("the second relay loaded the node state while the first held the lease")
 		}
+		if d, _ := relayDisco(); d != discoBefore {
+			t.Fatalf("control saw the relay node's disco key change from %v to %v while the second relay waited: two processes ran the identity", discoBefore, d)
+		}
 	}
 	if n := control.Server.NumNodes(); n != nodesBefore {
 		t.Errorf("control has %d nodes while the second relay waits, want %d", n, nodesBefore)
@@ -146,6 +168,16 @@ func TestRelayKubeState(t *testing.T) {
 	}
 	if len(rs2.TailscaleIPs) == 0 || rs2.TailscaleIPs[0] != relayIP {
 		t.Errorf("after kill -9 and restart the relay has IPs %v, want %s", rs2.TailscaleIPs, relayIP)
+	}
+	// The disco-key check above can see a second process: the one that
+	// took over announces its own.
+	dctx, dcancel := context.WithTimeout(ctx, 30*time.Second)
+	defer dcancel()
+	if err := tailnettest.WaitFor(dctx, 50*time.Millisecond, func() (bool, error) {
+		d, ok := relayDisco()
+		return ok && d != discoBefore, nil
+	}); err != nil {
+		t.Errorf("control never saw the new process's disco key after the takeover: %v", err)
 	}
 	if n := control.Server.NumNodes(); n != nodesBefore {
 		t.Errorf("control has %d nodes after the restart, want %d: the relay logged in as a new node", n, nodesBefore)
