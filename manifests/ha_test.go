@@ -39,6 +39,20 @@ const meshSecret = "tsrelay-derp-mesh"
 // kustomizeBuild renders the kustomization in dir and parses the objects.
 func kustomizeBuild(t *testing.T, dir string) []*unstructured.Unstructured {
 	t.Helper()
+	// kustomize reads the sources in a child process, which go test's cache
+	// does not see; reading them here makes an edit to any of them rerun
+	// the test instead of replaying a cached pass.
+	for _, pattern := range []string{"*.yaml", "components/*/*.yaml", "components/*/*/*.yaml", "../examples/*/*.yaml"} {
+		sources, err := filepath.Glob(pattern)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range sources {
+			if _, err := os.ReadFile(f); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	cmd := exec.CommandContext(t.Context(), "go", "tool", "kustomize", "build", dir)
 	cmd.Env = append(os.Environ(), "GOTOOLCHAIN=local")
 	var stderr bytes.Buffer
@@ -531,4 +545,155 @@ func pick(m map[string]string, keys []string) map[string]string {
 		}
 	}
 	return out
+}
+
+// TestHAThreeReplicas follows "Changing the number of relays" in
+// components/ha to the letter, in a kustomization of its own next to
+// components/ha, derp and ha-derp, and checks that the result agrees
+// everywhere and gives the third relay a Service like the others'.
+func TestHAThreeReplicas(t *testing.T) {
+	dir := t.TempDir()
+	repo, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel, err := filepath.Rel(dir, repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := map[string]string{
+		"kustomization.yaml": `apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: kube-public
+resources:
+- ` + rel + `/manifests
+- service-tsrelay-2.yaml
+components:
+- ` + rel + `/manifests/components/ha
+- ` + rel + `/manifests/components/derp
+- ` + rel + `/manifests/components/ha-derp
+replicas:
+- name: tsrelay
+  count: 3
+patches:
+- path: role.yaml
+- patch: |-
+    apiVersion: apps/v1
+    kind: StatefulSet
+    metadata:
+      name: tsrelay
+    spec:
+      template:
+        spec:
+          containers:
+            - name: relay
+              env:
+                - name: TS_DERP_MESH_PEERS
+                  value: tsrelay-0,tsrelay-1,tsrelay-2
+`,
+		"service-tsrelay-2.yaml": `apiVersion: v1
+kind: Service
+metadata:
+  name: tsrelay-2
+  labels:
+    app.kubernetes.io/name: tsrelay
+spec:
+  selector:
+    app.kubernetes.io/name: tsrelay
+    statefulset.kubernetes.io/pod-name: tsrelay-2
+`,
+		"role.yaml": `apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: tsrelay
+rules:
+  - apiGroups: [""]
+    resources: [secrets]
+    resourceNames: [tsrelay-0-state, tsrelay-1-state, tsrelay-2-state]
+    verbs: [get, update]
+  - apiGroups: [""]
+    resources: [secrets]
+    verbs: [create]
+  - apiGroups: [coordination.k8s.io]
+    resources: [leases]
+    resourceNames: [tsrelay-0-state, tsrelay-1-state, tsrelay-2-state]
+    verbs: [get, update]
+  - apiGroups: [coordination.k8s.io]
+    resources: [leases]
+    verbs: [create]
+  - apiGroups: [""]
+    resources: [services]
+    resourceNames: [tsrelay-0, tsrelay-1, tsrelay-2]
+    verbs: [get, list, watch]
+  - apiGroups: ["", events.k8s.io]
+    resources: [events]
+    verbs: [create, patch]
+  - apiGroups: [""]
+    resources: [secrets]
+    resourceNames: [tsrelay-derp-mesh]
+    verbs: [get, update]
+`,
+	}
+	for name, content := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h := parseHA(t, kustomizeBuild(t, dir))
+	if r := h.sts.Spec.Replicas; r == nil || *r != 3 {
+		t.Fatalf("replicas = %v, want 3", r)
+	}
+	if errs := replicaNameErrors(h); len(errs) > 0 {
+		t.Errorf("the documented steps for 3 relays leave names that disagree:\n%s", strings.Join(errs, "\n"))
+	}
+	one, three := h.services["tsrelay-1"], h.services["tsrelay-2"]
+	if three == nil {
+		t.Fatal("no Service tsrelay-2")
+	}
+	if !equality.Semantic.DeepEqual(one.Spec.Ports, three.Spec.Ports) || one.Spec.Type != three.Spec.Type ||
+		one.Spec.ExternalTrafficPolicy != three.Spec.ExternalTrafficPolicy || !equality.Semantic.DeepEqual(one.Spec.IPFamilyPolicy, three.Spec.IPFamilyPolicy) {
+		t.Errorf("Service tsrelay-2 spec %+v, want the settings and ports of tsrelay-1's %+v", three.Spec, one.Spec)
+	}
+	if len(three.Spec.Ports) != 3 {
+		t.Errorf("Service tsrelay-2 ports %v, want relay, derp and stun", three.Spec.Ports)
+	}
+}
+
+// TestHAWithMonitoring checks that components/monitoring needs no change
+// for the HA install: its metrics Service selects every replica's pod (so
+// Prometheus scrapes each, labelled with its pod name) on the pod's http
+// port.
+func TestHAWithMonitoring(t *testing.T) {
+	dir := t.TempDir()
+	repo, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel, err := filepath.Rel(dir, repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := "namespace: kube-public\nresources: [" + rel + "/manifests]\ncomponents: [" +
+		rel + "/manifests/components/ha, " + rel + "/manifests/components/monitoring]\n"
+	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h := parseHA(t, kustomizeBuild(t, dir))
+	m := h.services["tsrelay-metrics"]
+	if m == nil {
+		t.Fatalf("no Service tsrelay-metrics: %v", h.kinds)
+	}
+	if !subset(m.Spec.Selector, h.sts.Spec.Template.Labels) {
+		t.Errorf("metrics Service selector %v does not match the replicas' pod labels %v", m.Spec.Selector, h.sts.Spec.Template.Labels)
+	}
+	if _, ok := m.Spec.Selector[appsv1.StatefulSetPodNameLabel]; ok {
+		t.Errorf("metrics Service selects one replica only: %v", m.Spec.Selector)
+	}
+	var http bool
+	for _, p := range h.relayContainer(t).Ports {
+		http = http || (p.Name == m.Spec.Ports[0].TargetPort.String())
+	}
+	if !http {
+		t.Errorf("metrics Service targets port %s, which the replicas' container lacks", m.Spec.Ports[0].TargetPort.String())
+	}
 }
