@@ -697,3 +697,54 @@ func TestHAWithMonitoring(t *testing.T) {
 		t.Errorf("metrics Service targets port %s, which the replicas' container lacks", m.Spec.Ports[0].TargetPort.String())
 	}
 }
+
+// TestHADERPEitherOrder checks what components/derp's comment says:
+// listed before components/ha, its ports and env still reach the
+// StatefulSet and every per-relay Service (copied from the Deployment and
+// Service), as they do listed after it.
+func TestHADERPEitherOrder(t *testing.T) {
+	render := func(components ...string) *haObjects {
+		t.Helper()
+		dir := t.TempDir()
+		repo, err := filepath.Abs("..")
+		if err != nil {
+			t.Fatal(err)
+		}
+		rel, err := filepath.Rel(dir, repo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := "namespace: kube-public\nresources: [" + rel + "/manifests]\ncomponents:\n"
+		for _, c := range components {
+			k += "- " + rel + "/manifests/components/" + c + "\n"
+		}
+		if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return parseHA(t, kustomizeBuild(t, dir))
+	}
+	after, before := render("ha", "derp", "ha-derp"), render("derp", "ha", "ha-derp")
+	if a, b := envValues(after.relayContainer(t).Env), envValues(before.relayContainer(t).Env); !maps.Equal(a, b) {
+		t.Errorf("env with derp after ha %v, before %v", a, b)
+	}
+	checkEnvOrder(t, before.relayContainer(t).Env)
+	ports := func(h *haObjects) map[string]string {
+		m := map[string]string{}
+		for _, p := range h.relayContainer(t).Ports {
+			m["container "+p.Name] = fmt.Sprintf("%d/%s", p.ContainerPort, p.Protocol)
+		}
+		for _, name := range []string{"tsrelay-0", "tsrelay-1"} {
+			for _, p := range h.services[name].Spec.Ports {
+				m[name+" "+p.Name] = fmt.Sprintf("%d/%s->%s", p.Port, p.Protocol, p.TargetPort.String())
+			}
+		}
+		return m
+	}
+	a, b := ports(after), ports(before)
+	if !maps.Equal(a, b) {
+		t.Errorf("ports with derp after ha %v, before %v", a, b)
+	}
+	if len(a) != 10 { // relay, http, derp, stun on the container; relay, derp, stun on each Service
+		t.Errorf("ports %v, want relay, http, derp and stun on the container and relay, derp, stun on each Service", a)
+	}
+}
