@@ -288,8 +288,8 @@ func TestHAComponent(t *testing.T) {
 			if r := sts.Spec.Replicas; r == nil || *r != 2 {
 				t.Errorf("StatefulSet replicas = %v, want 2", r)
 			}
-			if p := sts.Spec.PodManagementPolicy; p != appsv1.OrderedReadyPodManagement {
-				t.Errorf("podManagementPolicy %q, want OrderedReady", p)
+			if p := sts.Spec.PodManagementPolicy; p != appsv1.ParallelPodManagement {
+				t.Errorf("podManagementPolicy %q, want Parallel: a replica must be recreated while another is down", p)
 			}
 			us := sts.Spec.UpdateStrategy
 			if us.Type != appsv1.RollingUpdateStatefulSetStrategyType {
