@@ -2,7 +2,10 @@ package derpregion
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -78,5 +81,40 @@ func TestCompleteShared(t *testing.T) {
 	_, _, err = CompleteShared(map[string][]byte{SharedCertKey: full[SharedCertKey]}, now)
 	if err == nil || !strings.Contains(err.Error(), "want both") {
 		t.Errorf("CompleteShared(certificate without key) = %v, want an error", err)
+	}
+}
+
+func TestLoadSharedFileConcurrent(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mesh.json")
+	const n = 8
+	got := make([]*Shared, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { got[i], errs[i] = LoadSharedFile(path, time.Now()) })
+	}
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil {
+			t.Fatalf("creator %d: %v", i, errs[i])
+		}
+		if !got[i].MeshKey.Equal(got[0].MeshKey) || got[i].Cert.CertName() != got[0].Cert.CertName() {
+			t.Errorf("creator %d got another key or certificate than creator 0", i)
+		}
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("mesh file mode = %v, %v; want 0600", fi.Mode(), err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(filepath.Dir(path), ".tsrelay-mesh-*")); len(left) != 0 {
+		t.Errorf("temporary files left: %v", left)
+	}
+	again, err := LoadSharedFile(path, time.Now())
+	if err != nil || !again.MeshKey.Equal(got[0].MeshKey) {
+		t.Errorf("reload = %v, want the same key", err)
+	}
+	os.WriteFile(path, []byte(`{"mesh-key":"nothex"}`), 0o600)
+	if _, err := LoadSharedFile(path, time.Now()); err == nil || strings.Contains(err.Error(), "nothex") {
+		t.Errorf("LoadSharedFile(bad file) = %v, want an error without the value", err)
 	}
 }
