@@ -2,6 +2,7 @@ package derpregion
 
 import (
 	"context"
+	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
 	"net/netip"
 	"path/filepath"
@@ -177,6 +178,11 @@ func TestMeshForwardsAndSurvivesANode(t *testing.T) {
 	addrB.set(b.s.DERPAddr())
 	waitMesh(t, a.s, true)
 	waitMesh(t, b.s, true)
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(NewCollector(b.s, nil, DefaultRegionCode, slog.Default()))
+	if got := metricValue(t, reg, "tsrelay_derp_mesh_peer_connected"); got != 1 {
+		t.Errorf("b's tsrelay_derp_mesh_peer_connected = %v, want 1", got)
+	}
 	if st := a.s.MeshPeers()[0]; st.Name != "b" || st.Addr != b.s.DERPAddr().String() || st.Error != "" {
 		t.Errorf("a's mesh status = %+v, want b at %v, connected, no error", st, b.s.DERPAddr())
 	}
@@ -191,6 +197,9 @@ func TestMeshForwardsAndSurvivesANode(t *testing.T) {
 	a.stop()
 	onA.close()
 	waitMesh(t, b.s, false)
+	if got := metricValue(t, reg, "tsrelay_derp_mesh_peer_connected"); got != 0 {
+		t.Errorf("b's tsrelay_derp_mesh_peer_connected after a stopped = %v, want 0", got)
+	}
 	if st := b.s.MeshPeers()[0]; st.Error == "" {
 		t.Errorf("b's link to the stopped a = %+v, want an error", st)
 	}
