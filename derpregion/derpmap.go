@@ -61,6 +61,19 @@ type RegionOptions struct {
 	// DERPPort and STUNPort are the ports clients dial (the Service's,
 	// which may differ from the ports the pod listens on).
 	DERPPort, STUNPort int
+	// Members, when set, make a region of several meshed nodes, one per
+	// member in this order (Addrs is then unused). A member whose
+	// addresses are not known yet is left out; names follow the member's
+	// position ("<regionID>a", "<regionID>b", ...), so they stay put.
+	Members []Member
+}
+
+// Member is one node of a meshed region as clients dial it.
+type Member struct {
+	// Addrs as in RegionOptions.Addrs.
+	Addrs []netip.Addr
+	// DERPPort and STUNPort; 0 means RegionOptions' ports.
+	DERPPort, STUNPort int
 }
 
 // Region returns the derpMap region for o: one node, dialled at its IP
@@ -72,17 +85,60 @@ func Region(o RegionOptions) (*tailcfg.DERPRegion, error) {
 	if o.Cert == nil {
 		return nil, errors.New("derpregion: region needs the server's certificate")
 	}
+	members := o.Members
+	if len(members) == 0 {
+		members = []Member{{Addrs: o.Addrs}}
+	}
+	if len(members) > 26 {
+		return nil, fmt.Errorf("derpregion: %d members, want at most 26", len(members))
+	}
+	var nodes []*tailcfg.DERPNode
+	var firstErr error
+	for i, m := range members {
+		n, err := regionNode(o, m, i)
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		nodes = append(nodes, n)
+	}
+	if len(nodes) == 0 {
+		return nil, firstErr
+	}
+	name := o.RegionName
+	if name == "" {
+		name = RegionNamePrefix + " (" + o.RegionCode + ")"
+	}
+	return &tailcfg.DERPRegion{
+		RegionID:   o.RegionID,
+		RegionCode: o.RegionCode,
+		RegionName: name,
+		Nodes:      nodes,
+	}, nil
+}
+
+// regionNode is the node for member i.
+func regionNode(o RegionOptions, m Member, i int) (*tailcfg.DERPNode, error) {
+	derpPort, stunPort := o.DERPPort, o.STUNPort
+	if m.DERPPort != 0 {
+		derpPort = m.DERPPort
+	}
+	if m.STUNPort != 0 {
+		stunPort = m.STUNPort
+	}
 	n := &tailcfg.DERPNode{
-		Name:     fmt.Sprintf("%da", o.RegionID),
+		Name:     fmt.Sprintf("%d%c", o.RegionID, 'a'+i),
 		RegionID: o.RegionID,
 		HostName: o.Cert.HostName,
 		CertName: o.Cert.CertName(),
 		IPv4:     "none",
 		IPv6:     "none",
-		DERPPort: o.DERPPort,
-		STUNPort: o.STUNPort,
+		DERPPort: derpPort,
+		STUNPort: stunPort,
 	}
-	for _, a := range o.Addrs {
+	for _, a := range m.Addrs {
 		a = a.Unmap()
 		switch {
 		case a.Is4() && n.IPv4 == "none":
@@ -99,16 +155,7 @@ func Region(o RegionOptions) (*tailcfg.DERPRegion, error) {
 		// A user-provided certificate's host name resolves in DNS.
 		n.IPv4, n.IPv6 = "", ""
 	}
-	name := o.RegionName
-	if name == "" {
-		name = RegionNamePrefix + " (" + o.RegionCode + ")"
-	}
-	return &tailcfg.DERPRegion{
-		RegionID:   o.RegionID,
-		RegionCode: o.RegionCode,
-		RegionName: name,
-		Nodes:      []*tailcfg.DERPNode{n},
-	}, nil
+	return n, nil
 }
 
 // PolicyJSON returns the value for the tailnet policy file's "derpMap":

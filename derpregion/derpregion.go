@@ -1,6 +1,10 @@
-// Package derpregion serves a DERP region of one node from the relay: DERP
-// over TLS on a TCP port and STUN on a UDP port, with Tailscale's own
-// derp/derpserver and net/stunserver.
+// Package derpregion serves a DERP region from the relay: DERP over TLS on
+// a TCP port and STUN on a UDP port, with Tailscale's own derp/derpserver
+// and net/stunserver. A region has one node, or several meshed with
+// Tailscale's DERP mesh (Config.MeshKey, Config.MeshPeers): each node
+// dials the others with the region's shared mesh key, watches their
+// clients and forwards packets to them, so a client of one node reaches
+// clients of another, and the region stays up while one node restarts.
 //
 // A node sends its first packets to a peer through the peer's home DERP
 // region, and picks as home the region with the lowest latency its netcheck
@@ -11,8 +15,9 @@
 //   - Only members of the relay's tailnet may use the DERP server: every
 //     client's node key is looked up in the relay's own tailnet node
 //     ([Node.WhoIsNodeKey]); unknown keys are refused, and every client is
-//     refused while that node is not Running (fail closed). There is no
-//     mesh key and no open mode.
+//     refused while that node is not Running (fail closed). The one
+//     exception is a mesh peer presenting the region's mesh key, which
+//     derpserver trusts without the check; there is no open mode.
 //   - A node homed here is reachable over DERP only by nodes that can reach
 //     this address. A private address suits a LAN-only tailnet; a laptop
 //     away from home loses the DERP path to every node homed here.
@@ -83,6 +88,16 @@ type Config struct {
 	Node Node
 	// Logger receives one line per state change and per refused client.
 	Logger *slog.Logger
+
+	// MeshKey, when set, is the region's shared mesh key: a client that
+	// presents it is another node of the region (a mesh peer), trusted
+	// without the tailnet admission check and allowed to watch this
+	// server's clients. Zero: no mesh.
+	MeshKey key.DERPMesh
+	// MeshPeers are the region's other nodes, each dialled with MeshKey
+	// and TLS pinned to TLS's certificate, which every node of the region
+	// shares. Needs MeshKey.
+	MeshPeers []MeshPeer
 }
 
 func (c Config) validate() error {
@@ -102,6 +117,14 @@ func (c Config) validate() error {
 	if c.Logger == nil {
 		errs = append(errs, errors.New("derpregion: no logger"))
 	}
+	if len(c.MeshPeers) > 0 && c.MeshKey.IsZero() {
+		errs = append(errs, errors.New("derpregion: mesh peers need a mesh key"))
+	}
+	for i, p := range c.MeshPeers {
+		if p.Name == "" || p.Addr == nil {
+			errs = append(errs, fmt.Errorf("derpregion: mesh peer %d has no name or no address func", i))
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -118,6 +141,7 @@ type Server struct {
 	token    string // in the admission URL's path
 	stun     *stunserver.STUNServer
 	stopSTUN context.CancelFunc // closes the STUN socket
+	mesh     []*meshLink        // one per Config.MeshPeers
 
 	// refused counts clients the admission check turned away.
 	refused   atomic.Uint64
@@ -166,6 +190,18 @@ func Listen(cfg Config) (_ *Server, err error) {
 	})
 	s.derp.SetVerifyClientURL("http://" + s.admitLn.Addr().String() + "/admit/" + s.token)
 	s.derp.SetVerifyClientURLFailOpen(false)
+	if !cfg.MeshKey.IsZero() {
+		// derpserver trusts a client presenting this key as a mesh peer
+		// and skips the admission URL for it (isMeshPeer and verifyClient
+		// in derp/derpserver at v1.102.5): the peers are not tailnet
+		// nodes. Any other client still needs the admission check.
+		if err := s.derp.SetMeshKey(cfg.MeshKey.String()); err != nil {
+			return nil, errors.New("derpregion: set the mesh key: invalid key")
+		}
+	}
+	for _, p := range cfg.MeshPeers {
+		s.mesh = append(s.mesh, &meshLink{s: s, peer: p, log: s.logger.With("mesh_peer", p.Name)})
+	}
 	s.stats = newDERPStats(s.derp)
 	return s, nil
 }
@@ -238,6 +274,10 @@ func (s *Server) Serve(ctx context.Context) error {
 		}
 		return nil
 	})
+
+	for _, l := range s.mesh {
+		g.Go(func() error { l.run(ctx); return nil })
+	}
 
 	s.serving.Store(true)
 	s.logger.Info("DERP region serving", "derp", s.DERPAddr().String(), "stun", s.STUNAddr().String())

@@ -73,6 +73,7 @@ type Collector struct {
 	serving, clients, accepts, refused       *prometheus.Desc
 	pktsRecv, pktsSent, bytesRecv, bytesSent *prometheus.Desc
 	stun, homePeers, certExpiry              *prometheus.Desc
+	meshConnected                            *prometheus.Desc
 }
 
 // NewCollector returns the series for s. With status non-nil it also
@@ -83,17 +84,18 @@ func NewCollector(s *Server, status StatusSource, regionCode string, logger *slo
 	}
 	return &Collector{
 		s: s, status: status, regionCode: regionCode, logger: logger,
-		serving:    d("serving", "1 when both the DERP (TCP) and the STUN (UDP) server are serving."),
-		clients:    d("clients", "DERP clients connected now."),
-		accepts:    d("accepts_total", "DERP connections accepted at the TCP level (admitted or not)."),
-		refused:    d("clients_refused_total", "DERP clients refused by the tailnet membership check (unknown node key, or the relay's node not Running)."),
-		pktsRecv:   d("packets_received_total", "Packets received from DERP clients."),
-		pktsSent:   d("packets_sent_total", "Packets forwarded to DERP clients."),
-		bytesRecv:  d("received_bytes_total", "Bytes received from DERP clients."),
-		bytesSent:  d("sent_bytes_total", "Bytes forwarded to DERP clients."),
-		stun:       d("stun_requests_total", "STUN datagrams by outcome (success, not_stun, read_error, write_error).", "disposition"),
-		homePeers:  d("home_peers", "Tailnet peers of the relay's node whose home DERP region is this one, as the node sees them."),
-		certExpiry: d("cert_expiry_timestamp_seconds", "When the DERP server's TLS certificate expires (Unix time)."),
+		serving:       d("serving", "1 when both the DERP (TCP) and the STUN (UDP) server are serving."),
+		clients:       d("clients", "DERP clients connected now."),
+		accepts:       d("accepts_total", "DERP connections accepted at the TCP level (admitted or not)."),
+		refused:       d("clients_refused_total", "DERP clients refused by the tailnet membership check (unknown node key, or the relay's node not Running)."),
+		pktsRecv:      d("packets_received_total", "Packets received from DERP clients."),
+		pktsSent:      d("packets_sent_total", "Packets forwarded to DERP clients."),
+		bytesRecv:     d("received_bytes_total", "Bytes received from DERP clients."),
+		bytesSent:     d("sent_bytes_total", "Bytes forwarded to DERP clients."),
+		stun:          d("stun_requests_total", "STUN datagrams by outcome (success, not_stun, read_error, write_error).", "disposition"),
+		homePeers:     d("home_peers", "Tailnet peers of the relay's node whose home DERP region is this one, as the node sees them."),
+		certExpiry:    d("cert_expiry_timestamp_seconds", "When the DERP server's TLS certificate expires (Unix time)."),
+		meshConnected: d("mesh_peer_connected", "1 while the mesh link to another node of the region answers pings, else 0; one series per mesh peer.", "peer"),
 	}
 }
 
@@ -125,6 +127,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.stun, v, disp)
 	}
 	gauge(c.certExpiry, float64(c.s.cfg.TLS.NotAfter().Unix()))
+	for _, p := range c.s.MeshPeers() {
+		v := 0.0
+		if p.Connected {
+			v = 1
+		}
+		gauge(c.meshConnected, v, p.Name)
+	}
 	if c.status != nil {
 		if n, ok := c.countHomePeers(); ok {
 			gauge(c.homePeers, float64(n))
