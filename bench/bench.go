@@ -73,6 +73,24 @@ type Config struct {
 	// relay variant, idle and loaded RSS) and sizes: no direct or DERP
 	// path, MTU row or readiness.
 	FootprintOnly bool
+	// NoFailover skips the failover section; FailoverOnly runs it alone
+	// (and the sizes).
+	NoFailover, FailoverOnly bool
+	// FailoverCases are the failover cases to run (CaseKill, CaseTerm,
+	// CaseNode, CaseDrain); nil means all. With Smoke only the first that
+	// is not CaseDrain runs, once, with two relays.
+	FailoverCases []string
+	// FailoverReps is how many trials each failover case gets per
+	// topology; zero means 3.
+	FailoverReps int
+	// FailoverWindow is how long a failover trial waits for the pair to
+	// ride a relay again (after the drain, for CaseDrain); zero means 60 s.
+	FailoverWindow time.Duration
+	// FailoverDrain is CaseDrain's delay between the event and the
+	// SIGTERM; zero means 65 s, longer than magicsock's
+	// upgradeUDPRelayInterval (1 min), so that peers riding the draining
+	// relay rediscover relay paths once during it.
+	FailoverDrain time.Duration
 	// Logf receives progress; nil discards it.
 	Logf logger.Logf
 }
@@ -108,6 +126,18 @@ func (c *Config) defaults() {
 	}
 	if c.SmallMTU == 0 {
 		c.SmallMTU = 1230
+	}
+	if c.FailoverCases == nil {
+		c.FailoverCases = failoverCases
+	}
+	if c.FailoverReps == 0 {
+		c.FailoverReps = 3
+	}
+	if c.FailoverWindow == 0 {
+		c.FailoverWindow = time.Minute
+	}
+	if c.FailoverDrain == 0 {
+		c.FailoverDrain = 65 * time.Second
 	}
 }
 
@@ -227,7 +257,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	b := &bench{cfg: cfg, lab: lab, bins: bins}
 
 	res := map[string]*pathResult{}
-	if !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
+	// FailoverOnly leaves out every section but failover (and sizes).
+	others := !cfg.FailoverOnly
+	if others && !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
 		logf("paths: %s and %s", scDirect, scDERP)
 		direct, derp, err := b.runUnrelayed(ctx, filepath.Join(work, "unrelayed"))
 		if err != nil {
@@ -241,7 +273,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	// rows.
 	variants := cfg.variants()
 	for i, v := range variants {
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || !others {
 			break
 		}
 		if v.noLoad && cfg.FootprintOnly {
@@ -260,7 +292,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		res[v.name] = r
 	}
 	var small *pathResult
-	if !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
+	if others && !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
 		logf("path: %s, pod link MTU %d", scRelay, cfg.SmallMTU)
 		small, err = b.runRelayed(ctx, filepath.Join(work, "small-mtu"), variants[0], cfg.SmallMTU, nil)
 		if err != nil {
@@ -272,7 +304,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	rep.addSockets(res, variants)
 	rep.addLoad(res, variants, cfg.Pairs)
 
-	if !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
+	if others && !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
 		logf("DERP: first pongs via %s and %s; %s", scOffsiteDERP, scInClusterDERP, scRelayDERPOn)
 		d, err := b.runDERP(ctx, filepath.Join(work, "derp"))
 		if err != nil {
@@ -281,7 +313,21 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		rep.addDERP(d, res[scRelay])
 	}
 
-	if !cfg.FootprintOnly && ctx.Err() == nil {
+	// Failover (issue 20): losing the relay a pair rides, one relay
+	// against two. The meshed-DERP failover rows are to follow here.
+	if !cfg.NoFailover && !cfg.FootprintOnly && ctx.Err() == nil {
+		logf("failover: cases %s, %d trials each, one relay and two", strings.Join(cfg.FailoverCases, ","), cfg.FailoverReps)
+		f, err := b.runFailover(ctx, filepath.Join(work, "failover"))
+		if err != nil {
+			fail("failover", err)
+		}
+		if f != nil {
+			logf("failover: the section took %.0f s", f.Seconds)
+		}
+		rep.addFailover(f)
+	}
+
+	if others && !cfg.FootprintOnly && ctx.Err() == nil {
 		var rounds []readiness
 		for i := range cfg.Rounds {
 			logf("readiness, round %d of %d", i+1, cfg.Rounds)
@@ -298,7 +344,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 	}
 
-	if ctx.Err() == nil {
+	if others && ctx.Err() == nil {
 		logf("HTTP port abuse")
 		ab, err := b.runHTTPAbuse(ctx, filepath.Join(work, "abuse"))
 		if err != nil {

@@ -31,6 +31,9 @@ type Row struct {
 	// IsBaseline marks the rows other rows are compared with.
 	IsBaseline bool   `json:"isBaseline,omitempty"`
 	Note       string `json:"note,omitempty"`
+	// Text, when set, is shown instead of Value: a row with no number to
+	// give (e.g. "none within 60 s"); Value is then 0.
+	Text string `json:"text,omitempty"`
 }
 
 // Report is a run's results.
@@ -46,6 +49,10 @@ type Report struct {
 	Rows            []Row    `json:"rows"`
 	Errors          []string `json:"errors,omitempty"`
 	Seconds         float64  `json:"seconds"` // the whole run, build included
+	// Failover is every failover trial; FailoverSeconds the section's wall
+	// time.
+	Failover        []FailoverTrial `json:"failover,omitempty"`
+	FailoverSeconds float64         `json:"failoverSeconds,omitempty"`
 }
 
 // Machine describes where the run happened.
@@ -407,9 +414,13 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 		{"sockets", "Relay sockets: relayed throughput by socket count"},
 		{"footprint", "Footprint"},
 		{"derp", "DERP: first pong between laptops that cannot go direct; the relay with its DERP server on"},
+		{"failover", "Failover: losing the relay a pair rides, one relay against two"},
 	}
 	for _, s := range sections {
 		fmt.Fprintf(&b, "\n## %s\n\n", s.title)
+		if s.key == "failover" {
+			b.WriteString(r.failoverHeader())
+		}
 		b.WriteString("| Scenario | Metric | Value | Baseline | Baseline value | Ratio | Better | Note |\n")
 		b.WriteString("|---|---|---:|---|---:|---:|---|---|\n")
 		n := 0
@@ -425,8 +436,12 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 			if row.Baseline != "" {
 				base, bv, ratio = row.Baseline, fmtVal(row.BaselineValue, row.Unit), fmt.Sprintf("%.2f×", row.Ratio)
 			}
+			val := fmtVal(row.Value, row.Unit)
+			if row.Text != "" {
+				val = row.Text
+			}
 			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s |\n",
-				row.Scenario, row.Metric, fmtVal(row.Value, row.Unit), base, bv, ratio, row.Better, row.Note)
+				row.Scenario, row.Metric, val, base, bv, ratio, row.Better, row.Note)
 		}
 		if n == 0 {
 			b.WriteString("| (not measured in this run) | | | | | | | |\n")

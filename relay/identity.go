@@ -13,6 +13,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/tsrelay/tsrelay/internal/httpserve"
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/kubeevents"
@@ -42,7 +45,11 @@ func acquireIdentity(ctx context.Context, cfg Config, kc *kubeclient.Client, ln 
 	id := holderIdentity(cfg)
 	g := &identityGuard{logger: logger}
 	var waitingOn atomic.Pointer[string]
-	stop := serveWhileWaiting(ln, func() string {
+	state := cfg.StateDir
+	if cfg.KubeSecret != "" {
+		state = kc.Namespace + "/" + cfg.KubeSecret
+	}
+	stop := serveWhileWaiting(ln, waitingIdentity{hostname: cfg.Hostname, state: state}, func() string {
 		if h := waitingOn.Load(); h != nil {
 			return *h
 		}
@@ -88,10 +95,14 @@ func acquireIdentity(ctx context.Context, cfg Config, kc *kubeclient.Client, ln 
 	return g, nil
 }
 
+// waitingIdentity is the identity a waiting process reports in
+// tsrelay_identity_info.
+type waitingIdentity struct{ hostname, state string }
+
 // serveWhileWaiting answers on ln until stop is called, on a duplicate of
 // its socket, so that stopping closes only the duplicate and ln serves on.
 // If the socket cannot be duplicated, nothing is served meanwhile.
-func serveWhileWaiting(ln net.Listener, holder func() string, logger *slog.Logger) (stop func()) {
+func serveWhileWaiting(ln net.Listener, id waitingIdentity, holder func() string, logger *slog.Logger) (stop func()) {
 	tl, ok := ln.(*net.TCPListener)
 	if !ok {
 		return func() {}
@@ -114,11 +125,16 @@ func serveWhileWaiting(ln net.Listener, holder func() string, logger *slog.Logge
 	})
 	// The same series the full /metrics has (metrics.go), so that a relay
 	// stuck waiting shows on a dashboard and in alerts.
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		io.WriteString(w, "# HELP tsrelay_ready "+readyHelp+"\n# TYPE tsrelay_ready gauge\ntsrelay_ready 0\n"+
-			"# HELP tsrelay_identity_waiting "+identityWaitingHelp+"\n# TYPE tsrelay_identity_waiting gauge\ntsrelay_identity_waiting 1\n")
-	})
+	reg := prometheus.NewRegistry()
+	gauge := func(name, help string, v float64, labels prometheus.Labels) {
+		g := prometheus.NewGauge(prometheus.GaugeOpts{Name: "tsrelay_" + name, Help: help, ConstLabels: labels})
+		g.Set(v)
+		reg.MustRegister(g)
+	}
+	gauge("ready", readyHelp, 0, nil)
+	gauge("identity_waiting", identityWaitingHelp, 1, nil)
+	gauge("identity_info", identityInfoHelp, 1, prometheus.Labels{"hostname": id.hostname, "state": id.state, "dns_name": ""})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { httpserve.Serve(ctx, dup, mux, logger); close(done) }()

@@ -39,6 +39,7 @@ type collector struct {
 	ready, waiting, backendState, bound, endpoints *prometheus.Desc
 	sessions, unpersisted, dropped                 *prometheus.Desc
 	writes, failures, conflicts, buildInfo         *prometheus.Desc
+	identity                                       *prometheus.Desc
 	pathMTU, pathMTUNeeded, mtuTooSmall, tunnel    *prometheus.Desc
 	sockets, socketsSetting                        *prometheus.Desc
 }
@@ -68,6 +69,7 @@ func newCollector(h *handlers, store *kubestate.Store) *collector {
 		sockets:        d("relay_sockets", "UDP sockets the peer relay has bound on its port, by IP family, counted in /proc; each can hold 8 MiB of receive buffers.", "family"),
 		socketsSetting: d("relay_sockets_setting", "TS_RELAY_SERVER_SOCKETS: the sockets per IP family the relay binds (GOMAXPROCS)."),
 		buildInfo:      d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
+		identity:       d("identity_info", identityInfoHelp, "hostname", "state", "dns_name"),
 	}
 }
 
@@ -132,6 +134,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	gauge(c.buildInfo, 1, c.h.cfg.Version, tsversion.Short(), runtime.Version())
+	state := c.h.cfg.StateDir
+	if c.store != nil {
+		state = stateJSON(c.store).Secret
+	}
+	gauge(c.identity, 1, c.h.cfg.Hostname, state, st.DNSName)
 }
 
 // Help texts shared with the series served while the identity is held
@@ -139,6 +146,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 const (
 	readyHelp           = "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."
 	identityWaitingHelp = "1 while another process holds this node identity (its Lease or state directory lock) and this one waits."
+	identityInfoHelp    = "Always 1; the labels say which node identity this process runs or waits for (TS_HOSTNAME, the state Secret as namespace/name or TS_STATE_DIR, and the MagicDNS name once logged in), so that the series of several replicas tell which relay they are."
 )
 
 // secondsSince is the time since t in seconds, 0 for the zero time.

@@ -81,6 +81,13 @@ func TestRelayKubeState(t *testing.T) {
 		t.Fatalf("relay reports no tailnet IPs: %+v", rs)
 	}
 	relayIP := rs.TailscaleIPs[0]
+	// Which identity this process runs, so that replicas' series tell
+	// apart: the Secret (namespace/name) and the names it goes by.
+	if fams, err := relay.Metrics(ctx); err != nil {
+		t.Errorf("/metrics: %v", err)
+	} else if v, _ := tailnettest.MetricSum(fams, "tsrelay_identity_info", "hostname", "tsrelay", "state", ns+"/"+secret, "dns_name", rs.DNSName); v != 1 || rs.DNSName == "" {
+		t.Errorf("tsrelay_identity_info{hostname=tsrelay,state=%s/%s,dns_name=%q} = %v, want 1 (series: %v)", ns, secret, rs.DNSName, v, fams["tsrelay_identity_info"])
+	}
 
 	sec, err := admin.CoreV1().Secrets(ns).Get(ctx, secret, metav1.GetOptions{})
 	if err != nil {
@@ -134,6 +141,8 @@ func TestRelayKubeState(t *testing.T) {
 		t.Errorf("waiting relay: tsrelay_identity_waiting = %v (present %v), want 1", v, ok)
 	} else if v, _ := tailnettest.MetricSum(fams, "tsrelay_ready"); v != 0 {
 		t.Errorf("waiting relay: tsrelay_ready = %v, want 0", v)
+	} else if v, _ := tailnettest.MetricSum(fams, "tsrelay_identity_info", "hostname", "tsrelay", "state", ns+"/"+secret); v != 1 {
+		t.Errorf("waiting relay: tsrelay_identity_info{hostname=tsrelay,state=%s/%s} = %v, want 1 (series: %v)", ns, secret, v, fams["tsrelay_identity_info"])
 	}
 	// Several lease durations pass: the first renews, the second waits.
 	waitUntil := time.Now().Add(3 * leaseDuration)

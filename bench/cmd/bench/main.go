@@ -36,6 +36,12 @@ func main() {
 	levers := flag.String("levers", "", "semicolon-separated extra tsrelay configurations for the footprint rows, each space-separated NAME=VALUE settings (e.g. 'GOGC=50;TS_RELAY_SERVER_SOCKETS=1'), compared with the default in the same run")
 	footprint := flag.Bool("footprint", false, "run only the relayed scenarios and sizes (no direct or DERP path, MTU row or readiness)")
 	profile := flag.String("profile", "", "save tsrelay's heap and CPU profiles in this directory (go tool pprof reads them)")
+	failover := flag.Bool("failover", true, "run the failover section (one relay against two: kill -9, SIGTERM, node failure, SIGTERM after draining)")
+	failoverOnly := flag.Bool("failover-only", false, "run only the failover section (and the sizes)")
+	failoverCases := flag.String("failover-cases", "kill,term,node,drain", "comma-separated failover cases to run: kill, term, node, drain")
+	failoverReps := flag.Int("failover-reps", 3, "trials per failover case and topology")
+	failoverWindow := flag.Duration("failover-window", time.Minute, "how long a failover trial waits for pings to ride a relay again (after the drain, for drain)")
+	failoverDrain := flag.Duration("failover-drain", 65*time.Second, "how long the drain case waits between the event and the SIGTERM")
 	work := flag.String("work", "", "keep the nodes' state and logs in this directory (default: a temporary one, removed)")
 	flag.Parse()
 
@@ -51,7 +57,7 @@ func main() {
 		}
 		start := time.Now()
 		log.Printf("building relay, tailscaled and tailscale into %s", *binDir)
-		if err := bench.Build(ctx, *binDir, !*smoke, log.Printf); err != nil {
+		if err := bench.Build(ctx, *binDir, !*smoke && !*failoverOnly, log.Printf); err != nil {
 			log.Fatalf("bench: build: %v", err)
 		}
 		log.Printf("built in %v; running in new network namespaces", time.Since(start).Round(100*time.Millisecond))
@@ -75,7 +81,27 @@ func main() {
 		WorkDir:  *work,
 
 		FootprintOnly: *footprint,
+
+		NoFailover:     !*failover,
+		FailoverOnly:   *failoverOnly,
+		FailoverReps:   *failoverReps,
+		FailoverWindow: *failoverWindow,
+		FailoverDrain:  *failoverDrain,
 	}
+	if *failoverReps < 1 {
+		log.Fatalf("bench: -failover-reps: %d is not a positive number", *failoverReps)
+	}
+	if *failoverWindow < 10*time.Second || *failoverDrain < 0 {
+		log.Fatalf("bench: -failover-window must be at least 10s and -failover-drain not negative (got %v, %v)", *failoverWindow, *failoverDrain)
+	}
+	fc, err := bench.ParseFailoverCases(*failoverCases)
+	if err != nil {
+		log.Fatalf("bench: -failover-cases: %v", err)
+	}
+	if len(fc) == 0 {
+		log.Fatalf("bench: -failover-cases: empty (want e.g. kill,term,node,drain; use -failover=false to skip the section)")
+	}
+	cfg.FailoverCases = fc
 	for _, l := range strings.Split(*levers, ";") {
 		env := strings.Fields(l)
 		for _, kv := range env {
