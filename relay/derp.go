@@ -153,6 +153,8 @@ type derpRegion struct {
 	events *kubeevents.Recorder
 	// mesh is the region's members when TS_DERP_MESH_PEERS is set.
 	mesh *meshPlan
+	// svcs follows the members' Services (Service-name members), or nil.
+	svcs *meshServices
 	// status has the relay's static endpoints, whose IPs clients dial
 	// when TS_DERP_ADDRS is empty, and tells when they change.
 	status *status
@@ -177,6 +179,7 @@ func newDERPRegion(ctx context.Context, cfg Config, kc *kubeclient.Client, state
 	var mesh *meshPlan
 	var meshKey key.DERPMesh
 	var meshPeers []derpregion.MeshPeer
+	var svcs *meshServices
 	if d.meshEnabled() {
 		plan, err := d.meshMembers(&cfg) // checked by Validate; here for the plan
 		if err != nil {
@@ -188,7 +191,8 @@ func newDERPRegion(ctx context.Context, cfg Config, kc *kubeclient.Client, state
 			return nil, err
 		}
 		cert, meshKey = shared.Cert, shared.MeshKey
-		meshPeers = plan.peers()
+		svcs = newMeshServices(mesh, kc, logger)
+		meshPeers = plan.peers(svcs)
 	} else if d.CertFile != "" {
 		cert, err = derpregion.FromFiles(d.CertFile, d.KeyFile, d.HostName)
 	} else {
@@ -222,7 +226,7 @@ func newDERPRegion(ctx context.Context, cfg Config, kc *kubeclient.Client, state
 		// Never the key itself: only which member this relay is.
 		logger.Info("DERP mesh", "self", mesh.members[mesh.self].name, "members", len(mesh.members), "sharedState", meshLocation(d))
 	}
-	r := &derpRegion{cfg: d, srv: srv, cert: cert, mesh: mesh, logger: logger, events: events, status: st}
+	r := &derpRegion{cfg: d, srv: srv, cert: cert, mesh: mesh, svcs: svcs, logger: logger, events: events, status: st}
 	st.setDERP(derpView{code: d.RegionCode, serving: srv.Serving})
 	r.update()
 	return r, nil
@@ -236,12 +240,24 @@ func (r *derpRegion) run(ctx context.Context) error {
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- r.srv.Serve(ctx) }()
+	var svcsChanged <-chan struct{} // nil without Service members: never ready
+	if r.svcs != nil {
+		svcsChanged = r.svcs.changed
+		sctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); r.svcs.run(sctx) }()
+		defer func() { cancel(); <-done }()
+	}
 	for {
 		select {
 		case err := <-errc:
 			return err
 		case <-r.status.endpointsChanged():
 			r.update()
+		case <-svcsChanged:
+			if r.svcs.refresh() {
+				r.update()
+			}
 		}
 	}
 }
@@ -276,7 +292,7 @@ func (r *derpRegion) update() {
 		RegionID: d.RegionID, RegionCode: d.RegionCode, Cert: r.cert,
 		Addrs:    r.dialAddrs(),
 		DERPPort: int(d.DERPPort), STUNPort: int(d.STUNPort),
-		Members: r.mesh.regionMembers(r.dialAddrs()),
+		Members: r.mesh.regionMembers(d.Addrs, r.dialAddrs(), r.svcs),
 	})
 	r.mu.Lock()
 	defer r.mu.Unlock()

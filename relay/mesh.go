@@ -184,28 +184,36 @@ func loadMeshShared(ctx context.Context, d DERPConfig, kc *kubeclient.Client, no
 }
 
 // peers are the mesh links to the members other than this relay. An
-// ip:port member is dialled there; a Service member's address is not known
-// yet (none until its Service is watched).
-func (p *meshPlan) peers() []derpregion.MeshPeer {
+// ip:port member is dialled there; a Service member at its cluster IP and
+// port derp, once svcs has seen its Service.
+func (p *meshPlan) peers(svcs *meshServices) []derpregion.MeshPeer {
 	var out []derpregion.MeshPeer
 	for i, m := range p.members {
 		if i == p.self {
 			continue
 		}
-		addr := m.addr
+		addr, name := m.addr, m.name
 		out = append(out, derpregion.MeshPeer{
 			Name: m.name,
-			Addr: func() (netip.AddrPort, bool) { return addr, addr.IsValid() },
+			Addr: func() (netip.AddrPort, bool) {
+				if !addr.IsValid() {
+					a := svcs.get(name).mesh
+					return a, a.IsValid()
+				}
+				return addr, true
+			},
 		})
 	}
 	return out
 }
 
-// regionMembers are the derpMap nodes, one per member in order: this
-// relay at its own dial addresses (self), the others at their entries'
-// IPs. Each node's DERP port is its entry's, so a forwarded port works;
-// nil without a mesh.
-func (p *meshPlan) regionMembers(self []netip.Addr) []derpregion.Member {
+// regionMembers are the derpMap nodes, one per member in order. An
+// ip:port member is at its entry (so a forwarded port works); a Service
+// member at its load-balancer IPs and Service port derp (svcs). This
+// relay (self) is at TS_DERP_ADDRS when set (explicit), else at its
+// Service's load-balancer IPs when known, else at its usual dial
+// addresses (dial). Nil without a mesh.
+func (p *meshPlan) regionMembers(explicit, dial []netip.Addr, svcs *meshServices) []derpregion.Member {
 	if p == nil {
 		return nil
 	}
@@ -213,9 +221,17 @@ func (p *meshPlan) regionMembers(self []netip.Addr) []derpregion.Member {
 	for i, m := range p.members {
 		if m.addr.IsValid() {
 			out[i] = derpregion.Member{Addrs: []netip.Addr{m.addr.Addr()}, DERPPort: int(m.addr.Port())}
+		} else {
+			a := svcs.get(m.name)
+			out[i] = derpregion.Member{Addrs: a.lb, DERPPort: int(a.port)}
 		}
 		if i == p.self {
-			out[i].Addrs = self
+			switch {
+			case len(explicit) > 0:
+				out[i].Addrs = explicit
+			case len(out[i].Addrs) == 0:
+				out[i].Addrs = dial
+			}
 		}
 	}
 	return out

@@ -59,7 +59,7 @@ func TestLoadConfigMeshSelf(t *testing.T) {
 			if got := plan.members[plan.self].name; got != tt.wantSelf {
 				t.Errorf("self = %q, want %q", got, tt.wantSelf)
 			}
-			if got, want := len(plan.peers()), len(plan.members)-1; got != want {
+			if got, want := len(plan.peers(nil)), len(plan.members)-1; got != want {
 				t.Errorf("%d mesh peers, want %d (every member but self)", got, want)
 			}
 		})
