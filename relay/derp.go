@@ -305,6 +305,12 @@ func (r *derpRegion) update() {
 	if old != nil && reflect.DeepEqual(old, region) {
 		return
 	}
+	if r.mesh != nil && len(region.Nodes) < len(r.mesh.members) {
+		// /derpmap serves what is known, but asking the user to paste a
+		// region that lacks members (Services without an address yet)
+		// would be asking twice.
+		return
+	}
 	js, err := derpregion.PolicyJSON(region)
 	if err != nil {
 		return
