@@ -26,6 +26,7 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tsrelay/tsrelay/derpregion"
+	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/kubeevents"
 )
@@ -41,6 +42,28 @@ type DERPConfig struct {
 	CertFile   string `envconfig:"TS_DERP_CERT_FILE" desc:"PEM certificate for the DERP server (tls.crt of a mounted kubernetes.io/tls Secret), with TS_DERP_KEY_FILE and TS_DERP_HOSTNAME. Default: a self-signed certificate kept with the node state and pinned in the derpMap by its SHA-256."`
 	KeyFile    string `envconfig:"TS_DERP_KEY_FILE" desc:"PEM private key of TS_DERP_CERT_FILE (tls.key)."`
 	HostName   string `envconfig:"TS_DERP_HOSTNAME" desc:"DNS name TS_DERP_CERT_FILE is for; clients check the certificate against it."`
+
+	// The DERP mesh: several relays serving one region (mesh.go).
+	MeshSecret string      `envconfig:"TS_DERP_MESH_SECRET" desc:"With TS_KUBE_SECRET and TS_DERP_MESH_PEERS: the Secret holding the region's shared state (mesh-key, tls.crt, tls.key), in the pod's namespace; the first replica creates or completes it, the others adopt it. Every node of the region then serves the same self-signed certificate."`
+	MeshFile   string      `envconfig:"TS_DERP_MESH_FILE" desc:"Outside a cluster (no TS_KUBE_SECRET), with TS_DERP_MESH_PEERS: a file holding the region's shared state (JSON: mesh-key, tls.crt, tls.key), created atomically if missing; several relays on one machine share it, other machines need a copy."`
+	MeshPeers  MeshMembers `envconfig:"TS_DERP_MESH_PEERS" desc:"Comma-separated members of the meshed DERP region in derpMap order, this relay included: Service names with TS_DERP_MESH_SECRET, ip:port with TS_DERP_MESH_FILE, where ip:port is the address clients and the mesh dial for that member's DERP (e.g. the forwarded or load-balancer address). Outside a cluster this relay is the member whose IP is one of TS_DERP_ADDRS (default: the IPs of TS_RELAY_SERVER_STATIC_ENDPOINTS), and, if several share the IP, whose port is TS_DERP_PORT; in a cluster it is TS_RELAY_SERVICE."`
+}
+
+// MeshMembers is a comma-separated list of DERP mesh members, parsed
+// further by DERPConfig.validate (Service names or ip:port, depending on
+// where the relay runs).
+type MeshMembers []string
+
+// Decode implements envconfig.Decoder.
+func (m *MeshMembers) Decode(s string) error {
+	var out MeshMembers
+	for f := range strings.SplitSeq(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	*m = out
+	return nil
 }
 
 // IPList is a comma-separated list of IP addresses.
@@ -77,7 +100,15 @@ func (d DERPConfig) validate(c *Config) []error {
 		if d.CertFile != "" || d.KeyFile != "" || d.HostName != "" || len(d.Addrs) > 0 {
 			bad("TS_DERP_CERT_FILE, TS_DERP_KEY_FILE, TS_DERP_HOSTNAME or TS_DERP_ADDRS is set but TS_DERP_PORT is not: set TS_DERP_PORT and TS_STUN_PORT to turn the DERP region on, or unset them")
 		}
+		if d.meshEnabled() {
+			bad("TS_DERP_MESH_SECRET, TS_DERP_MESH_FILE or TS_DERP_MESH_PEERS is set but TS_DERP_PORT is not: a DERP mesh needs the DERP region on (TS_DERP_PORT and TS_STUN_PORT)")
+		}
 		return errs
+	}
+	if d.meshEnabled() {
+		if _, err := d.meshMembers(c); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if d.DERPPort == 0 {
 		bad("TS_STUN_PORT=%d is set without TS_DERP_PORT: want both, a TCP port for DERP over TLS and a UDP port for STUN (e.g. TS_DERP_PORT=8443 TS_STUN_PORT=3478)", d.STUNPort)
@@ -120,6 +151,10 @@ type derpRegion struct {
 	cert   *derpregion.Cert
 	logger *slog.Logger
 	events *kubeevents.Recorder
+	// mesh is the region's members when TS_DERP_MESH_PEERS is set.
+	mesh *meshPlan
+	// svcs follows the members' Services (Service-name members), or nil.
+	svcs *meshServices
 	// status has the relay's static endpoints, whose IPs clients dial
 	// when TS_DERP_ADDRS is empty, and tells when they change.
 	status *status
@@ -134,14 +169,31 @@ type derpRegion struct {
 // sockets. stateStore is the node's Secret store, or nil for a file in
 // TS_STATE_DIR; node admits DERP clients; the region's readiness becomes
 // part of st's.
-func newDERPRegion(cfg Config, stateStore ipn.StateStore, st *status, node *appliance, events *kubeevents.Recorder, logger *slog.Logger) (*derpRegion, error) {
+func newDERPRegion(ctx context.Context, cfg Config, kc *kubeclient.Client, stateStore ipn.StateStore, st *status, node *appliance, events *kubeevents.Recorder, logger *slog.Logger) (*derpRegion, error) {
 	d, stateDir := cfg.DERPConfig, cfg.StateDir
 	if !d.enabled() {
 		return nil, nil
 	}
 	var cert *derpregion.Cert
 	var err error
-	if d.CertFile != "" {
+	var mesh *meshPlan
+	var meshKey key.DERPMesh
+	var meshPeers []derpregion.MeshPeer
+	var svcs *meshServices
+	if d.meshEnabled() {
+		plan, err := d.meshMembers(&cfg) // checked by Validate; here for the plan
+		if err != nil {
+			return nil, err
+		}
+		mesh = &plan
+		shared, err := loadMeshShared(ctx, d, kc, time.Now())
+		if err != nil {
+			return nil, err
+		}
+		cert, meshKey = shared.Cert, shared.MeshKey
+		svcs = newMeshServices(mesh, kc, logger)
+		meshPeers = plan.peers(svcs)
+	} else if d.CertFile != "" {
 		cert, err = derpregion.FromFiles(d.CertFile, d.KeyFile, d.HostName)
 	} else {
 		st := derpregion.Store(stateStore)
@@ -156,11 +208,13 @@ func newDERPRegion(cfg Config, stateStore ipn.StateStore, st *status, node *appl
 		return nil, err
 	}
 	srv, err := derpregion.Listen(derpregion.Config{
-		DERPAddr: net.JoinHostPort("", strconv.Itoa(int(d.DERPPort))),
-		STUNAddr: net.JoinHostPort("", strconv.Itoa(int(d.STUNPort))),
-		TLS:      cert,
-		Node:     applianceNode{node},
-		Logger:   logger.With("src", "derp"),
+		DERPAddr:  net.JoinHostPort("", strconv.Itoa(int(d.DERPPort))),
+		STUNAddr:  net.JoinHostPort("", strconv.Itoa(int(d.STUNPort))),
+		TLS:       cert,
+		Node:      applianceNode{node},
+		Logger:    logger.With("src", "derp"),
+		MeshKey:   meshKey,
+		MeshPeers: meshPeers,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("DERP region (TS_DERP_PORT=%d, TS_STUN_PORT=%d): %w", d.DERPPort, d.STUNPort, err)
@@ -168,7 +222,11 @@ func newDERPRegion(cfg Config, stateStore ipn.StateStore, st *status, node *appl
 	if cert.Created() {
 		logger.Info("created a self-signed DERP certificate; add the region to the tailnet policy's derpMap", "fingerprint", cert.Fingerprint())
 	}
-	r := &derpRegion{cfg: d, srv: srv, cert: cert, logger: logger, events: events, status: st}
+	if mesh != nil {
+		// Never the key itself: only which member this relay is.
+		logger.Info("DERP mesh", "self", mesh.members[mesh.self].name, "members", len(mesh.members), "sharedState", meshLocation(d))
+	}
+	r := &derpRegion{cfg: d, srv: srv, cert: cert, mesh: mesh, svcs: svcs, logger: logger, events: events, status: st}
 	st.setDERP(derpView{code: d.RegionCode, serving: srv.Serving})
 	r.update()
 	return r, nil
@@ -182,12 +240,24 @@ func (r *derpRegion) run(ctx context.Context) error {
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- r.srv.Serve(ctx) }()
+	var svcsChanged <-chan struct{} // nil without Service members: never ready
+	if r.svcs != nil {
+		svcsChanged = r.svcs.changed
+		sctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); r.svcs.run(sctx) }()
+		defer func() { cancel(); <-done }()
+	}
 	for {
 		select {
 		case err := <-errc:
 			return err
 		case <-r.status.endpointsChanged():
 			r.update()
+		case <-svcsChanged:
+			if r.svcs.refresh() {
+				r.update()
+			}
 		}
 	}
 }
@@ -222,6 +292,7 @@ func (r *derpRegion) update() {
 		RegionID: d.RegionID, RegionCode: d.RegionCode, Cert: r.cert,
 		Addrs:    r.dialAddrs(),
 		DERPPort: int(d.DERPPort), STUNPort: int(d.STUNPort),
+		Members: r.mesh.regionMembers(d.Addrs, r.dialAddrs(), r.svcs),
 	})
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -232,6 +303,12 @@ func (r *derpRegion) update() {
 	old := r.region
 	r.region, r.why = region, ""
 	if old != nil && reflect.DeepEqual(old, region) {
+		return
+	}
+	if r.mesh != nil && len(region.Nodes) < len(r.mesh.members) {
+		// /derpmap serves what is known, but asking the user to paste a
+		// region that lacks members (Services without an address yet)
+		// would be asking twice.
 		return
 	}
 	js, err := derpregion.PolicyJSON(region)
@@ -288,6 +365,9 @@ func (r *derpRegion) statusJSON() *readyz.DERP {
 	s := &readyz.DERP{
 		Serving: r.srv.Serving(), RegionID: r.cfg.RegionID, RegionCode: r.cfg.RegionCode,
 		CertName: r.cert.CertName(), NoDERPMap: why,
+	}
+	for _, p := range r.srv.MeshPeers() {
+		s.MeshPeers = append(s.MeshPeers, readyz.MeshPeer{Name: p.Name, Addr: p.Addr, Connected: p.Connected, Since: p.Since, Error: p.Error})
 	}
 	if region != nil {
 		s.DERPMap = &tailcfg.DERPMap{Regions: map[int]*tailcfg.DERPRegion{region.RegionID: region}}

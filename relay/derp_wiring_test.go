@@ -66,7 +66,7 @@ func TestDERPRegionInAppliance(t *testing.T) {
 	logger := slog.New(slog.NewTextHandler(t.Output(), nil))
 	// The same wiring as Run.
 	a := testAppliance(t, cfg, "")
-	region901, err := newDERPRegion(cfg, nil, a.status, a, nil, logger)
+	region901, err := newDERPRegion(t.Context(), cfg, nil, nil, a.status, a, nil, logger)
 	if err != nil {
 		t.Fatal(err)
 	}

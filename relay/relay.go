@@ -77,7 +77,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	derp, err := newDERPRegion(cfg, asStateStore(store), st, node, events, logger)
+	derp, err := newDERPRegion(ctx, cfg, kc, asStateStore(store), st, node, events, logger)
 	if err != nil {
 		return err
 	}

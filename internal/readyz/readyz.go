@@ -132,4 +132,21 @@ type DERP struct {
 	// an address is known, with NoDERPMap saying why.
 	DERPMap   *tailcfg.DERPMap `json:"derpMap,omitempty"`
 	NoDERPMap string           `json:"noDERPMap,omitempty"`
+	// MeshPeers are the links to the region's other nodes
+	// (TS_DERP_MESH_PEERS), in that order; absent without a mesh.
+	// Readiness does not wait for them.
+	MeshPeers []MeshPeer `json:"meshPeers,omitempty"`
+}
+
+// MeshPeer is the state of the DERP mesh link to another node of the
+// region.
+type MeshPeer struct {
+	Name string `json:"name"` // as in TS_DERP_MESH_PEERS
+	// Addr is the address dialled last; absent while none is known.
+	Addr      string `json:"addr,omitempty"`
+	Connected bool   `json:"connected"`
+	// Since is when Connected last changed.
+	Since time.Time `json:"since"`
+	// Error is the last connection error while not connected.
+	Error string `json:"error,omitempty"`
 }

@@ -28,7 +28,8 @@ func TestFieldNames(t *testing.T) {
 	    "tunnelInTunnel": "t", "error": "e"},
 	  "warnings": ["w"],
 	  "derp": {"serving": true, "regionID": 900, "regionCode": "tsrelay", "certName": "sha256-raw:ab",
-	    "derpMap": {"Regions": {"900": {"RegionID": 900}}}, "noDERPMap": "n"},
+	    "derpMap": {"Regions": {"900": {"RegionID": 900}}}, "noDERPMap": "n",
+	    "meshPeers": [{"name": "tsrelay-1", "addr": "10.0.0.7:8443", "connected": true, "since": "2026-12-02T04:00:00Z", "error": "e"}]},
 	  "state": {"secret": "kube-public/tsrelay-state", "unpersistedSince": "2026-12-02T04:00:00Z", "pendingKeys": 2}
 	}`
 	dec := json.NewDecoder(strings.NewReader(doc))
@@ -47,6 +48,8 @@ func TestFieldNames(t *testing.T) {
 		p.Paths[0].LinkMTU != 1230 || p.Paths[0].MTU != 1230 || !p.Paths[0].TooSmall || p.TunnelInTunnel == "" || p.Error == "" ||
 		s.DERP == nil || !s.DERP.Serving || s.DERP.RegionID != 900 || s.DERP.RegionCode == "" || s.DERP.CertName == "" ||
 		s.DERP.DERPMap == nil || s.DERP.DERPMap.Regions[900] == nil || s.DERP.NoDERPMap == "" ||
+		len(s.DERP.MeshPeers) != 1 || s.DERP.MeshPeers[0].Name == "" || s.DERP.MeshPeers[0].Addr == "" || !s.DERP.MeshPeers[0].Connected ||
+		s.DERP.MeshPeers[0].Since.IsZero() || s.DERP.MeshPeers[0].Error == "" ||
 		len(r.DroppedEndpoints) != 1 || s.State == nil || s.State.Secret == "" || s.State.UnpersistedSince == nil || s.State.PendingKeys != 2 {
 		t.Errorf("decoded %+v; some documented field did not land", s)
 	}
