@@ -314,7 +314,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 
 	// Failover (issue 20): losing the relay a pair rides, one relay
-	// against two. The meshed-DERP failover rows are to follow here.
+	// against two, and the meshed DERP region losing a node.
 	if !cfg.NoFailover && !cfg.FootprintOnly && ctx.Err() == nil {
 		logf("failover: cases %s, %d trials each, one relay and two", strings.Join(cfg.FailoverCases, ","), cfg.FailoverReps)
 		f, err := b.runFailover(ctx, filepath.Join(work, "failover"))

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,10 +34,13 @@ const (
 	// peers see of a relay that keeps forwarding for that long after its
 	// SIGTERM (peers cannot see a pod's readiness, only its packets).
 	CaseDrain = "drain"
+	// CaseMesh is the meshed DERP region losing the node a DERP-only pair
+	// is on (derpmesh.go); not in the smoke run.
+	CaseMesh = "mesh"
 )
 
 // FailoverCases are every case, in the order they run.
-var failoverCases = []string{CaseKill, CaseTerm, CaseNode, CaseDrain}
+var failoverCases = []string{CaseKill, CaseTerm, CaseNode, CaseDrain, CaseMesh}
 
 // ParseFailoverCases checks a comma-separated list of failover cases.
 func ParseFailoverCases(s string) ([]string, error) {
@@ -134,6 +138,8 @@ type FailoverTrial struct {
 // failoverResult is what the failover section measured.
 type failoverResult struct {
 	Trials []FailoverTrial
+	// Mesh are the meshed DERP region's trials (CaseMesh).
+	Mesh   []MeshTrial
 	Window time.Duration
 	Drain  time.Duration
 	Reps   int
@@ -160,6 +166,7 @@ func (c *Config) failoverGroups() []failoverGroup {
 		switch k {
 		case CaseDrain:
 			drain = append(drain, k)
+		case CaseMesh: // runMeshDERP, on a tailnet of its own
 		default:
 			one = append(one, k)
 			two = append(two, k)
@@ -213,6 +220,17 @@ func (b *bench) runFailover(ctx context.Context, dir string) (*failoverResult, e
 			res.Trials = append(res.Trials, trials...)
 			if err != nil {
 				errs = append(errs, fmt.Errorf("%d relay(s): %w", g.relays, err))
+			}
+		})
+	}
+	if slices.Contains(b.cfg.FailoverCases, CaseMesh) && !b.cfg.Smoke {
+		wg.Go(func() {
+			trials, err := b.runMeshDERP(ctx, filepath.Join(dir, "mesh"))
+			mu.Lock()
+			defer mu.Unlock()
+			res.Mesh = trials
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", scMeshDERP, err))
 			}
 		})
 	}
@@ -341,7 +359,7 @@ func (fn *failoverNet) freeze(ctx context.Context, fr *failoverRelay) error {
 		return fmt.Errorf("SIGSTOP %s: %w", fr.name, err)
 	}
 	fr.frozen = true
-	return run(ctx, nodeDrop(fr, "-I")...)
+	return run(ctx, nodeDrop(fr.pod, "-I")...)
 }
 
 // thaw undoes freeze.
@@ -350,7 +368,7 @@ func (fn *failoverNet) thaw(ctx context.Context, fr *failoverRelay) error {
 		return nil
 	}
 	fr.frozen = false
-	err := run(ctx, nodeDrop(fr, "-D")...)
+	err := run(ctx, nodeDrop(fr.pod, "-D")...)
 	if kerr := syscall.Kill(fr.r.Pid(), syscall.SIGCONT); kerr != nil {
 		err = errors.Join(err, fmt.Errorf("SIGCONT %s: %w", fr.name, kerr))
 	}
@@ -365,8 +383,10 @@ func (fn *failoverNet) thawAll() {
 	}
 }
 
-func nodeDrop(fr *failoverRelay, op string) []string {
-	node := fr.pod.Netns + "-node"
+// nodeDrop are the commands that insert (op -I) or delete (-D) the rules
+// dropping every packet of p's node.
+func nodeDrop(p pod, op string) []string {
+	node := p.Netns + "-node"
 	var lines []string
 	for _, chain := range []string{"INPUT", "FORWARD", "OUTPUT"} {
 		lines = append(lines, fmt.Sprintf("ip netns exec %s iptables %s %s -j DROP", node, op, chain))

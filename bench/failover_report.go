@@ -33,17 +33,15 @@ var failoverMetrics = []failoverMetric{
 // addFailover adds the failover rows: per case and topology, the median of
 // each figure over the trials (the max and the trial count in the note),
 // two relays compared with one in the same run, and draining compared with
-// a plain SIGTERM with two relays.
-//
-// The meshed-DERP rows of issue 20 (stop one DERP node of the in-cluster
-// region) belong in this section too, after these; they are not measured
-// yet.
+// a plain SIGTERM with two relays. The meshed-DERP rows follow them
+// (addMeshDERP).
 func (r *Report) addFailover(res *failoverResult) {
 	if res == nil {
 		return
 	}
 	r.Failover = res.Trials
 	r.FailoverSeconds = res.Seconds
+	defer r.addMeshDERP(res.Mesh)
 	by := map[string][]FailoverTrial{}
 	for _, t := range res.Trials {
 		k := t.Case + "/" + failoverTopology(t.Relays)

@@ -51,8 +51,10 @@ type Report struct {
 	Seconds         float64  `json:"seconds"` // the whole run, build included
 	// Failover is every failover trial; FailoverSeconds the section's wall
 	// time.
-	Failover        []FailoverTrial `json:"failover,omitempty"`
-	FailoverSeconds float64         `json:"failoverSeconds,omitempty"`
+	Failover []FailoverTrial `json:"failover,omitempty"`
+	// MeshDERP is every trial of the meshed DERP region (derpmesh.go).
+	MeshDERP        []MeshTrial `json:"meshDERP,omitempty"`
+	FailoverSeconds float64     `json:"failoverSeconds,omitempty"`
 }
 
 // Machine describes where the run happened.

@@ -81,6 +81,9 @@ type ControlOptions struct {
 	Delay time.Duration
 	// Regions are added to the DERP map (IDs other than 1).
 	Regions []*tailcfg.DERPRegion
+	// NoRelayGrants leaves out the peer relay grant, so that peers that
+	// cannot go direct stay on DERP (a test of DERP alone).
+	NoRelayGrants bool
 }
 
 // StartControl starts control, DERP and STUN on 127.0.0.1. logf receives the
@@ -175,7 +178,7 @@ func StartControlWith(ip netip.Addr, logf logger.Logf, opts ControlOptions) (_ *
 
 	c.Server = &testcontrol.Server{
 		DERPMap:         c.DERPMap,
-		PeerRelayGrants: true,
+		PeerRelayGrants: !opts.NoRelayGrants,
 		RequireAuthKey:  c.AuthKey,
 		Logf:            logf,
 	}
