@@ -762,3 +762,7 @@ func parsePingD(l string) (time.Time, bool) {
 	}
 	return time.Unix(s, ns), true
 }
+
+// FailoverCases returns every failover case, in the order they run: the
+// default of -failover-cases.
+func FailoverCases() []string { return slices.Clone(failoverCases) }

@@ -38,7 +38,7 @@ func main() {
 	profile := flag.String("profile", "", "save tsrelay's heap and CPU profiles in this directory (go tool pprof reads them)")
 	failover := flag.Bool("failover", true, "run the failover section (one relay against two: kill -9, SIGTERM, node failure, SIGTERM after draining)")
 	failoverOnly := flag.Bool("failover-only", false, "run only the failover section (and the sizes)")
-	failoverCases := flag.String("failover-cases", "kill,term,node,drain", "comma-separated failover cases to run: kill, term, node, drain")
+	failoverCases := flag.String("failover-cases", strings.Join(bench.FailoverCases(), ","), "comma-separated failover cases to run: kill, term, node, drain, mesh (the meshed DERP region)")
 	failoverReps := flag.Int("failover-reps", 3, "trials per failover case and topology")
 	failoverWindow := flag.Duration("failover-window", time.Minute, "how long a failover trial waits for pings to ride a relay again (after the drain, for drain)")
 	failoverDrain := flag.Duration("failover-drain", 65*time.Second, "how long the drain case waits between the event and the SIGTERM")
