@@ -801,9 +801,26 @@ func (b *bench) loadRelay(ctx context.Context, pid int, pairs []*pair) (load, er
 	return l, err
 }
 
+// errPathLost is measureOnce's error when the pair was off its path after
+// the transfers.
+var errPathLost = errors.New("path lost during the transfers")
+
 // measurePath checks that p.a reaches p.b over want, and measures ping RTT
-// and iperf3 throughput; then checks the path again.
+// and iperf3 throughput; then checks the path again. On 2 shared cores a
+// pair sometimes loses the relay path under a transfer and falls back to
+// DERP until its next relay-path discovery (up to 30 s), which would count
+// DERP's throughput as the relay's: such a measurement is made again, once.
 func (b *bench) measurePath(ctx context.Context, sc string, p *pair, want pathKind) (*pathResult, error) {
+	res, err := b.measureOnce(ctx, sc, p, want)
+	if errors.Is(err, errPathLost) {
+		b.cfg.Logf("%s: %v; measuring again", sc, err)
+		res, err = b.measureOnce(ctx, sc, p, want)
+	}
+	return res, err
+}
+
+// measureOnce is one measurePath attempt.
+func (b *bench) measureOnce(ctx context.Context, sc string, p *pair, want pathKind) (*pathResult, error) {
 	res := &pathResult{}
 	pctx, cancel := context.WithTimeout(ctx, 45*time.Second)
 	via, err := waitPath(pctx, p.a, p.ipB, want)
@@ -838,7 +855,7 @@ func (b *bench) measurePath(ctx context.Context, sc string, p *pair, want pathKi
 	after, err := waitPath(vctx, p.a, p.ipB, want)
 	vcancel()
 	if err != nil {
-		return nil, fmt.Errorf("after the transfers: %w", err)
+		return nil, fmt.Errorf("%w: %w", errPathLost, err)
 	}
 	if after != res.Via {
 		b.cfg.Logf("%s: path changed during the run: %s → %s", sc, res.Via, after)
