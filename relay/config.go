@@ -20,6 +20,7 @@ import (
 
 	"github.com/kelseyhightower/envconfig"
 
+	"github.com/tsrelay/tsrelay/internal/memtune"
 	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
@@ -90,10 +91,9 @@ func (p *Port) Decode(s string) error {
 // Sockets is how many UDP sockets the peer relay binds per IP family.
 type Sockets int
 
-// MaxSockets is the most sockets per family Tailscale's relay server binds,
-// however many Ps there are (min(16, GOMAXPROCS) in bindSockets of
-// net/udprelay/server.go, tailscale.com v1.102.5).
-const MaxSockets = 16
+// MaxSockets is the most sockets per family Tailscale's relay server binds
+// (see memtune.MaxSockets).
+const MaxSockets = memtune.MaxSockets
 
 // Decode implements envconfig.Decoder.
 func (n *Sockets) Decode(s string) error {
