@@ -22,8 +22,33 @@ import (
 )
 
 // KustomizeBinsEnv names the directory of kustomize-vX.Y.Z binaries that
-// scripts/kustomize-bins builds and prints; make test sets it.
+// scripts/kustomize-bins builds and prints; make test sets it. Unset, the
+// test looks in the cache the script fills.
 const KustomizeBinsEnv = "TSRELAY_KUSTOMIZE_BINS"
+
+// kustomizeBins returns the directory holding kustomize-<version> for
+// every one of versions: $TSRELAY_KUSTOMIZE_BINS, or else the cache
+// scripts/kustomize-bins fills. The error says how to get them.
+func kustomizeBins(versions []string) (string, error) {
+	dir := os.Getenv(KustomizeBinsEnv)
+	if dir == "" {
+		cache := os.Getenv("TSRELAY_CACHE")
+		if cache == "" {
+			base, err := os.UserCacheDir()
+			if err != nil {
+				return "", fmt.Errorf("%s is not set and there is no user cache dir: %w", KustomizeBinsEnv, err)
+			}
+			cache = filepath.Join(base, "tsrelay")
+		}
+		dir = filepath.Join(cache, "kustomize")
+	}
+	for _, v := range versions {
+		if _, err := os.Stat(filepath.Join(dir, "kustomize-"+v)); err != nil {
+			return "", fmt.Errorf("no kustomize-%s in %s: run `make test`, or run scripts/kustomize-bins once and set %s to the directory it prints", v, dir, KustomizeBinsEnv)
+		}
+	}
+	return dir, nil
+}
 
 // kustomizeVersions reads the releases the examples must render alike
 // with, from the list scripts/kustomize-bins builds.
@@ -177,9 +202,13 @@ func short(v any) string {
 // kubectl apply -k must install the same thing whichever kubectl a user
 // has.
 func TestKustomizeVersionsRenderAlike(t *testing.T) {
-	bins := os.Getenv(KustomizeBinsEnv)
-	if bins == "" {
-		testenv.SkipUnlessAllowed(t, "%s is not set: run scripts/kustomize-bins (make test does) and set it to the directory it prints", KustomizeBinsEnv)
+	versions := kustomizeVersions(t)
+	bins, err := kustomizeBins(versions)
+	if err != nil {
+		if os.Getenv(KustomizeBinsEnv) != "" {
+			t.Fatal(err) // named, so promised
+		}
+		testenv.SkipUnlessAllowed(t, "%v", err)
 	}
 	readSources(t)
 
@@ -218,7 +247,7 @@ func TestKustomizeVersionsRenderAlike(t *testing.T) {
 		want[d.name] = objs
 	}
 
-	for _, v := range kustomizeVersions(t) {
+	for _, v := range versions {
 		t.Run(v, func(t *testing.T) {
 			bin := filepath.Join(bins, "kustomize-"+v)
 			// Its build info, not `kustomize version`: releases before
