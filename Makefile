@@ -86,11 +86,14 @@ lint: ## Check formatting (gofmt) and run go vet.
 # failure (internal/testenv): this target provides them all. Only -short
 # and, outside CI, not being root still skip. A TSRELAY_KUBE_ASSETS already
 # set (a directory of etcd and kube-apiserver) is used instead of
-# scripts/kube-test-bins; one that does not hold them fails the tests.
+# scripts/kube-test-bins; one that does not hold them fails the tests. The
+# same for TSRELAY_KUSTOMIZE_BINS and scripts/kustomize-bins.
 .PHONY: test
 test: lint ## Run every test, the end-to-end relay proof and the real kube-apiserver included.
 	scripts/net-tools
-	TSRELAY_KUBE_ASSETS=$${TSRELAY_KUBE_ASSETS:-$$(scripts/kube-test-bins)} && export TSRELAY_KUBE_ASSETS TSRELAY_NO_SKIP=1 && \
+	TSRELAY_KUBE_ASSETS=$${TSRELAY_KUBE_ASSETS:-$$(scripts/kube-test-bins)} && \
+	  TSRELAY_KUSTOMIZE_BINS=$${TSRELAY_KUSTOMIZE_BINS:-$$(scripts/kustomize-bins)} && \
+	  export TSRELAY_KUBE_ASSETS TSRELAY_KUSTOMIZE_BINS TSRELAY_NO_SKIP=1 && \
 	  $(GO) test -count=1 -timeout 45m ./...
 
 .PHONY: test-image
@@ -104,6 +107,10 @@ net-tools: ## Install ip, ping, iperf3 and iptables from Debian's packages if mi
 .PHONY: kube-test-bins
 kube-test-bins: ## Install etcd and build kube-apiserver for the tests (once per machine; make test does this).
 	scripts/kube-test-bins
+
+.PHONY: kustomize-bins
+kustomize-bins: ## Build the kustomize releases users run (scripts/kustomize-versions) for the tests (once per machine; make test does this).
+	scripts/kustomize-bins
 
 .PHONY: clean
 clean: ## Remove build output.
