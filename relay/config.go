@@ -35,6 +35,11 @@ type Config struct {
 	Hostname      string `envconfig:"TS_HOSTNAME" default:"tsrelay" desc:"Name of this node in the tailnet."`
 	ControlURL    string `envconfig:"TS_CONTROL_URL" desc:"Coordination server URL; empty means Tailscale's (use it for Headscale or tests)."`
 
+	// Keyless login (keyless.go): workload identity federation.
+	ClientID    string `envconfig:"TS_CLIENT_ID" desc:"Keyless login: client ID of a federated identity (trusted credential) in the admin console. At first login the relay trades its ID token for a one-off auth key: a node that is not ephemeral and is preauthorized, unless the ID ends in ?ephemeral=true or ?preauthorized=false. Requires TS_ADVERTISE_TAGS and TS_ID_TOKEN_FILE or TS_ID_TOKEN (README: Keyless login)."`
+	IDToken     string `envconfig:"TS_ID_TOKEN" desc:"Keyless login: the ID token (a JWT) itself. Prefer TS_ID_TOKEN_FILE, which the kubelet keeps fresh."`
+	IDTokenFile string `envconfig:"TS_ID_TOKEN_FILE" desc:"Keyless login: path of the ID token, the pod's projected ServiceAccount token (components/keyless mounts it). Read only at first login, when the node state has no node key."`
+
 	KubeSecret    string        `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
 	RelayService  string        `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with the Service port whose targetPort is TS_RELAY_SERVER_PORT, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change."`
 	PodName       string        `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
@@ -414,6 +419,7 @@ func (c *Config) Validate() error {
 		bad("TS_LOCAL_ADDR_PORT=%s: want ip:port or [ipv6]:port (e.g. [::]:9002)", c.LocalAddrPort)
 	}
 	errs = append(errs, c.DERPConfig.validate(c)...)
+	errs = append(errs, c.validateKeyless()...)
 	// Tailscale advertises at most lbaddr.MaxEndpoints; cutting the
 	// user's own list silently would hide which ones peers never hear of.
 	if n := len(c.RelayServerStaticEndpoints); n > lbaddr.MaxEndpoints {
