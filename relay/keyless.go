@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -31,6 +32,9 @@ const (
 	// file each time.
 	keylessRetryMin = 2 * time.Second
 	keylessRetryMax = time.Minute
+	// keylessAudiencePlaceholder is the audience components/keyless gives
+	// the token until the user patches in the credential's.
+	keylessAudiencePlaceholder = "tsrelay.invalid/set-the-credential-audience"
 )
 
 // wantsKeyless reports whether any keyless-login setting is set.
@@ -178,6 +182,9 @@ func (a *appliance) mintAuthKey(ctx context.Context, c *keyless.Client) (keyless
 	claims, err := keyless.ParseClaims(token)
 	if err != nil {
 		return claims, "", fmt.Errorf("the ID token (%s) is %w", a.tokenSource(), err)
+	}
+	if slices.Contains(claims.Audience, keylessAudiencePlaceholder) {
+		return claims, "", fmt.Errorf("the ID token's audience is components/keyless's placeholder %s: patch the projected volume's audience with the one the trusted credential shows in the admin console (README: Keyless login)", keylessAudiencePlaceholder)
 	}
 	key, err := c.AuthKey(ctx, token)
 	if err != nil {
