@@ -34,11 +34,19 @@ func TestKeylessComponent(t *testing.T) {
 	}
 	haFirst, keylessFirst := t.TempDir(), t.TempDir()
 	for dir, components := range map[string][]string{
-		haFirst:      {abs("components/ha"), abs("components/keyless")},
-		keylessFirst: {abs("components/keyless"), abs("components/ha")},
+		haFirst:      {"components/ha", "components/keyless"},
+		keylessFirst: {"components/keyless", "components/ha"},
 	} {
-		k := "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: kube-public\nresources:\n- " + abs(".") +
-			"\ncomponents:\n- " + strings.Join(components, "\n- ") + "\n"
+		// kustomize takes only relative paths to other kustomizations.
+		rel := func(p string) string {
+			r, err := filepath.Rel(dir, abs(p))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return r
+		}
+		k := "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: kube-public\nresources:\n- " + rel(".") +
+			"\ncomponents:\n- " + rel(components[0]) + "\n- " + rel(components[1]) + "\n"
 		if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o600); err != nil {
 			t.Fatal(err)
 		}

@@ -4,12 +4,16 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"fmt"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -228,5 +232,79 @@ func checkNoSecrets(t *testing.T, r *tailnettest.Relay, admin kubernetes.Interfa
 				t.Errorf("a token or key appears in the relay's %s", where)
 			}
 		}
+	}
+}
+
+// TestRelayKeylessHostileControl sends the real relay what a hostile or
+// broken control server could answer its token exchange with: a body far
+// over the bound, and a redirect to another server, which could carry the
+// token elsewhere. The relay stays up, unready, says what happened on
+// /readyz, never follows the redirect and never prints the token. A token
+// still carrying components/keyless's placeholder audience is not sent at
+// all.
+func TestRelayKeylessHostileControl(t *testing.T) {
+	bins := binaries(t)
+	var elsewhere, contacted atomic.Int32
+	other := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { elsewhere.Add(1) }))
+	t.Cleanup(other.Close)
+	hostile := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		contacted.Add(1)
+		if strings.HasPrefix(r.Host, "127.0.0.1") {
+			// 64 MiB of an access token that never ends.
+			w.Write([]byte(`{"access_token":"`))
+			chunk := []byte(strings.Repeat("a", 1<<20))
+			for range 64 {
+				if _, err := w.Write(chunk); err != nil {
+					return
+				}
+			}
+			return
+		}
+		http.Redirect(w, r, other.URL+"/api/v2/oauth/token-exchange", http.StatusTemporaryRedirect)
+	}))
+	t.Cleanup(hostile.Close)
+	port := hostile.Listener.Addr().(*net.TCPAddr).Port
+
+	jwt := func(aud string) string {
+		enc := base64.RawURLEncoding.EncodeToString
+		return enc([]byte(`{"alg":"ES256"}`)) + "." +
+			enc(fmt.Appendf(nil, `{"iss":"https://issuer.example","sub":"system:serviceaccount:kube-public:tsrelay","aud":[%q],"exp":%d}`, aud, time.Now().Add(time.Hour).Unix())) +
+			".c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
+	}
+	start := func(name, controlURL, token string) *tailnettest.Relay {
+		relayPort, err := tailnettest.FreeUDPPort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return startRelay(t, bins, name,
+			"TS_CONTROL_URL="+controlURL, "TS_STATE_DIR="+t.TempDir(), fmt.Sprintf("TS_RELAY_SERVER_PORT=%d", relayPort),
+			"TS_CLIENT_ID=cid", "TS_ADVERTISE_TAGS=tag:relay", "TS_ID_TOKEN="+token)
+	}
+	token := jwt("api.tailscale.test/cid")
+	for _, tc := range []struct{ name, url, want string }{
+		{"huge", fmt.Sprintf("http://127.0.0.1:%d", port), "(HTTP 200): response larger than 65536 bytes"},
+		{"redirect", fmt.Sprintf("http://localhost:%d", port), "(HTTP 307): redirected to " + other.URL + "/api/v2/oauth/token-exchange; redirects are not followed"},
+	} {
+		relay := start("relay-"+tc.name, tc.url, token)
+		body := waitUnready(t, relay, "keyless login: token exchange refused by "+tc.url+"/api/v2/oauth/token-exchange "+tc.want)
+		if code, _, err := relay.Get(t.Context(), "/healthz"); err != nil || code != http.StatusOK {
+			t.Errorf("%s: /healthz = %d, %v; want 200", tc.name, code, err)
+		}
+		sig := token[strings.LastIndexByte(token, '.')+1:]
+		for where, out := range map[string]string{"/readyz": body, "log": readFile(t, relay.LogPath())} {
+			if strings.Contains(out, sig) {
+				t.Errorf("%s: the token appears in the relay's %s", tc.name, where)
+			}
+		}
+	}
+	if n := elsewhere.Load(); n != 0 {
+		t.Errorf("the relay followed the redirect: the other server got %d requests", n)
+	}
+
+	before := contacted.Load()
+	relay := start("relay-placeholder", fmt.Sprintf("http://127.0.0.1:%d", port), jwt("tsrelay.invalid/set-the-credential-audience"))
+	waitUnready(t, relay, "keyless login: the ID token's audience is components/keyless's placeholder")
+	if n := contacted.Load() - before; n != 0 {
+		t.Errorf("a token with the placeholder audience was sent to the control server (%d requests)", n)
 	}
 }
