@@ -134,6 +134,7 @@ type Error struct {
 	Message string
 }
 
+// Error says which call failed, where, and why.
 func (e *Error) Error() string {
 	if e.Status == 0 {
 		return fmt.Sprintf("%s at %s: %s", e.Call, e.URL, e.Message)
