@@ -36,6 +36,11 @@ type Config struct {
 	Hostname      string `envconfig:"TS_HOSTNAME" default:"tsrelay" desc:"Name of this node in the tailnet."`
 	ControlURL    string `envconfig:"TS_CONTROL_URL" desc:"Coordination server URL; empty means Tailscale's (use it for Headscale or tests)."`
 
+	// Keyless login (keyless.go): workload identity federation.
+	ClientID    string `envconfig:"TS_CLIENT_ID" desc:"Keyless login: client ID of a federated identity (trusted credential) in the admin console. At first login the relay trades its ID token for a one-off auth key: a node that is not ephemeral and is preauthorized, unless the ID ends in ?ephemeral=true or ?preauthorized=false. Requires TS_ADVERTISE_TAGS and TS_ID_TOKEN_FILE or TS_ID_TOKEN (README: Keyless login)."`
+	IDToken     string `envconfig:"TS_ID_TOKEN" desc:"Keyless login: the ID token (a JWT) itself. Prefer TS_ID_TOKEN_FILE, which the kubelet keeps fresh."`
+	IDTokenFile string `envconfig:"TS_ID_TOKEN_FILE" desc:"Keyless login: path of the ID token, the pod's projected ServiceAccount token (components/keyless mounts it). Read only at first login, when the node state has no node key."`
+
 	KubeSecret           string        `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
 	RelayService         string        `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with each Service port that leads to the relay, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change. The ports that lead to the relay are the UDP ones chosen by the first of these rules any port meets: targetPort TS_RELAY_SERVER_PORT (an absent targetPort is the port itself); targetPort TS_RELAY_SERVICE_PORT_NAME; named TS_RELAY_SERVICE_PORT_NAME with a named targetPort; the Service's only UDP port, with a named targetPort. Without one, /readyz lists the Service's ports."`
 	RelayServicePortName string        `envconfig:"TS_RELAY_SERVICE_PORT_NAME" default:"relay" desc:"With TS_RELAY_SERVICE: the name of the relay's container port (TS_RELAY_SERVER_PORT), which a Service port's targetPort names; the Service port's own name may also be it. A port name: 1-15 lower-case letters, digits or '-', with a letter; empty means relay."`
@@ -458,6 +463,7 @@ func (c *Config) Validate() error {
 		bad("TS_KUBE_SECRET is empty inside Kubernetes: the node's identity would die with the pod; set TS_KUBE_SECRET to a Secret name (or TS_STATE_DIR to a persistent volume)")
 	}
 	errs = append(errs, c.DERPConfig.validate(c)...)
+	errs = append(errs, c.validateKeyless()...)
 	// Tailscale advertises at most lbaddr.MaxEndpoints; cutting the
 	// user's own list silently would hide which ones peers never hear of.
 	if n := len(c.RelayServerStaticEndpoints); n > lbaddr.MaxEndpoints {
