@@ -103,6 +103,9 @@ type Stats struct {
 	// Retries is the number of background rewrites of pending state
 	// that failed.
 	Retries uint64
+	// Recreated is the number of times the Secret was found deleted and
+	// created again from memory.
+	Recreated uint64
 }
 
 // pendingValue is a change the Secret does not hold yet: a value, or a
@@ -146,7 +149,10 @@ type Store struct {
 	// shorten it).
 	retryMin time.Duration
 
-	writes, failures, conflicts, retries atomic.Uint64
+	// onRecreated, if set, is called after the Secret was re-created.
+	onRecreated func(keys int)
+
+	writes, failures, conflicts, retries, recreated atomic.Uint64
 }
 
 var _ ipn.StateStore = (*Store)(nil)
@@ -215,6 +221,7 @@ func (s *Store) Stats() Stats {
 		Failures:  s.failures.Load(),
 		Conflicts: s.conflicts.Load(),
 		Retries:   s.retries.Load(),
+		Recreated: s.recreated.Load(),
 	}
 }
 
@@ -313,6 +320,11 @@ func (s *Store) commitPending(ctx context.Context) error {
 			}
 		}
 	})
+	if errors.Is(err, errGone) {
+		// Deleted under us: no outage to wait out, and memory holds
+		// the whole state, the change included.
+		err = s.recreate(ctx, "a write found it gone")
+	}
 	if err == nil {
 		clear(s.pending)
 		if !s.since.IsZero() {
@@ -478,6 +490,9 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 	err := retry.RetryOnConflict(backoff, func() error {
 		if attempt++; attempt > 1 {
 			fresh, err := s.client.Get(ctx, s.name, metav1.GetOptions{})
+			if apierrors.IsNotFound(err) {
+				return fmt.Errorf("get: %w: %w", errGone, err)
+			}
 			if err != nil {
 				return s.apiError("get", err)
 			}
@@ -504,6 +519,9 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 				"secret", s.ref(), "attempt", attempt)
 			return err
 		}
+		if apierrors.IsNotFound(err) {
+			return fmt.Errorf("update: %w: %w", errGone, err)
+		}
 		if err != nil {
 			return s.apiError("update", err)
 		}
@@ -518,6 +536,9 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 
 // errTooLarge is the Secret size limit, which no retry can get past.
 var errTooLarge = errors.New("over the Kubernetes limit")
+
+// errGone is a Secret deleted while the Store runs.
+var errGone = errors.New("the secret was deleted")
 
 // adopt makes obj the last seen Secret and reloads memory from it and
 // pending. It returns the Secret keys that are not state keys.
