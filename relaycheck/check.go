@@ -54,7 +54,9 @@
 //
 // Diagnosis codes: no-answer, ping-error, no-relay-servers,
 // relay-servers-unknown, relay-not-found, relay-not-granted, relay-offline,
-// relay-not-advertising, relay-unreachable, unexpected-relay, direct.
+// relay-not-advertising, relay-unreachable, unexpected-relay,
+// relay-not-identified (--relay names a node, and this laptop cannot tell
+// which relay owns the endpoint that carried the path), direct.
 package relaycheck
 
 import (
@@ -238,6 +240,7 @@ func Run(ctx context.Context, lc LocalAPI, opts Options) (*Report, error) {
 		homes = homeRegions(ctx, lc, codes)
 	})
 	peers.Wait()
+	confirmAdmission(homes, runs)
 	if !slices.ContainsFunc(runs, func(r peerRun) bool { return len(r.pongs) > 0 && r.last().kind == ViaDERP }) {
 		stopProbes()
 	}
