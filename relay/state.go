@@ -24,7 +24,9 @@ func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, event
 	s, err := kubestate.New(ctx, logger, kc.Dynamic, kc.Namespace, cfg.KubeSecret)
 	if err != nil {
 		err = fmt.Errorf("open state Secret (TS_KUBE_SECRET=%s): %w", cfg.KubeSecret, err)
-		events.Warning("StateLoadFailed", err.Error())
+		if ctx.Err() == nil { // not a stop
+			events.Warning("StateLoadFailed", err.Error())
+		}
 		return nil, err
 	}
 	events.Normal("StateLoaded", "node state loaded from Secret "+strings.TrimPrefix(s.String(), "kube:"))
