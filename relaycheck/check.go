@@ -54,9 +54,7 @@
 //
 // Diagnosis codes: no-answer, ping-error, no-relay-servers,
 // relay-servers-unknown, relay-not-found, relay-not-granted, relay-offline,
-// relay-not-advertising, relay-unreachable, unexpected-relay,
-// relay-not-identified (--relay names a node, and this laptop cannot tell
-// which relay owns the endpoint that carried the path), direct.
+// relay-not-advertising, relay-unreachable, unexpected-relay, direct.
 package relaycheck
 
 import (

@@ -169,7 +169,7 @@ func headline(p PeerReport) string {
 		var who []string
 		if p.Relay.Name != "" {
 			who = append(who, p.Relay.Name)
-		} else if p.Relay.IP == "" {
+		} else if p.Relay.IP == "" && p.Relay.Expected == nil {
 			who = append(who, "not identified")
 		}
 		if p.Relay.Expected != nil {

@@ -18,7 +18,6 @@ const (
 	CodeRelayNotAdvertising = "relay-not-advertising"
 	CodeRelayUnreachable    = "relay-unreachable"
 	CodeUnexpectedRelay     = "unexpected-relay"
-	CodeRelayNotIdentified  = "relay-not-identified"
 	CodeDirect              = "direct"
 )
 
@@ -146,10 +145,12 @@ func relayedVerdict(in verdictInput) (bool, *Diagnosis, string) {
 	case exp.notFound:
 		return false, &Diagnosis{CodeRelayNotFound, notFoundMessage(exp)}, ""
 	case u.Expected == nil:
-		return false, &Diagnosis{CodeRelayNotIdentified, fmt.Sprintf(
-			"%s: this laptop cannot tell whether it is the expected %s (the endpoint is none of its addresses this laptop knows); "+
+		// Reached through a peer relay, which is what the exit status
+		// promises; but not credited to the expected one.
+		return true, nil, fmt.Sprintf(
+			"%s: this laptop cannot tell whether it is the expected %s (the endpoint is none of the addresses it knows of that node); "+
 				"--relay with the endpoint (ip:port, as the relay's /readyz?verbose lists it) checks the endpoint",
-			notIdentified(u), exp.label())}, ""
+			notIdentified(u), exp.label())
 	case !*u.Expected:
 		carrier := u.Endpoint
 		if u.Name != "" {
