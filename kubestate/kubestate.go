@@ -151,6 +151,8 @@ type Store struct {
 
 	// onRecreated, if set, is called after the Secret was re-created.
 	onRecreated func(keys int)
+	// mayWrite, if set, is asked before each write to the API server.
+	mayWrite func() bool
 
 	writes, failures, conflicts, retries, recreated atomic.Uint64
 }
@@ -481,6 +483,9 @@ func (s *Store) newSecret() *unstructured.Unstructured {
 // On success memory follows the Secret as returned. Callers hold writeMu,
 // or own s exclusively (newStore).
 func (s *Store) commit(ctx context.Context, change func(data map[string][]byte)) error {
+	if s.mayWrite != nil && !s.mayWrite() {
+		return errFenced
+	}
 	// Short, fully jittered pauses between attempts: each attempt starts
 	// from a fresh GET, and the jitter keeps two writers from retrying in
 	// lock step and colliding again.
@@ -536,6 +541,21 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 
 // errTooLarge is the Secret size limit, which no retry can get past.
 var errTooLarge = errors.New("over the Kubernetes limit")
+
+// errFenced is a write the Store's owner no longer allows (SetWriteGuard).
+var errFenced = errors.New("not written: this process may no longer write the node state (its Lease is lost)")
+
+// SetWriteGuard makes every later write to the API server (WriteState, the
+// background rewrites, Flush, re-creating a deleted Secret) ask may first;
+// when it says no, nothing is sent and the change stays in memory only.
+// The relay passes "this process still holds the Lease": once it is lost,
+// another process may own the Secret, and stale keys must not land there.
+// Callers hold no lock; call it before the Store is shared.
+func (s *Store) SetWriteGuard(may func() bool) {
+	s.writeMu.Lock()
+	s.mayWrite = may
+	s.writeMu.Unlock()
+}
 
 // errGone is a Secret deleted while the Store runs.
 var errGone = errors.New("the secret was deleted")

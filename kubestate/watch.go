@@ -150,6 +150,9 @@ func (s *Store) recreateLocked(ctx context.Context, how string) error {
 // created a Secret of that name meanwhile, memory is written over its
 // state keys and its other keys are kept. Callers hold writeMu.
 func (s *Store) recreate(ctx context.Context, how string) error {
+	if s.mayWrite != nil && !s.mayWrite() {
+		return errFenced
+	}
 	data, err := secretData(s.secret)
 	if err != nil {
 		return err

@@ -94,6 +94,11 @@ func runNode(ctx context.Context, cfg Config, kc *kubeclient.Client, ln net.List
 	if err != nil {
 		return err
 	}
+	if store != nil {
+		// Once the Lease is lost another process may own the Secret:
+		// nothing this one still holds may land there.
+		store.SetWriteGuard(func() bool { return guard.writeWindow() > 0 })
+	}
 	defer flushState(store, guard, logger) // after the node stopped, before the identity is released
 	st := newStatus(uint16(cfg.RelayServerPort), serviceRef(cfg, kc))
 	mtu := newMTUWatcher(st, events, logger)
