@@ -234,6 +234,9 @@ func replicaNameErrors(h *haObjects) []string {
 	if got := roleNames(h.role, "", "secrets", "update"); !sameSet(got, wantSecrets) {
 		bad("Role %s: update on Secrets %v, want %v", h.role.Name, got, wantSecrets)
 	}
+	if got := roleNames(h.role, "", "secrets", "watch"); !sameSet(got, secrets) {
+		bad("Role %s: watch on Secrets %v, want the replicas' %v (each re-creates its Secret if deleted)", h.role.Name, got, secrets)
+	}
 	for _, verb := range []string{"get", "update"} {
 		if got := roleNames(h.role, "coordination.k8s.io", "leases", verb); !sameSet(got, secrets) {
 			bad("Role %s: %s on Leases %v, want the replicas' %v", h.role.Name, verb, got, secrets)
@@ -619,7 +622,7 @@ rules:
   - apiGroups: [""]
     resources: [secrets]
     resourceNames: [tsrelay-0-state, tsrelay-1-state, tsrelay-2-state]
-    verbs: [get, update]
+    verbs: [get, update, watch]
   - apiGroups: [""]
     resources: [secrets]
     verbs: [create]

@@ -24,6 +24,17 @@ import (
 	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
+// The range TS_LEASE_DURATION accepts. Below 6 s the retry period (1/18 of
+// it) would be under the API server's usual answer time; above an hour a
+// relay killed without releasing its Lease would keep its identity out of
+// use for longer than any outage worth riding out (and the Lease stores the
+// duration as a 32-bit count of seconds, which a longer setting could
+// overflow).
+const (
+	minLeaseDuration = 6 * time.Second
+	maxLeaseDuration = time.Hour
+)
+
 // Config is everything the relay reads from its environment. The variable
 // names follow Tailscale's container image where the meaning is the same, so
 // that people moving from a hand-built tailscale/tailscale pod keep their
@@ -47,7 +58,7 @@ type Config struct {
 	PodName              string        `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
 	PodNamespace         string        `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
 	PodUID               string        `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
-	LeaseDuration        time.Duration `envconfig:"TS_LEASE_DURATION" default:"90s" desc:"With TS_KUBE_SECRET: how long another pod waits, after this one stops renewing the Lease on the identity (it renews every 1/18 of this), before it takes the identity over. This one stops its node after 5/6 of it without a renewal, so an API-server outage shorter than that costs nothing. Whole seconds, at least 6s."`
+	LeaseDuration        time.Duration `envconfig:"TS_LEASE_DURATION" default:"90s" desc:"With TS_KUBE_SECRET: how long another pod waits, after this one stops renewing the Lease on the identity (it renews every 1/18 of this), before it takes the identity over. This one stops its node after 5/6 of it without a renewal, so an API-server outage shorter than that costs nothing. Whole seconds, from 6s to 1h."`
 	StateDir             string        `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
 
 	RelayServerPort            Port      `envconfig:"TS_RELAY_SERVER_PORT" desc:"Required. UDP port the peer relay listens on, 1-65535 (1024 or above in an unprivileged pod)."`
@@ -471,8 +482,8 @@ func (c *Config) Validate() error {
 	} else if n == lbaddr.MaxEndpoints && c.RelayService != "" {
 		bad("TS_RELAY_SERVER_STATIC_ENDPOINTS: %d endpoints leave no room for TS_RELAY_SERVICE=%s's addresses (a relay advertises at most %d, explicit ones first); want at most %d with TS_RELAY_SERVICE", n, c.RelayService, lbaddr.MaxEndpoints, lbaddr.MaxEndpoints-1)
 	}
-	if c.LeaseDuration < 6*time.Second || c.LeaseDuration%time.Second != 0 {
-		bad("TS_LEASE_DURATION=%s: want whole seconds, at least 6s (e.g. 90s)", c.LeaseDuration)
+	if c.LeaseDuration < minLeaseDuration || c.LeaseDuration > maxLeaseDuration || c.LeaseDuration%time.Second != 0 {
+		bad("TS_LEASE_DURATION=%s: want whole seconds from 6s to 1h (e.g. 90s)", c.LeaseDuration)
 	}
 	if err := checkStateDir(c.StateDir); err != nil {
 		bad("TS_STATE_DIR=%s: %v; want a directory this process can create or write", c.StateDir, err)

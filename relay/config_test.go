@@ -215,7 +215,18 @@ func TestLoadConfigErrors(t *testing.T) {
 		{
 			name: "lease duration too short",
 			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "1500ms"},
-			want: []string{"TS_LEASE_DURATION=1.5s: want whole seconds, at least 6s"},
+			want: []string{"TS_LEASE_DURATION=1.5s: want whole seconds from 6s to 1h"},
+		},
+		{
+			name: "lease duration too long",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "2h"},
+			want: []string{"TS_LEASE_DURATION=2h0m0s: want whole seconds from 6s to 1h"},
+		},
+		{
+			// 2^31 s and more overflow the Lease's leaseDurationSeconds.
+			name: "lease duration beyond the Lease field",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "596524h"},
+			want: []string{"TS_LEASE_DURATION=596524h0m0s: want whole seconds from 6s to 1h"},
 		},
 		{
 			name: "lease duration not a duration",

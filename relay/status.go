@@ -46,6 +46,10 @@ type status struct {
 type derpView struct {
 	code    string      // the region's code, for the readiness reason
 	serving func() bool // reports whether DERP and STUN both serve
+	// pinWarning says, when the tailnet's derpMap pins another
+	// certificate for the region than the one served, what to do; "" when
+	// it does not.
+	pinWarning func() string
 }
 
 // backendView is what the IPN bus announced last.
@@ -289,10 +293,16 @@ func (s *status) snapshot() readyz.Status {
 
 // warningsLocked lists what slows relaying down without stopping it.
 func (s *status) warningsLocked() []string {
+	var out []string
 	if w := s.mtu.report.Summary(); w != "" {
-		return []string{w}
+		out = append(out, w)
 	}
-	return nil
+	if s.derp.pinWarning != nil {
+		if w := s.derp.pinWarning(); w != "" {
+			out = append(out, w)
+		}
+	}
+	return out
 }
 
 // pathMTUStatus converts a check for the verbose /readyz; nil before the
