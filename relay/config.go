@@ -35,13 +35,14 @@ type Config struct {
 	Hostname      string `envconfig:"TS_HOSTNAME" default:"tsrelay" desc:"Name of this node in the tailnet."`
 	ControlURL    string `envconfig:"TS_CONTROL_URL" desc:"Coordination server URL; empty means Tailscale's (use it for Headscale or tests)."`
 
-	KubeSecret    string        `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
-	RelayService  string        `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with the Service port whose targetPort is TS_RELAY_SERVER_PORT, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change."`
-	PodName       string        `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
-	PodNamespace  string        `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
-	PodUID        string        `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
-	LeaseDuration time.Duration `envconfig:"TS_LEASE_DURATION" default:"90s" desc:"With TS_KUBE_SECRET: how long another pod waits, after this one stops renewing the Lease on the identity (it renews every 1/18 of this), before it takes the identity over. This one stops its node after 5/6 of it without a renewal, so an API-server outage shorter than that costs nothing. Whole seconds, at least 6s."`
-	StateDir      string        `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
+	KubeSecret           string        `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
+	RelayService         string        `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with each Service port that leads to the relay, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change. The ports that lead to the relay are the UDP ones chosen by the first of these rules any port meets: targetPort TS_RELAY_SERVER_PORT (an absent targetPort is the port itself); targetPort TS_RELAY_SERVICE_PORT_NAME; named TS_RELAY_SERVICE_PORT_NAME with a named targetPort; the Service's only UDP port, with a named targetPort. Without one, /readyz lists the Service's ports."`
+	RelayServicePortName string        `envconfig:"TS_RELAY_SERVICE_PORT_NAME" default:"relay" desc:"With TS_RELAY_SERVICE: the name of the relay's container port (TS_RELAY_SERVER_PORT), which a Service port's targetPort names; the Service port's own name may also be it. A port name: 1-15 lower-case letters, digits or '-', with a letter; empty means relay."`
+	PodName              string        `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
+	PodNamespace         string        `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
+	PodUID               string        `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
+	LeaseDuration        time.Duration `envconfig:"TS_LEASE_DURATION" default:"90s" desc:"With TS_KUBE_SECRET: how long another pod waits, after this one stops renewing the Lease on the identity (it renews every 1/18 of this), before it takes the identity over. This one stops its node after 5/6 of it without a renewal, so an API-server outage shorter than that costs nothing. Whole seconds, at least 6s."`
+	StateDir             string        `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
 
 	RelayServerPort            Port      `envconfig:"TS_RELAY_SERVER_PORT" desc:"Required. UDP port the peer relay listens on, 1-65535 (1024 or above in an unprivileged pod)."`
 	RelayServerStaticEndpoints Endpoints `envconfig:"TS_RELAY_SERVER_STATIC_ENDPOINTS" desc:"Comma-separated addresses peers can reach the relay on, ip:port or [ipv6]:port (e.g. a LoadBalancer IP, or a router's WAN IP and forwarded port)."`
@@ -248,6 +249,31 @@ var hostnameRE = regexp.MustCompile(`^[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])
 // secretNameRE is a Kubernetes object name (RFC 1123 subdomain).
 var secretNameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
 
+// defaultRelayPortName is what an empty TS_RELAY_SERVICE_PORT_NAME means:
+// the name manifests/deployment.yaml gives the relay's container port. Keep
+// it in step with the field's default tag, which relay --help shows.
+const defaultRelayPortName = "relay"
+
+// relayPortName returns TS_RELAY_SERVICE_PORT_NAME, or its default when it
+// is empty (set but blank, or a Config built in code).
+func (c *Config) relayPortName() string {
+	if c.RelayServicePortName == "" {
+		return defaultRelayPortName
+	}
+	return c.RelayServicePortName
+}
+
+// portNameRE is the shape of a container port name (IANA_SVC_NAME, RFC
+// 6335): 1-15 lower-case letters, digits and '-', not at either end.
+// validPortName adds the rest of the rule.
+var portNameRE = regexp.MustCompile(`^(?:[a-z0-9]|[a-z0-9][-a-z0-9]{0,13}[a-z0-9])$`)
+
+// validPortName reports whether s can name a container port, as the API
+// server checks it: portNameRE, at least one letter, no "--".
+func validPortName(s string) bool {
+	return portNameRE.MatchString(s) && strings.ContainsAny(s, "abcdefghijklmnopqrstuvwxyz") && !strings.Contains(s, "--")
+}
+
 // serviceNameRE is a Kubernetes Service name (RFC 1035 label).
 var serviceNameRE = regexp.MustCompile(`^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$`)
 
@@ -406,6 +432,9 @@ func (c *Config) Validate() error {
 	}
 	if c.RelayService != "" && !serviceNameRE.MatchString(c.RelayService) {
 		bad("TS_RELAY_SERVICE=%s: want a Service name (1-63 lower-case letters, digits or '-', starting with a letter)", c.RelayService)
+	}
+	if c.RelayServicePortName != "" && !validPortName(c.RelayServicePortName) {
+		bad("TS_RELAY_SERVICE_PORT_NAME=%s: want a port name as in a container's ports (1-15 lower-case letters, digits or '-', with a letter, not starting or ending with '-', no '--'), e.g. relay", c.RelayServicePortName)
 	}
 	if c.KubeSecret == "" && c.StateDir == "" && inKubernetes() {
 		bad("TS_KUBE_SECRET is empty inside Kubernetes: the node's identity would die with the pod; set TS_KUBE_SECRET to a Secret name (or TS_STATE_DIR to a persistent volume)")

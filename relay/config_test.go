@@ -17,7 +17,7 @@ func setEnv(t *testing.T, env map[string]string) {
 	t.Helper()
 	for _, k := range []string{
 		"TS_AUTHKEY", "TS_AUTH_KEY", "TS_CLIENT_SECRET", "TS_ADVERTISE_TAGS", "TS_HOSTNAME",
-		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
+		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_RELAY_SERVICE_PORT_NAME", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_RELAY_SERVER_SOCKETS", "TS_PORT", "TS_LOCAL_ADDR_PORT",
 		"TS_NO_LOGS_NO_SUPPORT", "TS_BACKEND_LOGS", "KUBERNETES_SERVICE_HOST",
 		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_NAMESPACE", "POD_UID", "TS_LEASE_DURATION",
@@ -60,6 +60,29 @@ func TestLoadConfigValid(t *testing.T) {
 	}
 	if c.RelayServerSockets != 2 {
 		t.Errorf("RelayServerSockets = %d, want the default 2", c.RelayServerSockets)
+	}
+	if c.RelayServicePortName != defaultRelayPortName || c.relayPortName() != defaultRelayPortName {
+		t.Errorf("RelayServicePortName = %q (in effect %q), want the default %q, the manifests' container port name",
+			c.RelayServicePortName, c.relayPortName(), defaultRelayPortName)
+	}
+}
+
+// TestRelayServicePortNames checks names the API server accepts for a
+// container port, at the edges of the rule.
+func TestRelayServicePortNames(t *testing.T) {
+	for name, want := range map[string]string{
+		"relay": "relay", "r": "r", "ts-relay": "ts-relay", "tailscale-relay": "tailscale-relay", "udp1": "udp1", "1a": "1a",
+		"": defaultRelayPortName, // set but blank, as manifests with an empty value do
+	} {
+		setEnv(t, map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": name, "TS_STATE_DIR": t.TempDir()})
+		c, err := LoadConfig()
+		if err != nil {
+			t.Errorf("TS_RELAY_SERVICE_PORT_NAME=%s: LoadConfig() error = %v", name, err)
+			continue
+		}
+		if got := c.relayPortName(); got != want {
+			t.Errorf("TS_RELAY_SERVICE_PORT_NAME=%q: the name in effect is %q, want %q", name, got, want)
+		}
 	}
 }
 
@@ -167,6 +190,26 @@ func TestLoadConfigErrors(t *testing.T) {
 			name: "bad service name",
 			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE": "tsrelay.kube-public"},
 			want: []string{"TS_RELAY_SERVICE=tsrelay.kube-public: want a Service name"},
+		},
+		{
+			name: "bad relay port names",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": "Relay"},
+			want: []string{"TS_RELAY_SERVICE_PORT_NAME=Relay: want a port name as in a container's ports (1-15 lower-case letters, digits or '-', with a letter, not starting or ending with '-', no '--'), e.g. relay"},
+		},
+		{
+			name: "relay port name without a letter",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": "61441"},
+			want: []string{"TS_RELAY_SERVICE_PORT_NAME=61441: want a port name"},
+		},
+		{
+			name: "relay port name with --",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": "ts--relay"},
+			want: []string{"TS_RELAY_SERVICE_PORT_NAME=ts--relay: want a port name"},
+		},
+		{
+			name: "relay port name too long",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": "tailscale-relay1"},
+			want: []string{"TS_RELAY_SERVICE_PORT_NAME=tailscale-relay1: want a port name"},
 		},
 		{
 			name: "lease duration too short",
@@ -370,7 +413,7 @@ func TestPrintUsageListsEveryVariable(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, v := range []string{"TS_AUTHKEY", "TS_AUTH_KEY", "TS_CLIENT_SECRET", "TS_ADVERTISE_TAGS", "TS_HOSTNAME",
-		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
+		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_RELAY_SERVICE_PORT_NAME", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_RELAY_SERVER_SOCKETS", "TS_PORT", "TS_LOCAL_ADDR_PORT", "TS_NO_LOGS_NO_SUPPORT",
 		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_UID"} {
 		if !strings.Contains(b.String(), "\n"+v+" ") {

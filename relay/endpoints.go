@@ -25,12 +25,13 @@ func newServiceWatch(ctx context.Context, cfg Config, kc *kubeclient.Client, rep
 		return nil, nil
 	}
 	w := &serviceWatch{cfg: lbaddr.Config{
-		Client:    kc.Dynamic,
-		Namespace: kc.Namespace,
-		Name:      cfg.RelayService,
-		RelayPort: uint16(cfg.RelayServerPort),
-		Logger:    logger,
-		OnChange:  report,
+		Client:        kc.Dynamic,
+		Namespace:     kc.Namespace,
+		Name:          cfg.RelayService,
+		RelayPort:     uint16(cfg.RelayServerPort),
+		RelayPortName: cfg.relayPortName(),
+		Logger:        logger,
+		OnChange:      report,
 	}}
 	if err := lbaddr.Check(ctx, w.cfg); err != nil {
 		return nil, fmt.Errorf("follow TS_RELAY_SERVICE=%s: %w", cfg.RelayService, err)
