@@ -104,16 +104,16 @@ type Cluster struct {
 	// NodeNetns is the node's network namespace (`ip netns` name).
 	NodeNetns string
 
-	opts    Options
-	procs   []*tailnettest.Process // in start order
-	sock    string                 // containerd's socket
-	cancel  context.CancelFunc     // stops the load-balancer controller
-	lbDone  chan struct{}
-	mu      sync.Mutex
-	hosts   int
-	lbIPs   map[netip.Addr]string // address -> namespace/name
-	lbNext  netip.Addr
-	closeMu sync.Once
+	opts      Options
+	procs     []*tailnettest.Process // in start order
+	sock      string                 // containerd's socket
+	cancel    context.CancelFunc     // stops the load-balancer controller
+	lbDone    chan struct{}
+	mu        sync.Mutex // guards hosts, lbIPs and lbNext
+	hosts     int
+	lbIPs     map[netip.Addr]string // address -> namespace/name
+	lbNext    netip.Addr
+	closeOnce sync.Once
 }
 
 // Start starts the cluster and returns once the node is Ready. It must run
@@ -137,6 +137,9 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 			c.Close()
 		}
 	}()
+	if !strings.HasPrefix(opts.CgroupRoot, "/") || opts.CgroupRoot == "/" {
+		return nil, fmt.Errorf("start the cluster: CgroupRoot %q is not a cgroup of its own, such as /tsrelay-cluster-1234 (RunForTest makes one)", opts.CgroupRoot)
+	}
 	for _, bin := range []string{"kubelet", "kube-proxy", "kube-scheduler", "kube-controller-manager", "kubectl", "containerd", "ctr"} {
 		if _, err := os.Stat(filepath.Join(opts.Assets, bin)); err != nil {
 			return nil, fmt.Errorf("no %s in %s: run scripts/kube-cluster-bins and set %s to the directory it prints", bin, opts.Assets, kubetest.AssetsEnv)
@@ -556,7 +559,7 @@ func (c *Cluster) LogTail(name string, n int) string {
 // plane, and unmounts what the kubelet and containerd mounted under Dir.
 func (c *Cluster) Close() error {
 	var errs []error
-	c.closeMu.Do(func() {
+	c.closeOnce.Do(func() {
 		if c.cancel != nil {
 			c.cancel()
 			<-c.lbDone
