@@ -87,11 +87,14 @@ lint: ## Check formatting (gofmt) and run go vet.
 # and, outside CI, not being root still skip. A TSRELAY_KUBE_ASSETS already
 # set (a directory of etcd, kube-apiserver and what
 # scripts/kube-cluster-bins adds) is used instead of
-# scripts/kube-cluster-bins; one that does not hold them fails the tests.
+# scripts/kube-cluster-bins; one that does not hold them fails the tests. The
+# same for TSRELAY_KUSTOMIZE_BINS and scripts/kustomize-bins.
 .PHONY: test
 test: lint ## Run every test, the end-to-end relay proof, the real kube-apiserver and the real-cluster test included.
 	scripts/net-tools
-	TSRELAY_KUBE_ASSETS=$${TSRELAY_KUBE_ASSETS:-$$(scripts/kube-cluster-bins)} && export TSRELAY_KUBE_ASSETS TSRELAY_NO_SKIP=1 && \
+	TSRELAY_KUBE_ASSETS=$${TSRELAY_KUBE_ASSETS:-$$(scripts/kube-cluster-bins)} && \
+	  TSRELAY_KUSTOMIZE_BINS=$${TSRELAY_KUSTOMIZE_BINS:-$$(scripts/kustomize-bins)} && \
+	  export TSRELAY_KUBE_ASSETS TSRELAY_KUSTOMIZE_BINS TSRELAY_NO_SKIP=1 && \
 	  $(GO) test -count=1 -timeout 45m ./...
 
 .PHONY: test-cluster
@@ -115,6 +118,10 @@ kube-test-bins: ## Install etcd and build kube-apiserver for the tests (once per
 .PHONY: kube-cluster-bins
 kube-cluster-bins: ## Also install containerd, runc and the CNI plugins and build kubelet, kube-proxy, the scheduler, the controller-manager and kubectl (once per machine; make test does this).
 	scripts/kube-cluster-bins
+
+.PHONY: kustomize-bins
+kustomize-bins: ## Build the kustomize releases users run (scripts/kustomize-versions) for the tests (once per machine; make test does this).
+	scripts/kustomize-bins
 
 .PHONY: clean
 clean: ## Remove build output.

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -55,7 +56,7 @@ func TestLoadConfigValid(t *testing.T) {
 	if got, want := c.AdvertiseTags, (Tags{"tag:relay", "tag:k8s"}); !slices.Equal(got, want) {
 		t.Errorf("AdvertiseTags = %v, want %v", got, want)
 	}
-	if c.Hostname != "tsrelay" || c.LocalAddrPort != "[::]:9002" || c.WireGuardPort != 0 {
+	if c.Hostname != "tsrelay" || c.LocalAddrPort.String() != "[::]:9002" || c.WireGuardPort != 0 {
 		t.Errorf("defaults: Hostname=%q LocalAddrPort=%q WireGuardPort=%d", c.Hostname, c.LocalAddrPort, c.WireGuardPort)
 	}
 	if c.RelayServerSockets != 2 {
@@ -282,6 +283,21 @@ func TestLoadConfigReportsEveryProblem(t *testing.T) {
 			notWant: []string{"TS_RELAY_SERVER_PORT is required"},
 		},
 		{
+			// The DERP settings live in an embedded struct, and the region
+			// ID is a plain int: both were once missed by the first pass.
+			name: "bad DERP values beside a bad core value",
+			env: map[string]string{
+				"TS_RELAY_SERVER_PORT": "61441", "TS_DERP_PORT": "abc", "TS_STUN_PORT": "99999",
+				"TS_DERP_REGION_ID": "nine hundred", "TS_HOSTNAME": "-bad-",
+			},
+			want: []string{
+				"TS_DERP_PORT=abc: not a port number",
+				"TS_STUN_PORT=99999: port 99999 out of range",
+				"TS_DERP_REGION_ID=nine hundred: not a whole number",
+				"TS_HOSTNAME=-bad-: want a DNS label",
+			},
+		},
+		{
 			name: "more than 16 endpoints",
 			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVER_STATIC_ENDPOINTS": strings.Join(seventeen, ",")},
 			want: []string{"TS_RELAY_SERVER_STATIC_ENDPOINTS: 17 distinct endpoints, more than the 16 a relay advertises; want at most 16"},
@@ -441,5 +457,31 @@ func TestNewLogger(t *testing.T) {
 	}
 	if line["msg"] != "relay not bound" || line["level"] != "WARN" || line["port"] != float64(61441) {
 		t.Errorf("log line = %v", line)
+	}
+}
+
+// TestEveryVariableDecodes checks that the decoder reads every field type
+// Config has: each variable's default (or, without one, an empty value for
+// the types that take it) decodes, and --help lists every variable decoding
+// sees, so a new field of a new type cannot slip past either.
+func TestEveryVariableDecodes(t *testing.T) {
+	var help strings.Builder
+	if err := PrintUsage(&help); err != nil {
+		t.Fatal(err)
+	}
+	var c Config
+	n := 0
+	envFields(reflect.ValueOf(&c).Elem(), func(f reflect.StructField, v reflect.Value) {
+		n++
+		key := f.Tag.Get("envconfig")
+		if !strings.Contains(help.String(), "\n"+key+" ") {
+			t.Errorf("relay --help does not list %s", key)
+		}
+		if err := decodeValue(v, f.Tag.Get("default")); err != nil && strings.Contains(err.Error(), "cannot read") {
+			t.Errorf("%s (%s): %v", key, v.Type(), err)
+		}
+	})
+	if n < 30 {
+		t.Errorf("the walk saw %d variables, want every one of Config's (more than 30)", n)
 	}
 }

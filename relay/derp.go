@@ -119,7 +119,7 @@ func (d DERPConfig) validate(c *Config) []error {
 	if d.STUNPort != 0 && (d.STUNPort == c.RelayServerPort || d.STUNPort == c.WireGuardPort) {
 		bad("TS_STUN_PORT=%d: must differ from TS_RELAY_SERVER_PORT and TS_PORT, which are UDP sockets of this process too", d.STUNPort)
 	}
-	if ap, err := netip.ParseAddrPort(c.LocalAddrPort); err == nil && d.DERPPort != 0 && uint16(d.DERPPort) == ap.Port() {
+	if d.DERPPort != 0 && uint16(d.DERPPort) == c.LocalAddrPort.Port() {
 		bad("TS_DERP_PORT=%d: must differ from the port of TS_LOCAL_ADDR_PORT=%s, both are TCP listeners of this process", d.DERPPort, c.LocalAddrPort)
 	}
 	if err := derpregion.ValidateRegion(d.RegionID, d.RegionCode, "TS_DERP_REGION_ID", "TS_DERP_REGION_CODE"); err != nil {

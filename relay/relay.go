@@ -15,6 +15,7 @@ import (
 	"tailscale.com/feature"
 
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
+	"github.com/tsrelay/tsrelay/internal/memtune"
 	"github.com/tsrelay/tsrelay/kubeevents"
 
 	// tsnet does not link the peer relay server. Without this import,
@@ -88,13 +89,14 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	mtu.check(ctx) // before /readyz and /metrics answer
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return web.run(gctx) })                                                   // /healthz, /readyz, /metrics
-	g.Go(func() error { return guard.hold(gctx) })                                                // renew the identity's Lease; losing it stops all
-	g.Go(func() error { return persistState(gctx, store, persistCheckInterval, events, logger) }) // failed state writes, again until they land
-	g.Go(func() error { return mtu.run(gctx) })                                                   // path MTU checks
-	g.Go(func() error { return node.run(gctx) })                                                  // tailnet node + reconcile loop
-	g.Go(func() error { return service.run(gctx) })                                               // endpoints from the Service
-	g.Go(func() error { return derp.run(gctx) })                                                  // in-cluster DERP region (TS_DERP_PORT)
+	g.Go(func() error { return web.run(gctx) })                                                         // /healthz, /readyz, /metrics
+	g.Go(func() error { return guard.hold(gctx) })                                                      // renew the identity's Lease; losing it stops all
+	g.Go(func() error { return persistState(gctx, store, persistCheckInterval, events, logger) })       // failed state writes, again until they land
+	g.Go(func() error { return mtu.run(gctx) })                                                         // path MTU checks
+	g.Go(func() error { return node.run(gctx) })                                                        // tailnet node + reconcile loop
+	g.Go(func() error { return service.run(gctx) })                                                     // endpoints from the Service
+	g.Go(func() error { return derp.run(gctx) })                                                        // in-cluster DERP region (TS_DERP_PORT)
+	g.Go(func() error { return memtune.ReturnFreeMemory(gctx, memtune.DefaultReturnMemory(), logger) }) // the heap's garbage back to the OS once quiet
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		err = nil

@@ -37,6 +37,9 @@ type status struct {
 	relay   relayView
 	mtu     mtuCheck // the last path MTU check; never affects readiness
 	derp    derpView
+	// keyless is why keyless login has no auth key yet, or "": the
+	// control server's refusal, never the token.
+	keyless string
 }
 
 // derpView is the DERP region's part of readiness; zero when it is off.
@@ -167,6 +170,14 @@ func (s *status) advertised() []netip.AddrPort {
 // one reader.
 func (s *status) endpointsChanged() <-chan struct{} { return s.advertisedChanged }
 
+// setKeyless records why keyless login has no auth key yet ("" once it
+// has one).
+func (s *status) setKeyless(why string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.keyless = why
+}
+
 // setDERP records how to tell whether the DERP region serves.
 func (s *status) setDERP(d derpView) {
 	s.mu.Lock()
@@ -215,6 +226,9 @@ func (s *status) readinessLocked() (bool, string) {
 	}
 	switch s.backend.state {
 	case ipn.NoState:
+		if s.keyless != "" {
+			return false, "keyless login: " + s.keyless
+		}
 		return false, "starting"
 	case ipn.NeedsLogin:
 		return false, detail("NeedsLogin")

@@ -201,7 +201,14 @@ func StartWith(ctx context.Context, assets, dir string, opts Options) (_ *Server
 			"--tls-private-key-file="+pki.servingKey,
 			"--token-auth-file="+pki.tokens,
 			"--authorization-mode=RBAC",
-			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+			// The API server's own address as the issuer, as a cluster
+			// with a published issuer has: an OIDC verifier (keyless
+			// login's test) then finds the discovery document and the
+			// JWKS at the token's iss. Readable anonymously only where
+			// a test binds system:unauthenticated to
+			// system:service-account-issuer-discovery.
+			"--service-account-issuer="+s.URL,
+			"--service-account-jwks-uri="+s.URL+"/openid/v1/jwks",
 			"--service-account-key-file="+pki.saKey,
 			"--service-account-signing-key-file="+pki.saKey,
 			// Dual-stack, as the clusters of dual-stack users are, so that

@@ -26,6 +26,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"tailscale.com/derp/derpserver"
@@ -70,6 +72,9 @@ type Control struct {
 	stun        *stunServer
 	delayTCP    *DelayTCP // in front of derpHTTP, with ControlOptions.Delay
 	delayUDP    *DelayUDP // in front of stun, with ControlOptions.Delay
+	// api serves /api/ in front of the test control, which has no API
+	// (SetAPI); nil until set.
+	api atomic.Pointer[http.Handler]
 }
 
 // ControlOptions are the ways a Control can differ from StartControl's.
@@ -186,7 +191,7 @@ func StartControlWith(ip netip.Addr, logf logger.Logf, opts ControlOptions) (_ *
 	if err != nil {
 		return nil, fmt.Errorf("listen for control: %w", err)
 	}
-	c.controlHTTP = httptest.NewUnstartedServer(c.Server)
+	c.controlHTTP = httptest.NewUnstartedServer(http.HandlerFunc(c.serveHTTP))
 	c.controlHTTP.Listener.Close()
 	c.controlHTTP.Listener = ln
 	c.controlHTTP.Config.ErrorLog = logger.StdLogger(logf)
@@ -195,6 +200,21 @@ func StartControlWith(ip netip.Addr, logf logger.Logf, opts ControlOptions) (_ *
 	c.URL = c.controlHTTP.URL
 	return c, nil
 }
+
+// serveHTTP hands /api/ to the handler SetAPI set, if any, and everything
+// else to the test control.
+func (c *Control) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	if h := c.api.Load(); h != nil && strings.HasPrefix(r.URL.Path, "/api/") {
+		(*h).ServeHTTP(w, r)
+		return
+	}
+	c.Server.ServeHTTP(w, r)
+}
+
+// SetAPI serves h at /api/ on the control URL, as Tailscale's control
+// server serves its API (TokenExchange, for workload identity federation).
+// Tailscale's test control has no API of its own.
+func (c *Control) SetAPI(h http.Handler) { c.api.Store(&h) }
 
 // startDERPHTTP serves d over TLS (a self-signed certificate, which nodes
 // accept because the DERP map says InsecureForTests) on host.
