@@ -325,3 +325,18 @@ func (s *stunServer) close() {
 // Call it only while no node is registering: testcontrol reads the setting
 // without a lock.
 func (c *Control) AllowRegisterWithoutKey() { c.Server.RequireAuthKey = "" }
+
+// SetDERPMap replaces the DERP map control hands to nodes with m, as an
+// edit of the tailnet policy file's derpMap would, and sends every
+// connected node a new map. It resets testcontrol's global app capabilities
+// (SetGlobalAppCaps), which is how it wakes the map streams.
+//
+// testcontrol reads its DERPMap field without a lock, when it builds a map
+// response: call this only while the tailnet is quiet (no node joining or
+// changing its endpoints), as a test does between relays becoming ready and
+// laptops joining.
+func (c *Control) SetDERPMap(m *tailcfg.DERPMap) {
+	c.DERPMap = m
+	c.Server.DERPMap = m
+	c.Server.SetGlobalAppCaps(nil)
+}
