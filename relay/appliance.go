@@ -16,6 +16,7 @@ import (
 	"tailscale.com/net/netmon"
 	"tailscale.com/tailcfg"
 	"tailscale.com/tsnet"
+	"tailscale.com/util/eventbus"
 
 	"k8s.io/apimachinery/pkg/util/wait"
 
@@ -23,6 +24,7 @@ import (
 	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/lbaddr"
+	"github.com/tsrelay/tsrelay/relayserver"
 )
 
 // appliance runs the tailnet side of the relay: it starts the node, follows
@@ -113,6 +115,7 @@ func (a *appliance) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	defer a.watchRejections()()
 	if nm, ok := a.ts.Sys().NetMon.GetOK(); ok && a.onNetChange != nil {
 		defer nm.RegisterChangeCallback(func(*netmon.ChangeDelta) { a.onNetChange() })()
 	}
@@ -134,6 +137,23 @@ func (a *appliance) run(ctx context.Context) error {
 		}
 		a.onNotify(n)
 	}
+}
+
+// watchRejections logs the allocation requests the relay server extension
+// rejected (it reports each sender at most once a minute) and records them
+// as Events. Call the returned function to stop.
+func (a *appliance) watchRejections() (stop func()) {
+	bus, ok := a.ts.Sys().Bus.GetOK()
+	if !ok {
+		return func() {}
+	}
+	c := bus.Client("tsrelay.appliance")
+	eventbus.SubscribeFunc(c, func(r relayserver.Rejected) {
+		a.logger.Warn("rejected a relay endpoint request from a peer", "nodeKey", r.From.ShortString(),
+			"disco", r.Disco.ShortString(), "reason", string(r.Reason), "notLogged", r.Suppressed)
+		a.events.Warning("RelayRequestRejected", fmt.Sprintf("rejected a relay endpoint request from node %s: %s", r.From.ShortString(), r.Reason))
+	})
+	return c.Close
 }
 
 // startTailnet starts tsnet; it does not wait for login, which may need a
