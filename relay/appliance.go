@@ -13,6 +13,7 @@ import (
 
 	"tailscale.com/client/local"
 	"tailscale.com/ipn"
+	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/net/netmon"
 	"tailscale.com/tailcfg"
 	"tailscale.com/tsnet"
@@ -55,6 +56,10 @@ type appliance struct {
 	// it last found in force. Only the loop (and newAppliance, before it
 	// starts) touches it; status gets copies.
 	relay relayView
+
+	// relayClient is whether the node may use other relays, as last
+	// logged; relayClientSeen is false until it was. The reconcile loop's.
+	relayClient, relayClientSeen bool
 
 	mu sync.Mutex
 	lc *local.Client // nil until the node has started
@@ -282,6 +287,7 @@ func (a *appliance) reconcile(ctx context.Context, lc *local.Client) error {
 	defer func() { a.status.setRelay(a.relay) }()
 	node := nodeFrom(st)
 	defer func() { a.status.setNode(node) }()
+	a.noteRelayClient(st)
 	running := st.BackendState == ipn.Running.String()
 	// Prefs go in as soon as a logged-in node is Starting, not only once it
 	// is Running: the relay server binds while the node connects (tsnet's
@@ -304,6 +310,24 @@ func (a *appliance) reconcile(ctx context.Context, lc *local.Client) error {
 		return nil // Running wakes the loop again
 	}
 	return a.checkRelayBound(ctx, lc)
+}
+
+// noteRelayClient logs, when it changes, whether the tailnet lets this node
+// use other relays (see relayClientWarning).
+func (a *appliance) noteRelayClient(st *ipnstate.Status) {
+	if st.Self == nil || st.BackendState != ipn.Running.String() {
+		return
+	}
+	on := !st.Self.HasCap(tailcfg.NodeAttrDisableRelayClient)
+	if a.relayClientSeen && a.relayClient == on {
+		return
+	}
+	a.relayClientSeen, a.relayClient = true, on
+	if on {
+		a.logger.Warn("relay client enabled: " + relayClientWarning)
+	} else {
+		a.logger.Info("relay client disabled by the tailnet (disable-relay-client); peers cannot reach this node's relay client")
+	}
 }
 
 // setRelayState records the relay server's state and, when it stops or

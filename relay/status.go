@@ -9,6 +9,7 @@ import (
 
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
+	"tailscale.com/tailcfg"
 
 	"github.com/tsrelay/tsrelay/internal/chans"
 	"github.com/tsrelay/tsrelay/internal/readyz"
@@ -62,6 +63,9 @@ type nodeView struct {
 	health       []string
 	loginPending bool   // NeedsLogin with an auth URL: a human must act
 	problem      string // a reason not to be ready the backend does not know
+	// relayClient is true when the node may use other peer relays: the
+	// tailnet did not give it the disable-relay-client attribute.
+	relayClient bool
 }
 
 // relayView is the reconcile loop's view of the relay: the endpoints it
@@ -141,6 +145,7 @@ func nodeFrom(st *ipnstate.Status) nodeView {
 	n := nodeView{ips: st.TailscaleIPs, health: st.Health}
 	if st.Self != nil {
 		n.dnsName = strings.TrimSuffix(st.Self.DNSName, ".")
+		n.relayClient = !st.Self.HasCap(tailcfg.NodeAttrDisableRelayClient)
 	}
 	return n
 }
@@ -266,6 +271,7 @@ func (s *status) snapshot() readyz.Status {
 			DroppedEndpoints: endpointsJSON(s.relay.dropped),
 			Service:          s.service,
 			Sessions:         s.relay.sessions,
+			ClientEnabled:    s.node.relayClient,
 		},
 		Health:   slices.Clone(s.node.health),
 		PathMTU:  pathMTUStatus(s.mtu),
@@ -273,12 +279,20 @@ func (s *status) snapshot() readyz.Status {
 	}
 }
 
+// relayClientWarning is the warning while the relay's node may use other
+// relays.
+const relayClientWarning = "the tailnet lets this relay use other peer relays (no disable-relay-client node attribute): at Tailscale v1.102.5 any peer can then crash it with one malformed CallMeMaybeVia; add nodeAttrs {target: [tag:relay], attr: [disable-relay-client]} to the tailnet policy (README: Reliability)"
+
 // warningsLocked lists what slows relaying down without stopping it.
 func (s *status) warningsLocked() []string {
-	if w := s.mtu.report.Summary(); w != "" {
-		return []string{w}
+	var w []string
+	if m := s.mtu.report.Summary(); m != "" {
+		w = append(w, m)
 	}
-	return nil
+	if s.node.relayClient && s.backend.state == ipn.Running {
+		w = append(w, relayClientWarning)
+	}
+	return w
 }
 
 // pathMTUStatus converts a check for the verbose /readyz; nil before the

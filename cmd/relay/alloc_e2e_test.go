@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"tailscale.com/disco"
+	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
@@ -21,6 +22,7 @@ import (
 // (the relay grant included) whose keys the test holds, so that it can send
 // the relay any allocation request.
 type allocScene struct {
+	control    *tailnettest.Control
 	relay      *tailnettest.Relay
 	member     *tailnettest.Member
 	relayNode  key.NodePublic
@@ -36,7 +38,7 @@ func newAllocScene(t *testing.T, bins tailnettest.Binaries, name string) *allocS
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &allocScene{endpoint: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))}
+	s := &allocScene{control: control, endpoint: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))}
 	s.relay = startRelay(t, bins, name,
 		"TS_CONTROL_URL="+control.URL,
 		"TS_STATE_DIR="+t.TempDir(),
@@ -211,5 +213,92 @@ func TestHostileAllocationRequest(t *testing.T) {
 		}
 		trace := strings.Join(strings.SplitN(log[i:], "\n", 16)[:15], "\n")
 		t.Logf("the upstream build died as expected (%v):\n%s", s.relay.Wait(ctx), trace)
+	})
+}
+
+// sendZeroVia sends the relay's node, as the member, a CallMeMaybeVia (an
+// endpoint the member says it allocated on some relay for the two of them)
+// naming a zero relay server key. Tailscale v1.102.5's relayManager panics
+// on it in ensureDiscoInfoFor (v1.104 drops it); only a node that may not
+// use other relays (disable-relay-client) ignores it.
+func (s *allocScene) sendZeroVia(t *testing.T) {
+	t.Helper()
+	via := &disco.CallMeMaybeVia{UDPRelayEndpoint: disco.UDPRelayEndpoint{
+		ClientDisco:         [2]key.DiscoPublic{s.member.Disco.Public(), s.relayDisco},
+		LamportID:           1,
+		VNI:                 1,
+		BindLifetime:        30 * time.Second,
+		SteadyStateLifetime: 5 * time.Minute,
+		AddrPorts:           []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")},
+	}}
+	if err := s.member.SendDisco(s.relayNode, s.relayDisco, via); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitRelayClient waits until the relay's tsrelay_relay_client_enabled
+// is want.
+func (s *allocScene) waitRelayClient(t *testing.T, want float64) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	var got float64
+	err := tailnettest.WaitFor(ctx, 100*time.Millisecond, func() (bool, error) {
+		m, err := s.relay.Metrics(ctx)
+		if err != nil {
+			return false, nil
+		}
+		got, _ = tailnettest.MetricSum(m, "tsrelay_relay_client_enabled")
+		return got == want, nil
+	})
+	if err != nil {
+		t.Fatalf("tsrelay_relay_client_enabled = %v, want %v: %v", got, want, err)
+	}
+}
+
+// TestRelayClientZeroServerDisco covers the relay's node as a relay client.
+// Any peer may send it a CallMeMaybeVia, no grant needed, and at Tailscale
+// v1.102.5 one with a zero relay key kills the process; the extension
+// cannot see it (magicsock handles it). The tailnet closes it by giving the
+// relay the disable-relay-client node attribute, which the relay reports
+// (tsrelay_relay_client_enabled, a /readyz warning); the README says so.
+func TestRelayClientZeroServerDisco(t *testing.T) {
+	bins := binaries(t)
+	t.Run("disable-relay-client closes it", func(t *testing.T) {
+		s := newAllocScene(t, bins, "relay-noclient")
+		s.waitRelayClient(t, 1)
+		s.control.Server.SetNodeCapMap(s.relayNode, tailcfg.NodeCapMap{tailcfg.NodeAttrDisableRelayClient: nil})
+		s.waitRelayClient(t, 0)
+		s.allocate(t) // the relay knows the member
+		s.sendZeroVia(t)
+		s.allocate(t) // and read past the CallMeMaybeVia (one DERP stream, in order)
+		select {
+		case <-s.relay.Done():
+			t.Fatalf("relay exited: %v\n%s", s.relay.Wait(t.Context()), s.relay.LogTail(40))
+		default:
+		}
+		if code, body, err := s.relay.Get(t.Context(), "/readyz"); err != nil || code != http.StatusOK {
+			t.Errorf("/readyz = %d %q, %v; want 200", code, body, err)
+		}
+	})
+	t.Run("without it Tailscale v1.102.5 crashes", func(t *testing.T) {
+		s := newAllocScene(t, bins, "relay-client")
+		s.waitRelayClient(t, 1)
+		if _, body, err := s.relay.Get(t.Context(), "/readyz?verbose"); err != nil || !strings.Contains(body, "disable-relay-client") {
+			t.Errorf("verbose /readyz does not warn about disable-relay-client: %q, %v", body, err)
+		}
+		s.allocate(t)
+		s.sendZeroVia(t)
+		select {
+		case <-s.relay.Done():
+		case <-time.After(30 * time.Second):
+			t.Fatalf("the relay survived a zero-key CallMeMaybeVia with its relay client on: Tailscale fixed relayManager? Then drop this subtest and the README's caveat")
+		}
+		log := readFile(t, s.relay.LogPath())
+		i := strings.Index(log, "panic: ")
+		if i < 0 || !strings.Contains(log[i:], "can't compute shared secret with zero keys") || !strings.Contains(log[i:], "relayManager") {
+			t.Fatalf("relay exited (%v) without the zero-key panic in relayManager; log:\n%s", s.relay.Wait(t.Context()), s.relay.LogTail(60))
+		}
+		t.Logf("died as Tailscale v1.102.5 does:\n%s", strings.Join(strings.SplitN(log[i:], "\n", 12)[:11], "\n"))
 	})
 }
