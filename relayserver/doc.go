@@ -54,6 +54,17 @@
 // [Rejected], at most once per [LogInterval] per sender, for the relay to log.
 // There is no recover: a check that is missing is a crash that a test finds.
 //
+// The extension serves the local API's debug-peer-relay-sessions as the
+// upstream feature does (`tailscale debug peer-relay-sessions` reads it),
+// and the relay's readiness and tsrelay_relay_sessions read the server
+// through it: tsnet's local client is in memory, so that costs no network
+// round trip, and the relay's code is the same whichever extension is
+// linked. The server's own metrics (tailscaled_peer_relay_*) keep their
+// names and labels: udprelay.NewServer registers them in the node's user
+// metrics, as before. It always lets the server add the addresses it
+// discovers to the static endpoints (onlyStaticAddrPorts false), as the
+// upstream feature does.
+//
 // The relay's own node is also a relay client, and v1.102.5's client side
 // panics on a zero ServerDisco in a CallMeMaybeVia or an allocation answer
 // (wgengine/magicsock/relaymanager.go, ensureDiscoInfoFor); see the README's
