@@ -23,8 +23,11 @@ const (
 	ReasonRateLimited Reason = "rate_limited"
 )
 
-// Reasons lists every rejection reason, for metrics and tests.
-var Reasons = []Reason{ReasonNoMessage, ReasonZeroKey, ReasonSameKeys, ReasonNotSender, ReasonZeroNodeKey, ReasonServerKey, ReasonRateLimited}
+// reasons lists every rejection reason, so that the metric has a series
+// for each from the start.
+func reasons() []Reason {
+	return []Reason{ReasonNoMessage, ReasonZeroKey, ReasonSameKeys, ReasonNotSender, ReasonZeroNodeKey, ReasonServerKey, ReasonRateLimited}
+}
 
 // Limits on one sender (a node key).
 const (

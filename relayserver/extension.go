@@ -33,11 +33,6 @@ import (
 // linking both fails at start instead of running two.
 const Name = "relayserver"
 
-// Upstream reports whether this binary links Tailscale's
-// feature/relayserver (the tsrelay_upstream_relayserver build tag) instead
-// of this package's extension.
-const Upstream = false
-
 // rejectedMetric is the user metric counting rejected requests.
 const rejectedMetric = "tsrelay_relay_alloc_rejected_total"
 
@@ -89,7 +84,7 @@ func newExtension(logf logger.Logf, sb ipnext.SafeBackend) (ipnext.Extension, er
 	}
 	e.rejected = usermetric.NewMultiLabelMapWithRegistry[rejectLabel](sb.Sys().UserMetricsRegistry(), rejectedMetric, "counter",
 		"Relay endpoint allocation requests tsrelay rejected before the relay server saw them, by reason.")
-	for _, r := range Reasons {
+	for _, r := range reasons() {
 		e.rejected.Add(rejectLabel{string(r)}, 0) // every reason from the start, so rate() works on the first one
 	}
 	e.bus = sb.Sys().Bus.Get().Client("tsrelay.relayserver")

@@ -12,7 +12,3 @@ import _ "tailscale.com/feature/relayserver"
 // Name is the name Tailscale's relay server registers with
 // tailscale.com/feature.
 const Name = "relayserver"
-
-// Upstream reports whether this binary links Tailscale's
-// feature/relayserver instead of this package's extension.
-const Upstream = true
