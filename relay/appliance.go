@@ -312,6 +312,10 @@ func (a *appliance) reconcile(ctx context.Context, lc *local.Client) error {
 	return a.checkRelayBound(ctx, lc)
 }
 
+// relayClientWarning is the warning while the relay's node may use other
+// relays.
+const relayClientWarning = "the tailnet lets this relay use other peer relays (no disable-relay-client node attribute): at Tailscale v1.102.5 any peer can then crash it with one malformed CallMeMaybeVia; add nodeAttrs {target: [tag:relay], attr: [disable-relay-client]} to the tailnet policy (README: Reliability)"
+
 // noteRelayClient logs, when it changes, whether the tailnet lets this node
 // use other relays (see relayClientWarning).
 func (a *appliance) noteRelayClient(st *ipnstate.Status) {

@@ -279,20 +279,12 @@ func (s *status) snapshot() readyz.Status {
 	}
 }
 
-// relayClientWarning is the warning while the relay's node may use other
-// relays.
-const relayClientWarning = "the tailnet lets this relay use other peer relays (no disable-relay-client node attribute): at Tailscale v1.102.5 any peer can then crash it with one malformed CallMeMaybeVia; add nodeAttrs {target: [tag:relay], attr: [disable-relay-client]} to the tailnet policy (README: Reliability)"
-
 // warningsLocked lists what slows relaying down without stopping it.
 func (s *status) warningsLocked() []string {
-	var w []string
-	if m := s.mtu.report.Summary(); m != "" {
-		w = append(w, m)
+	if w := s.mtu.report.Summary(); w != "" {
+		return []string{w}
 	}
-	if s.node.relayClient && s.backend.state == ipn.Running {
-		w = append(w, relayClientWarning)
-	}
-	return w
+	return nil
 }
 
 // pathMTUStatus converts a check for the verbose /readyz; nil before the

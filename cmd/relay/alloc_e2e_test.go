@@ -261,7 +261,8 @@ func (s *allocScene) waitRelayClient(t *testing.T, want float64) {
 // v1.102.5 one with a zero relay key kills the process; the extension
 // cannot see it (magicsock handles it). The tailnet closes it by giving the
 // relay the disable-relay-client node attribute, which the relay reports
-// (tsrelay_relay_client_enabled, a /readyz warning); the README says so.
+// (tsrelay_relay_client_enabled, relay.clientEnabled on /readyz?verbose,
+// a warning in the log); the README says so.
 func TestRelayClientZeroServerDisco(t *testing.T) {
 	bins := binaries(t)
 	t.Run("disable-relay-client closes it", func(t *testing.T) {
@@ -284,8 +285,11 @@ func TestRelayClientZeroServerDisco(t *testing.T) {
 	t.Run("without it Tailscale v1.102.5 crashes", func(t *testing.T) {
 		s := newAllocScene(t, bins, "relay-client")
 		s.waitRelayClient(t, 1)
-		if _, body, err := s.relay.Get(t.Context(), "/readyz?verbose"); err != nil || !strings.Contains(body, "disable-relay-client") {
-			t.Errorf("verbose /readyz does not warn about disable-relay-client: %q, %v", body, err)
+		if st, err := s.relay.Status(t.Context()); err != nil || !st.Relay.ClientEnabled {
+			t.Errorf("/readyz?verbose relay.clientEnabled = false (%v), want true without disable-relay-client", err)
+		}
+		if log := readFile(t, s.relay.LogPath()); !strings.Contains(log, "relay client enabled") {
+			t.Errorf("the relay did not log that its relay client is enabled")
 		}
 		s.allocate(t)
 		s.sendZeroVia(t)
