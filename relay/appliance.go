@@ -13,9 +13,11 @@ import (
 
 	"tailscale.com/client/local"
 	"tailscale.com/ipn"
+	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/net/netmon"
 	"tailscale.com/tailcfg"
 	"tailscale.com/tsnet"
+	"tailscale.com/util/eventbus"
 
 	"k8s.io/apimachinery/pkg/util/wait"
 
@@ -23,6 +25,7 @@ import (
 	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/lbaddr"
+	"github.com/tsrelay/tsrelay/relayserver"
 )
 
 // appliance runs the tailnet side of the relay: it starts the node, follows
@@ -53,6 +56,10 @@ type appliance struct {
 	// it last found in force. Only the loop (and newAppliance, before it
 	// starts) touches it; status gets copies.
 	relay relayView
+
+	// relayClient is whether the node may use other relays, as last
+	// logged; relayClientSeen is false until it was. The reconcile loop's.
+	relayClient, relayClientSeen bool
 
 	mu sync.Mutex
 	lc *local.Client // nil until the node has started
@@ -120,6 +127,7 @@ func (a *appliance) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	defer a.watchRejections()()
 	if nm, ok := a.ts.Sys().NetMon.GetOK(); ok && a.onNetChange != nil {
 		defer nm.RegisterChangeCallback(func(*netmon.ChangeDelta) { a.onNetChange() })()
 	}
@@ -141,6 +149,23 @@ func (a *appliance) run(ctx context.Context) error {
 		}
 		a.onNotify(n)
 	}
+}
+
+// watchRejections logs the allocation requests the relay server extension
+// rejected (it reports each sender at most once a minute) and records them
+// as Events. Call the returned function to stop.
+func (a *appliance) watchRejections() (stop func()) {
+	bus, ok := a.ts.Sys().Bus.GetOK()
+	if !ok {
+		return func() {}
+	}
+	c := bus.Client("tsrelay.appliance")
+	eventbus.SubscribeFunc(c, func(r relayserver.Rejected) {
+		a.logger.Warn("rejected a relay endpoint request from a peer", "nodeKey", r.From.ShortString(),
+			"disco", r.Disco.ShortString(), "reason", string(r.Reason), "notLogged", r.Suppressed)
+		a.events.Warning("RelayRequestRejected", fmt.Sprintf("rejected a relay endpoint request from node %s: %s", r.From.ShortString(), r.Reason))
+	})
+	return c.Close
 }
 
 // startTailnet starts tsnet; it does not wait for login, which may need a
@@ -269,6 +294,7 @@ func (a *appliance) reconcile(ctx context.Context, lc *local.Client) error {
 	defer func() { a.status.setRelay(a.relay) }()
 	node := nodeFrom(st)
 	defer func() { a.status.setNode(node) }()
+	a.noteRelayClient(st)
 	running := st.BackendState == ipn.Running.String()
 	// Prefs go in as soon as a logged-in node is Starting, not only once it
 	// is Running: the relay server binds while the node connects (tsnet's
@@ -291,6 +317,28 @@ func (a *appliance) reconcile(ctx context.Context, lc *local.Client) error {
 		return nil // Running wakes the loop again
 	}
 	return a.checkRelayBound(ctx, lc)
+}
+
+// relayClientWarning is the warning while the relay's node may use other
+// relays.
+const relayClientWarning = "the tailnet lets this relay use other peer relays (no disable-relay-client node attribute): at Tailscale v1.102.5 any peer can then crash it with one malformed CallMeMaybeVia; add nodeAttrs {target: [tag:relay], attr: [disable-relay-client]} to the tailnet policy (README: Reliability)"
+
+// noteRelayClient logs, when it changes, whether the tailnet lets this node
+// use other relays (see relayClientWarning).
+func (a *appliance) noteRelayClient(st *ipnstate.Status) {
+	if st.Self == nil || st.BackendState != ipn.Running.String() {
+		return
+	}
+	on := !st.Self.HasCap(tailcfg.NodeAttrDisableRelayClient)
+	if a.relayClientSeen && a.relayClient == on {
+		return
+	}
+	a.relayClientSeen, a.relayClient = true, on
+	if on {
+		a.logger.Warn("relay client enabled: " + relayClientWarning)
+	} else {
+		a.logger.Info("relay client disabled by the tailnet (disable-relay-client); peers cannot reach this node's relay client")
+	}
 }
 
 // setRelayState records the relay server's state and, when it stops or

@@ -37,6 +37,7 @@ type collector struct {
 	store *kubestate.Store // nil when the state is in a directory
 
 	ready, waiting, backendState, bound, endpoints *prometheus.Desc
+	relayClient                                    *prometheus.Desc
 	sessions, unpersisted, dropped                 *prometheus.Desc
 	writes, failures, conflicts, buildInfo         *prometheus.Desc
 	recreated                                      *prometheus.Desc
@@ -58,6 +59,7 @@ func newCollector(h *handlers, store *kubestate.Store) *collector {
 		dropped:        d("static_endpoints_dropped", "Endpoints found but not advertised: explicit plus Service-found addresses beyond the 16 a relay advertises (explicit ones are kept first)."),
 		backendState:   d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
 		bound:          d("relay_bound", "1 when the peer relay's UDP socket is bound."),
+		relayClient:    d("relay_client_enabled", "1 when the tailnet lets the relay's own node use other peer relays (no disable-relay-client node attribute); at Tailscale v1.102.5 any peer can then crash it, see the README's Reliability section."),
 		endpoints:      d("static_endpoints", "Static endpoints advertised to peers, by where they came from.", "source"),
 		sessions:       d("relay_sessions", "Relay sessions (pairs of peers) the relay server holds now."),
 		writes:         d("state_writes_total", "State writes the Kubernetes API server accepted."),
@@ -94,6 +96,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.backendState, bit(st.BackendState == s.String()), s.String())
 	}
 	gauge(c.bound, bit(st.Relay.Bound))
+	gauge(c.relayClient, bit(st.Relay.ClientEnabled))
 	for _, src := range []lbaddr.Source{lbaddr.SourceExplicit, lbaddr.SourceService, lbaddr.SourceDNS} {
 		n := 0
 		for _, e := range st.Relay.StaticEndpoints {

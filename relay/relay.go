@@ -18,15 +18,13 @@ import (
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/internal/memtune"
 	"github.com/tsrelay/tsrelay/kubeevents"
-
-	// tsnet does not link the peer relay server. Without this import,
-	// RelayServerPort is still accepted and advertised, so peers keep trying
-	// the relay, but nothing listens. Run refuses to start without it.
-	_ "tailscale.com/feature/relayserver"
+	// tsnet does not link a peer relay server. Without one, RelayServerPort
+	// is still accepted and advertised, so peers keep trying the relay, but
+	// nothing listens. This is tsrelay's own, which checks what peers ask of
+	// it (Tailscale's, with the tsrelay_upstream_relayserver build tag).
+	// Run refuses to start without one.
+	"github.com/tsrelay/tsrelay/relayserver"
 )
-
-// relayFeature is the name the relay server registers with tailscale.com/feature.
-const relayFeature = "relayserver"
 
 // Timings of the reconcile loop.
 const (
@@ -43,8 +41,8 @@ const (
 // long-running starts (the Kubernetes client, the state Secret, the HTTP
 // port, the Service's RBAC) fails here, with the setting it came from.
 func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
-	if !feature.IsRegistered(relayFeature) {
-		return errors.New("this binary was built without tailscale.com/feature/relayserver; it cannot relay")
+	if !feature.IsRegistered(relayserver.Name) {
+		return errors.New("this binary was built without a peer relay server (package relayserver); it cannot relay")
 	}
 	if cfg.NoLogsNoSupport {
 		envknob.SetNoLogsNoSupport() // the same as tsnet's own reading of the variable, made explicit

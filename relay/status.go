@@ -9,6 +9,7 @@ import (
 
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
+	"tailscale.com/tailcfg"
 
 	"github.com/tsrelay/tsrelay/internal/chans"
 	"github.com/tsrelay/tsrelay/internal/readyz"
@@ -69,6 +70,9 @@ type nodeView struct {
 	health       []string
 	loginPending bool   // NeedsLogin with an auth URL: a human must act
 	problem      string // a reason not to be ready the backend does not know
+	// relayClient is true when the node may use other peer relays: the
+	// tailnet did not give it the disable-relay-client attribute.
+	relayClient bool
 }
 
 // relayView is the reconcile loop's view of the relay: the endpoints it
@@ -148,6 +152,7 @@ func nodeFrom(st *ipnstate.Status) nodeView {
 	n := nodeView{ips: st.TailscaleIPs, health: st.Health}
 	if st.Self != nil {
 		n.dnsName = strings.TrimSuffix(st.Self.DNSName, ".")
+		n.relayClient = !st.Self.HasCap(tailcfg.NodeAttrDisableRelayClient)
 	}
 	return n
 }
@@ -284,6 +289,7 @@ func (s *status) snapshot() readyz.Status {
 			DroppedEndpoints: endpointsJSON(s.relay.dropped),
 			Service:          s.service,
 			Sessions:         s.relay.sessions,
+			ClientEnabled:    s.node.relayClient,
 		},
 		Health:   slices.Clone(s.node.health),
 		PathMTU:  pathMTUStatus(s.mtu),

@@ -90,7 +90,9 @@ Usage: relay [--help | --version]
 The relay joins your tailnet as a userspace node (no TUN, no privileges),
 turns on Tailscale's peer relay on TS_RELAY_SERVER_PORT, and serves
 /healthz, /readyz and /metrics on TS_LOCAL_ADDR_PORT. Peers use it only where the
-tailnet policy grants "tailscale.com/cap/relay" to them for this node.
+tailnet policy grants "tailscale.com/cap/relay" to them for this node. Give
+this node the "disable-relay-client" node attribute too: at Tailscale v1.102.5
+any peer can crash a node that may use other relays (README: Reliability).
 
 Environment:
 `, version)

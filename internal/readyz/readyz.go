@@ -64,6 +64,11 @@ type Relay struct {
 	Service string `json:"service,omitempty"`
 	// Sessions is how many sessions (pairs of peers) the relay holds.
 	Sessions int `json:"sessions"`
+	// ClientEnabled is true when the tailnet lets the relay's own node
+	// use other peer relays (it lacks the disable-relay-client node
+	// attribute). At Tailscale v1.102.5 any peer can then crash it with a
+	// CallMeMaybeVia that names a zero relay key.
+	ClientEnabled bool `json:"clientEnabled"`
 	// SessionTable is read live from the relay server for each request.
 	SessionTable []Session `json:"sessionTable,omitempty"`
 }

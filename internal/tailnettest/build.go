@@ -36,22 +36,34 @@ func Build(ctx context.Context, dir string) (Binaries, error) {
 	if err := goBuild(ctx, dir, "", tailscaledPkg, tailscalePkg); err != nil {
 		return Binaries{}, err
 	}
-	root, err := moduleRoot(ctx)
+	relay, err := BuildRelay(ctx, dir)
 	if err != nil {
-		return Binaries{}, err
-	}
-	tags, err := os.ReadFile(filepath.Join(root, "cmd", "relay", "build-tags"))
-	if err != nil {
-		return Binaries{}, fmt.Errorf("read the relay's build tags: %w", err)
-	}
-	if err := goBuild(ctx, dir, strings.TrimSpace(string(tags)), relayPkg); err != nil {
 		return Binaries{}, err
 	}
 	return Binaries{
 		Tailscaled: filepath.Join(dir, "tailscaled"),
 		Tailscale:  filepath.Join(dir, "tailscale"),
-		Relay:      filepath.Join(dir, "relay"),
+		Relay:      relay,
 	}, nil
+}
+
+// BuildRelay builds ./cmd/relay as Build does, with extraTags added to the
+// release tags (tsrelay_upstream_relayserver, say), into dir, and returns
+// the binary's path.
+func BuildRelay(ctx context.Context, dir string, extraTags ...string) (string, error) {
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return "", err
+	}
+	tags, err := os.ReadFile(filepath.Join(root, "cmd", "relay", "build-tags"))
+	if err != nil {
+		return "", fmt.Errorf("read the relay's build tags: %w", err)
+	}
+	all := strings.Join(append([]string{strings.TrimSpace(string(tags))}, extraTags...), ",")
+	if err := goBuild(ctx, dir, all, relayPkg); err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, "relay"), nil
 }
 
 // BuildClients is Build without the relay: it builds only tailscaled and
