@@ -4,6 +4,8 @@ package cluster_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -34,15 +36,18 @@ import (
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
-// namespace is where every example installs the relay.
-const namespace = metav1.NamespacePublic
-
 // relayPort is the relay's UDP port in the manifests.
 const relayPort = 61441
 
 // example is one shipped kustomization and what it must give.
 type example struct {
 	dir string // under the module root
+	// namespace is where it installs the relay.
+	namespace string
+	// namespaceFile, under dir, is the example's own Namespace, which the
+	// test applies first so that the user's Secret and ConfigMap can go
+	// in it; empty for an existing namespace.
+	namespaceFile string
 	// pods are the relay pods' names for a StatefulSet; empty means the
 	// Deployment's one pod.
 	pods []string
@@ -50,6 +55,9 @@ type example struct {
 	services []string
 	derp     bool // serves the in-cluster DERP region
 	monitor  bool // has a ServiceMonitor and the tsrelay-metrics Service
+	// keyless logs in with its pod's ServiceAccount token
+	// (components/keyless), with no auth key in the cluster.
+	keyless bool
 }
 
 // ha is the StatefulSet's relays and Services.
@@ -61,20 +69,66 @@ var (
 // examples are every kustomization the project ships, in the order the
 // test applies them.
 var examples = []example{
-	{dir: "manifests", services: []string{"tsrelay"}},
-	{dir: "examples/monitoring", services: []string{"tsrelay"}, monitor: true},
-	{dir: "examples/derp", services: []string{"tsrelay"}, derp: true},
-	{dir: "examples/ha", pods: haPods, services: haServices},
-	{dir: "examples/ha-derp", pods: haPods, services: haServices, derp: true},
+	{dir: "manifests", namespace: kubePublic, services: []string{"tsrelay"}},
+	{dir: "examples/monitoring", namespace: kubePublic, services: []string{"tsrelay"}, monitor: true},
+	{dir: "examples/derp", namespace: kubePublic, services: []string{"tsrelay"}, derp: true},
+	{dir: "examples/ha", namespace: kubePublic, pods: haPods, services: haServices},
+	{dir: "examples/ha-derp", namespace: kubePublic, pods: haPods, services: haServices, derp: true},
+	{dir: "examples/namespace", namespace: "tsrelay", namespaceFile: "namespace.yaml", services: []string{"tsrelay"}},
+	{dir: "examples/keyless", namespace: kubePublic, services: []string{"tsrelay"}, keyless: true},
 }
+
+// TestExamplesTableComplete checks that examples lists the base and every
+// directory under examples/, so that a new example cannot ship without
+// the real-cluster test applying it.
+func TestExamplesTableComplete(t *testing.T) {
+	entries, err := os.ReadDir("../examples")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"manifests"}
+	for _, e := range entries {
+		if e.IsDir() {
+			want = append(want, "examples/"+e.Name())
+		}
+	}
+	var got []string
+	for _, ex := range examples {
+		got = append(got, ex.dir)
+	}
+	slices.Sort(want)
+	slices.Sort(got)
+	if !slices.Equal(got, want) {
+		t.Errorf("TestExamples applies %v; the shipped examples are %v", got, want)
+	}
+}
+
+// kubePublic is the namespace the base manifests install into.
+const kubePublic = metav1.NamespacePublic
+
+// What examples/keyless's user sets up in the admin console: a trusted
+// credential with this client ID, audience and tag, for the subject
+// system:serviceaccount:<namespace>:tsrelay and the cluster's issuer.
+const (
+	keylessClientID = "kTSRELAYTEST11CNTRL"
+	keylessAudience = "api.tailscale.test/kTSRELAYTEST11CNTRL"
+	keylessTag      = "tag:relay"
+)
 
 // TestExamples applies every shipped example with `kubectl apply -k`, the
 // kubectl users have (built from the Kubernetes release the project
 // follows), to a real single-node cluster (internal/kubecluster) running
 // the relay image built from this checkout as the Dockerfile builds it.
 // The only additions are what a user adds: the tsrelay-auth Secret and the
-// tsrelay-config ConfigMap, pointing the relay at the test's tailnet. For
-// each example: every relay pod becomes Ready; each relay holds its
+// tsrelay-config ConfigMap, pointing the relay at the test's tailnet, in
+// the example's namespace (examples/namespace's own, applied first). With
+// examples/keyless there is no auth key: the ConfigMap holds the trusted
+// credential's client ID and tag, the audience is patched in as README's
+// "Keyless login" says, the API server's discovery endpoints are opened
+// to anyone as it says, and the test control's token exchange verifies
+// the token the kubelet projects against the cluster's own issuer; the
+// relay must log in once, asking for a non-ephemeral, preauthorized key.
+// For each example: every relay pod becomes Ready; each relay holds its
 // identity (its state Secret and its Lease); its Services have their
 // load-balancer address and ports; two laptops that may not talk directly
 // get a relayed path through a load-balancer address (tailscale ping shows
@@ -138,38 +192,66 @@ func (e *testEnv) run(t *testing.T, ex example) {
 	ctx, cancel := context.WithTimeout(t.Context(), 8*time.Minute)
 	defer cancel()
 	cs := e.c.Client
+	ns := ex.namespace
 	start := time.Now()
-	t.Cleanup(func() { e.uninstall(t, ex) })
+	kustomization := filepath.Join(e.root, ex.dir)
+	if ex.keyless {
+		kustomization = keylessOverlay(t, kustomization)
+	}
+	t.Cleanup(func() { e.uninstall(t, ex, kustomization) })
 
-	// What a user adds: the auth key, and settings for this tailnet. No
-	// relay a test starts may talk to Tailscale's servers.
-	if _, err := cs.CoreV1().Secrets(namespace).Create(ctx, &corev1.Secret{
+	if ex.namespaceFile != "" {
+		out, err := e.c.Kubectl(ctx, "apply", "-f", filepath.Join(e.root, ex.dir, ex.namespaceFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("kubectl apply -f %s: %s", filepath.Join(ex.dir, ex.namespaceFile), out)
+	}
+	var exchange *tailnettest.TokenExchange
+	if ex.keyless {
+		exchange = e.trustIssuer(t, ctx, ns)
+	}
+
+	// What a user adds: the auth key (or, keyless, the credential's client
+	// ID and tag), and settings for this tailnet. No relay a test starts
+	// may talk to Tailscale's servers.
+	config := map[string]string{
+		"TS_CONTROL_URL":               e.control.URL,
+		"TS_NO_LOGS_NO_SUPPORT":        "true",
+		"TS_PANIC_IF_HIT_MAIN_CONTROL": "1",
+	}
+	if ex.keyless {
+		config["TS_CLIENT_ID"] = keylessClientID
+		config["TS_ADVERTISE_TAGS"] = keylessTag
+	} else if _, err := cs.CoreV1().Secrets(ns).Create(ctx, &corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{Name: "tsrelay-auth"},
 		StringData: map[string]string{"TS_AUTHKEY": e.control.AuthKey},
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cs.CoreV1().ConfigMaps(namespace).Create(ctx, &corev1.ConfigMap{
+	if _, err := cs.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: "tsrelay-config"},
-		Data: map[string]string{
-			"TS_CONTROL_URL":               e.control.URL,
-			"TS_NO_LOGS_NO_SUPPORT":        "true",
-			"TS_PANIC_IF_HIT_MAIN_CONTROL": "1",
-		},
+		Data:       config,
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if ex.monitor {
 		e.installServiceMonitorCRD(t, ctx)
 	}
-	out, err := e.c.Kubectl(ctx, "apply", "-k", filepath.Join(e.root, ex.dir))
+	out, err := e.c.Kubectl(ctx, "apply", "-k", kustomization)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("kubectl apply -k %s:\n%s", ex.dir, out)
+	t.Logf("kubectl apply -k %s:\n%s", kustomization, out)
 
 	pods := e.waitReady(t, ctx, ex)
 	t.Logf("%s: %d relay pod(s) Ready %.1f s after kubectl apply", ex.dir, len(pods), time.Since(start).Seconds())
+	if ex.keyless {
+		checkKeylessLogin(t, exchange, len(pods))
+	}
+	if ns != kubePublic {
+		e.checkMoved(t, ctx, ns)
+	}
 
 	// Identities: each relay holds its state Secret and the Lease of the
 	// same name.
@@ -179,13 +261,13 @@ func (e *testEnv) run(t *testing.T, ex example) {
 		if ex.pods != nil {
 			state = pod.Name + "-state"
 		}
-		sec, err := cs.CoreV1().Secrets(namespace).Get(ctx, state, metav1.GetOptions{})
+		sec, err := cs.CoreV1().Secrets(ns).Get(ctx, state, metav1.GetOptions{})
 		if err != nil {
 			t.Errorf("relay %s's state Secret: %v", pod.Name, err)
 		} else if len(sec.Data) == 0 {
 			t.Errorf("relay %s's state Secret %s is empty", pod.Name, state)
 		}
-		lease, err := cs.CoordinationV1().Leases(namespace).Get(ctx, state, metav1.GetOptions{})
+		lease, err := cs.CoordinationV1().Leases(ns).Get(ctx, state, metav1.GetOptions{})
 		if err != nil {
 			t.Errorf("relay %s's Lease: %v", pod.Name, err)
 		} else if want := pod.Name + "_" + string(pod.UID); lease.Spec.HolderIdentity == nil || *lease.Spec.HolderIdentity != want {
@@ -194,7 +276,7 @@ func (e *testEnv) run(t *testing.T, ex example) {
 
 		// Its Service: the load-balancer address, the relay's port (and
 		// DERP's and STUN's), and this pod behind it.
-		svc, err := cs.CoreV1().Services(namespace).Get(ctx, ex.services[i], metav1.GetOptions{})
+		svc, err := cs.CoreV1().Services(ns).Get(ctx, ex.services[i], metav1.GetOptions{})
 		if err != nil {
 			t.Fatalf("relay %s's Service: %v", pod.Name, err)
 		}
@@ -220,7 +302,7 @@ func (e *testEnv) run(t *testing.T, ex example) {
 	}
 
 	if ex.monitor {
-		e.checkMonitoring(t, ctx)
+		e.checkMonitoring(t, ctx, ns)
 	}
 	var region *tailcfg.DERPRegion
 	if ex.derp {
@@ -242,7 +324,7 @@ func (e *testEnv) waitReady(t *testing.T, ctx context.Context, ex example) []cor
 	defer cancel()
 	var pods []corev1.Pod
 	err := tailnettest.WaitFor(wctx, 250*time.Millisecond, func() (bool, error) {
-		list, err := e.c.Client.CoreV1().Pods(namespace).List(wctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=tsrelay"})
+		list, err := e.c.Client.CoreV1().Pods(ex.namespace).List(wctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=tsrelay"})
 		if err != nil {
 			return false, nil
 		}
@@ -273,7 +355,7 @@ func (e *testEnv) waitReady(t *testing.T, ctx context.Context, ex example) []cor
 				code, body, err := e.podGet(ctx, p.Status.PodIP, "/readyz")
 				fmt.Fprintf(&b, "  GET /readyz: %d %v %s\n", code, err, body)
 			}
-			out, _ := e.c.Kubectl(ctx, "-n", namespace, "logs", "--tail=20", p.Name)
+			out, _ := e.c.Kubectl(ctx, "-n", ex.namespace, "logs", "--tail=20", p.Name)
 			fmt.Fprintf(&b, "  log tail:\n%s\n", out)
 		}
 		t.Fatalf("%s: want %d relay pod(s) Ready: %v\n%s", ex.dir, want, err, b.String())
@@ -337,7 +419,7 @@ func (e *testEnv) derpRegion(t *testing.T, ctx context.Context, ex example, pods
 	if ex.pods != nil {
 		target = ex.pods[0]
 	}
-	out, err := e.c.Kubectl(ctx, "-n", namespace, "exec", target, "--", "/relay", "derpmap")
+	out, err := e.c.Kubectl(ctx, "-n", ex.namespace, "exec", target, "--", "/relay", "derpmap")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -404,9 +486,9 @@ func (e *testEnv) derpRegion(t *testing.T, ctx context.Context, ex example, pods
 	return region
 }
 
-// checkMonitoring checks the ServiceMonitor and scrapes the relay through
-// the tsrelay-metrics Service, as Prometheus would.
-func (e *testEnv) checkMonitoring(t *testing.T, ctx context.Context) {
+// checkMonitoring checks the ServiceMonitor in namespace and scrapes the
+// relay through the tsrelay-metrics Service, as Prometheus would.
+func (e *testEnv) checkMonitoring(t *testing.T, ctx context.Context, namespace string) {
 	t.Helper()
 	dc, err := dynamic.NewForConfig(e.c.API.Admin)
 	if err != nil {
@@ -558,25 +640,27 @@ func (e *testEnv) laptop(t *testing.T, ctx context.Context) *tailnettest.Laptop 
 	return l
 }
 
-// uninstall deletes what the example and the user added, the relays'
-// state and Leases included, so that the next example starts afresh, and
-// takes the in-cluster region out of the tailnet's derpMap.
-func (e *testEnv) uninstall(t *testing.T, ex example) {
+// uninstall deletes what the example (installed from kustomization) and
+// the user added, the relays' state and Leases included, so that the next
+// example starts afresh, and takes the in-cluster region out of the
+// tailnet's derpMap. An example's own namespace goes with the example.
+func (e *testEnv) uninstall(t *testing.T, ex example, kustomization string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
+	ns := ex.namespace
 	if t.Failed() {
-		out, _ := e.c.Kubectl(ctx, "-n", namespace, "get", "all", "-o", "wide")
-		events, _ := e.c.Kubectl(ctx, "-n", namespace, "get", "events", "--field-selector=type=Warning")
-		t.Logf("kube-public at failure:\n%s\nWarning events:\n%s", out, events)
+		out, _ := e.c.Kubectl(ctx, "-n", ns, "get", "all", "-o", "wide")
+		events, _ := e.c.Kubectl(ctx, "-n", ns, "get", "events", "--field-selector=type=Warning")
+		t.Logf("%s at failure:\n%s\nWarning events:\n%s", ns, out, events)
 	}
-	if out, err := e.c.Kubectl(ctx, "delete", "-k", filepath.Join(e.root, ex.dir), "--wait=true", "--ignore-not-found"); err != nil {
+	if out, err := e.c.Kubectl(ctx, "delete", "-k", kustomization, "--wait=true", "--ignore-not-found"); err != nil {
 		t.Errorf("%v", err)
 	} else {
-		t.Logf("kubectl delete -k %s:\n%s", ex.dir, out)
+		t.Logf("kubectl delete -k %s:\n%s", kustomization, out)
 	}
 	cs := e.c.Client
 	err := tailnettest.WaitFor(ctx, 250*time.Millisecond, func() (bool, error) {
-		list, err := cs.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=tsrelay"})
+		list, err := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=tsrelay"})
 		return err == nil && len(list.Items) == 0, nil
 	})
 	if err != nil {
@@ -587,15 +671,196 @@ func (e *testEnv) uninstall(t *testing.T, ex example) {
 			t.Errorf("clean up: %v", err)
 		}
 	}
-	del(cs.CoreV1().Secrets(namespace).Delete(ctx, "tsrelay-auth", metav1.DeleteOptions{}))
-	del(cs.CoreV1().ConfigMaps(namespace).Delete(ctx, "tsrelay-config", metav1.DeleteOptions{}))
+	del(cs.CoreV1().Secrets(ns).Delete(ctx, "tsrelay-auth", metav1.DeleteOptions{}))
+	del(cs.CoreV1().ConfigMaps(ns).Delete(ctx, "tsrelay-config", metav1.DeleteOptions{}))
 	for _, name := range []string{"tsrelay-state", "tsrelay-0-state", "tsrelay-1-state", "tsrelay-derp-mesh"} {
-		del(cs.CoreV1().Secrets(namespace).Delete(ctx, name, metav1.DeleteOptions{}))
-		del(cs.CoordinationV1().Leases(namespace).Delete(ctx, name, metav1.DeleteOptions{}))
+		del(cs.CoreV1().Secrets(ns).Delete(ctx, name, metav1.DeleteOptions{}))
+		del(cs.CoordinationV1().Leases(ns).Delete(ctx, name, metav1.DeleteOptions{}))
+	}
+	if ex.keyless {
+		del(cs.RbacV1().ClusterRoleBindings().Delete(ctx, oidcDiscoveryBinding, metav1.DeleteOptions{}))
 	}
 	if ex.derp {
 		e.control.SetDERPMap(e.baseDERP)
 	}
+}
+
+// checkMoved checks that an example installing into ns moved everything
+// there: the RoleBinding grants its Role to the ServiceAccount in ns, and
+// none of the relay's objects is in kube-public.
+func (e *testEnv) checkMoved(t *testing.T, ctx context.Context, ns string) {
+	t.Helper()
+	cs := e.c.Client
+	rb, err := cs.RbacV1().RoleBindings(ns).Get(ctx, "tsrelay", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range rb.Subjects {
+		if s.Kind == "ServiceAccount" && s.Namespace != ns {
+			t.Errorf("RoleBinding %s/tsrelay grants to ServiceAccount %s/%s, want it in %s", ns, s.Namespace, s.Name, ns)
+		}
+	}
+	gone := func(what string, err error) {
+		if !apierrors.IsNotFound(err) {
+			t.Errorf("%s in %s: %v, want none there", what, kubePublic, err)
+		}
+	}
+	_, err = cs.CoreV1().ServiceAccounts(kubePublic).Get(ctx, "tsrelay", metav1.GetOptions{})
+	gone("ServiceAccount tsrelay", err)
+	_, err = cs.RbacV1().Roles(kubePublic).Get(ctx, "tsrelay", metav1.GetOptions{})
+	gone("Role tsrelay", err)
+	_, err = cs.RbacV1().RoleBindings(kubePublic).Get(ctx, "tsrelay", metav1.GetOptions{})
+	gone("RoleBinding tsrelay", err)
+	_, err = cs.AppsV1().Deployments(kubePublic).Get(ctx, "tsrelay", metav1.GetOptions{})
+	gone("Deployment tsrelay", err)
+	_, err = cs.CoreV1().Services(kubePublic).Get(ctx, "tsrelay", metav1.GetOptions{})
+	gone("Service tsrelay", err)
+	_, err = cs.CoreV1().Secrets(kubePublic).Get(ctx, "tsrelay-state", metav1.GetOptions{})
+	gone("Secret tsrelay-state", err)
+	_, err = cs.CoordinationV1().Leases(kubePublic).Get(ctx, "tsrelay-state", metav1.GetOptions{})
+	gone("Lease tsrelay-state", err)
+}
+
+// oidcDiscoveryBinding is the ClusterRoleBinding README's "Keyless login"
+// has users create so that anyone may read the issuer's discovery
+// document and keys.
+const oidcDiscoveryBinding = "oidc-discovery"
+
+// keylessOverlay writes, in a temporary directory, the kustomization a
+// user of examples/keyless (at dir) applies: the example with the
+// projected token's audience patched to the trusted credential's, as the
+// example and README's "Keyless login" say (the example's audience is a
+// stand-in for the one the admin console shows). The patch is the
+// example's own, with only the audience changed. It returns the
+// directory.
+func keylessOverlay(t *testing.T, dir string) string {
+	t.Helper()
+	overlay := t.TempDir()
+	// kustomize takes no absolute path to a kustomization directory.
+	rel, err := filepath.Rel(overlay, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := fmt.Sprintf(`apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+- %s
+patches:
+- patch: |-
+    apiVersion: apps/v1
+    kind: Deployment
+    metadata:
+      name: tsrelay
+    spec:
+      template:
+        spec:
+          volumes:
+            - name: tailscale-token
+              projected:
+                sources:
+                  - serviceAccountToken:
+                      path: token
+                      audience: %s
+                      expirationSeconds: 3600
+`, filepath.ToSlash(rel), keylessAudience)
+	if err := os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(k), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return overlay
+}
+
+// trustIssuer does what README's "Keyless login" asks of a user before
+// installing: it reads the cluster's issuer with `kubectl get --raw
+// /.well-known/openid-configuration`, lets anyone read the discovery
+// document and keys (the oidc-discovery ClusterRoleBinding), and adds a
+// trusted credential for it: a token exchange on the test control that
+// fetches them from the issuer with no credentials and trusting only the
+// API server's CA, as Tailscale's servers would over the internet, and
+// accepts the ServiceAccount tsrelay in namespace with the credential's
+// audience and tag. It returns the token exchange.
+func (e *testEnv) trustIssuer(t *testing.T, ctx context.Context, namespace string) *tailnettest.TokenExchange {
+	t.Helper()
+	out, err := e.c.Kubectl(ctx, "get", "--raw", "/.well-known/openid-configuration")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var disc struct {
+		Issuer  string `json:"issuer"`
+		JWKSURI string `json:"jwks_uri"`
+	}
+	if err := json.Unmarshal(out, &disc); err != nil || disc.Issuer == "" {
+		t.Fatalf("kubectl get --raw /.well-known/openid-configuration: %v\n%s", err, out)
+	}
+	if _, err := e.c.Kubectl(ctx, "create", "clusterrolebinding", oidcDiscoveryBinding,
+		"--clusterrole=system:service-account-issuer-discovery", "--group=system:unauthenticated"); err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(e.c.API.CA) {
+		t.Fatal("no certificate in the API server's CA")
+	}
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	// Both documents readable without credentials (the binding is in
+	// force once the authorizer's cache has it).
+	var last string
+	err = tailnettest.WaitFor(ctx, 250*time.Millisecond, func() (bool, error) {
+		for _, u := range []string{disc.Issuer + "/.well-known/openid-configuration", disc.JWKSURI} {
+			req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+			if err != nil {
+				return false, err
+			}
+			resp, err := client.Do(req)
+			if err != nil {
+				last = err.Error()
+				return false, nil
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				last = fmt.Sprintf("GET %s: %s", u, resp.Status)
+				return false, nil
+			}
+		}
+		return true, nil
+	})
+	if err != nil {
+		t.Fatalf("the issuer's discovery document and keys are not readable anonymously: %s: %v", last, err)
+	}
+	exchange := &tailnettest.TokenExchange{
+		ClientID:   keylessClientID,
+		Issuer:     disc.Issuer,
+		Subject:    "system:serviceaccount:" + namespace + ":tsrelay",
+		Audience:   keylessAudience,
+		Tags:       []string{keylessTag},
+		AuthKey:    e.control.AuthKey,
+		HTTPClient: client,
+	}
+	e.control.SetAPI(exchange)
+	t.Logf("trusted credential %s: issuer %s (keys at %s), subject %s, audience %s", keylessClientID, disc.Issuer, disc.JWKSURI, exchange.Subject, keylessAudience)
+	return exchange
+}
+
+// checkKeylessLogin checks that each of n relays logged in through the
+// token exchange exactly once, with no refusal, and asked for a
+// single-use key for a node that is not ephemeral, is preauthorized and
+// carries the credential's tag.
+func checkKeylessLogin(t *testing.T, exchange *tailnettest.TokenExchange, n int) {
+	t.Helper()
+	if r := exchange.Refusals(); len(r) != 0 {
+		t.Errorf("token exchange refused %d time(s): %q", len(r), r)
+	}
+	if got := exchange.Exchanges(); got != n {
+		t.Errorf("%d token exchange(s), want %d (one per relay)", got, n)
+	}
+	keys := exchange.Keys()
+	if len(keys) != n {
+		t.Fatalf("key requests %+v, want %d", keys, n)
+	}
+	for _, k := range keys {
+		if k.Ephemeral || !k.Preauthorized || k.Reusable || !slices.Equal(k.Tags, []string{keylessTag}) {
+			t.Errorf("key request %+v, want a single-use, non-ephemeral, preauthorized key tagged %s", k, keylessTag)
+		}
+	}
+	t.Logf("keyless login: %d token exchange(s), key requests %+v", exchange.Exchanges(), keys)
 }
 
 // manifestImage returns the relay image the base manifests name, rendered
