@@ -54,7 +54,7 @@ func TestKeylessComponent(t *testing.T) {
 	for _, tc := range []struct {
 		name, dir, audience string
 	}{
-		{"single relay (examples/keyless)", "../examples/keyless", "api.tailscale.com/kXXXXXXXXX11CNTRL"},
+		{"single relay (examples/keyless)", "../examples/keyless", "console.invalid/paste-your-credential-audience"},
 		{"ha, then keyless", haFirst, keylessPlaceholder},
 		{"keyless, then ha", keylessFirst, keylessPlaceholder},
 	} {

@@ -33,7 +33,9 @@ const (
 	keylessRetryMin = 2 * time.Second
 	keylessRetryMax = time.Minute
 	// keylessAudiencePlaceholder is the audience components/keyless gives
-	// the token until the user patches in the credential's.
+	// the token until the user patches in the credential's. Any audience
+	// under the reserved .invalid domain (RFC 2606), such as the stand-in
+	// in examples/keyless, is taken for a placeholder too.
 	keylessAudiencePlaceholder = "tsrelay.invalid/set-the-credential-audience"
 )
 
@@ -183,8 +185,8 @@ func (a *appliance) mintAuthKey(ctx context.Context, c *keyless.Client) (keyless
 	if err != nil {
 		return claims, "", fmt.Errorf("the ID token (%s) is %w", a.tokenSource(), err)
 	}
-	if slices.Contains(claims.Audience, keylessAudiencePlaceholder) {
-		return claims, "", fmt.Errorf("the ID token's audience is components/keyless's placeholder %s: patch the projected volume's audience with the one the trusted credential shows in the admin console (README: Keyless login)", keylessAudiencePlaceholder)
+	if i := slices.IndexFunc(claims.Audience, isPlaceholderAudience); i >= 0 {
+		return claims, "", fmt.Errorf("the ID token's audience %s is a placeholder: patch the projected volume's audience with the one the trusted credential shows in the admin console (README: Keyless login)", claims.Audience[i])
 	}
 	key, err := c.AuthKey(ctx, token)
 	if err != nil {
@@ -257,4 +259,12 @@ func hasNodeKey(s ipn.StateStore) (bool, error) {
 		return false, fmt.Errorf("read node state: profile %s: %w", cur, err)
 	}
 	return prefs.Config != nil && !prefs.Config.PrivateNodeKey.IsZero(), nil
+}
+
+// isPlaceholderAudience reports whether aud is components/keyless's
+// placeholder or any other audience under the reserved .invalid domain: a
+// token meant for no real credential, which is never sent.
+func isPlaceholderAudience(aud string) bool {
+	host, _, _ := strings.Cut(aud, "/")
+	return aud == keylessAudiencePlaceholder || strings.HasSuffix(strings.ToLower(host), ".invalid")
 }

@@ -197,3 +197,23 @@ func TestReadinessKeyless(t *testing.T) {
 		t.Errorf("readiness() after the key = %q, want starting", why)
 	}
 }
+
+// TestIsPlaceholderAudience checks that the component's and the example's
+// stand-in audiences are never sent, and a real one is.
+func TestIsPlaceholderAudience(t *testing.T) {
+	for _, tt := range []struct {
+		aud  string
+		want bool
+	}{
+		{keylessAudiencePlaceholder, true},
+		{"console.invalid/paste-your-credential-audience", true},
+		{"Example.INVALID", true},
+		{"api.tailscale.com/k123CNTRL", false},
+		{"invalid.example.com/x", false},
+		{"", false},
+	} {
+		if got := isPlaceholderAudience(tt.aud); got != tt.want {
+			t.Errorf("isPlaceholderAudience(%q) = %v, want %v", tt.aud, got, tt.want)
+		}
+	}
+}
