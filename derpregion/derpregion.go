@@ -30,6 +30,7 @@
 package derpregion
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -76,6 +77,31 @@ const admitTimeout = 3 * time.Second
 // for them; derpserver.Server.Close closes them.
 const shutdownTimeout = 5 * time.Second
 
+// Limits of the DERP port's HTTP server; see also guard.go.
+const (
+	derpMaxHeaderBytes    = 4 << 10
+	derpReadHeaderTimeout = 5 * time.Second
+	derpIdleTimeout       = 5 * time.Second
+)
+
+// limits are the DERP port's timeouts, in a struct so that tests can
+// shorten them.
+type limits struct {
+	readHeader  time.Duration // http.Server.ReadHeaderTimeout, and the TLS handshake's
+	idle        time.Duration // http.Server.IdleTimeout
+	admitWithin time.Duration // see guard.go
+	logInterval time.Duration // refusals.logEvery
+}
+
+func defaultLimits() limits {
+	return limits{
+		readHeader:  derpReadHeaderTimeout,
+		idle:        derpIdleTimeout,
+		admitWithin: admitWithin,
+		logInterval: refusalLogInterval,
+	}
+}
+
 // Config says where the DERP and STUN servers listen and who may use them.
 type Config struct {
 	// DERPAddr is the TCP address for DERP over TLS, e.g. ":8443".
@@ -86,8 +112,17 @@ type Config struct {
 	TLS *Cert
 	// Node admits clients: only its tailnet's node keys may connect.
 	Node Node
-	// Logger receives one line per state change and per refused client.
+	// Logger receives one line per state change, and one per
+	// refusalLogInterval with the connections refused in it.
 	Logger *slog.Logger
+
+	// MaxUnadmitted caps the DERP connections not yet admitted (see
+	// guard.go); zero means DefaultMaxUnadmitted.
+	MaxUnadmitted int
+	// AcceptRate is how many new DERP connections a second are accepted,
+	// with a burst of AcceptBurstSeconds of it; zero means
+	// DefaultAcceptRate.
+	AcceptRate float64
 
 	// MeshKey, when set, is the region's shared mesh key: a client that
 	// presents it is another node of the region (a mesh peer), trusted
@@ -117,6 +152,12 @@ func (c Config) validate() error {
 	if c.Logger == nil {
 		errs = append(errs, errors.New("derpregion: no logger"))
 	}
+	if c.MaxUnadmitted < 0 {
+		errs = append(errs, fmt.Errorf("derpregion: MaxUnadmitted %d is negative", c.MaxUnadmitted))
+	}
+	if c.AcceptRate < 0 {
+		errs = append(errs, fmt.Errorf("derpregion: AcceptRate %v is negative", c.AcceptRate))
+	}
 	if len(c.MeshPeers) > 0 && c.MeshKey.IsZero() {
 		errs = append(errs, errors.New("derpregion: mesh peers need a mesh key"))
 	}
@@ -136,15 +177,19 @@ type Server struct {
 	derp   *derpserver.Server
 	stats  *derpStats
 
-	derpLn   net.Listener
+	derpLn   *guardListener // the limits of guard.go
 	admitLn  net.Listener
 	token    string // in the admission URL's path
 	stun     *stunserver.STUNServer
 	stopSTUN context.CancelFunc // closes the STUN socket
 	mesh     []*meshLink        // one per Config.MeshPeers
 
-	// refused counts clients the admission check turned away.
-	refused   atomic.Uint64
+	// refused counts clients the admission check turned away;
+	// refusals, every connection refused or closed before admission.
+	refused  atomic.Uint64
+	refusals refusals
+	// lim are the port's timeouts; tests shorten them.
+	lim       limits
 	serving   atomic.Bool
 	closeOnce sync.Once
 }
@@ -156,16 +201,17 @@ func Listen(cfg Config) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, logger: cfg.Logger}
+	s := &Server{cfg: cfg, logger: cfg.Logger, lim: defaultLimits()}
 	defer func() {
 		if err != nil {
 			s.Close()
 		}
 	}()
-	s.derpLn, err = net.Listen("tcp", cfg.DERPAddr)
+	ln, err := net.Listen("tcp", cfg.DERPAddr)
 	if err != nil {
 		return nil, fmt.Errorf("derpregion: listen for DERP on tcp %s: %w", cfg.DERPAddr, err)
 	}
+	s.derpLn = newGuardListener(ln, cmp.Or(cfg.MaxUnadmitted, DefaultMaxUnadmitted), cmp.Or(cfg.AcceptRate, DefaultAcceptRate), &s.refusals, &s.lim)
 	// stunserver closes its socket when its context ends; Close ends it.
 	var stunCtx context.Context
 	stunCtx, s.stopSTUN = context.WithCancel(context.Background())
@@ -221,10 +267,11 @@ func (s *Server) Serving() bool { return s.serving.Load() }
 func (s *Server) Close() {
 	s.closeOnce.Do(func() {
 		s.serving.Store(false)
-		for _, ln := range []net.Listener{s.derpLn, s.admitLn} {
-			if ln != nil {
-				ln.Close()
-			}
+		if s.derpLn != nil {
+			s.derpLn.Close()
+		}
+		if s.admitLn != nil {
+			s.admitLn.Close()
 		}
 		if s.stopSTUN != nil {
 			s.stopSTUN()
@@ -247,15 +294,27 @@ func (s *Server) Serve(ctx context.Context) error {
 	g.Go(func() error { return serveUntil(ctx, admitSrv, s.admitLn, "admission", nil) })
 
 	derpMux := http.NewServeMux()
-	derpMux.Handle("/derp", derpserver.Handler(s.derp))
+	derpMux.Handle("/derp", markingUpgrades(derpserver.Handler(s.derp)))
 	// netcheck's HTTPS latency fallback and captive portal checks.
 	derpMux.HandleFunc("/derp/probe", derpserver.ProbeHandler)
 	derpMux.HandleFunc("/derp/latency-check", derpserver.ProbeHandler)
 	derpMux.HandleFunc("/generate_204", derpserver.ServeNoContent)
 	derpSrv := &http.Server{
-		Handler:           derpMux,
-		ReadHeaderTimeout: 10 * time.Second,
-		TLSConfig:         s.cfg.TLS.serverConfig(),
+		Handler: derpMux,
+		// Real requests here are a DERP client's upgrade and netcheck's
+		// probes: a few hundred bytes of header, sent at once.
+		MaxHeaderBytes: derpMaxHeaderBytes,
+		// net/http also bounds the TLS handshake by its smallest timeout
+		// (http.Server.tlsHandshakeTimeout), so this is the
+		// handshake's deadline too.
+		ReadHeaderTimeout: s.lim.readHeader,
+		// For the plain paths (/generate_204, /derp/probe): a keep-alive
+		// connection closes soon after its last request, and admitWithin
+		// closes it anyway. An upgraded DERP connection is hijacked, and
+		// net/http's timeouts no longer apply to it.
+		IdleTimeout: s.lim.idle,
+		ConnContext: withGuardConn,
+		TLSConfig:   s.cfg.TLS.serverConfig(),
 		// DERP upgrades an HTTP/1.1 connection; HTTP/2 would break it.
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 		ErrorLog:     slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug),
@@ -278,6 +337,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	for _, l := range s.mesh {
 		g.Go(func() error { l.run(ctx); return nil })
 	}
+	g.Go(func() error { s.refusals.logEvery(ctx, s.lim.logInterval, s.logger); return nil })
 
 	s.serving.Store(true)
 	s.logger.Info("DERP region serving", "derp", s.DERPAddr().String(), "stun", s.STUNAddr().String())
@@ -323,7 +383,10 @@ func (s *Server) serveAdmit(w http.ResponseWriter, r *http.Request) {
 	allow, reason := s.admit(ctx, req.NodePublic)
 	if !allow {
 		s.refused.Add(1)
-		s.logger.Info("DERP client refused", "node_key", req.NodePublic.ShortString(), "from", req.Source.String(), "reason", reason)
+		s.refusals.add(reasonNotMember)
+		// At Debug: strangers can send any number of these; the Info
+		// line is refusals.logEvery's count.
+		s.logger.Debug("DERP client refused", "node_key", req.NodePublic.ShortString(), "from", req.Source.String(), "reason", reason)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(tailcfg.DERPAdmitClientResponse{Allow: allow})
