@@ -18,6 +18,11 @@
 //     refused while that node is not Running (fail closed). The one
 //     exception is a mesh peer presenting the region's mesh key, which
 //     derpserver trusts without the check; there is no open mode.
+//   - Strangers reach the DERP port before that check, so what they can
+//     make it hold is bounded first (guard.go): small request headers,
+//     timeouts on every phase before admission, a cap on connections not
+//     yet admitted (in all and per source address) and an accept rate.
+//     Admitted clients are outside those limits.
 //   - A node homed here is reachable over DERP only by nodes that can reach
 //     this address. A private address suits a LAN-only tailnet; a laptop
 //     away from home loses the DERP path to every node homed here.

@@ -1,6 +1,7 @@
 package derpregion
 
 import (
+	"container/list"
 	"context"
 	"log/slog"
 	"net"
@@ -18,9 +19,13 @@ import (
 // here, before TLS, and by the http.Server's limits (Serve):
 //
 //   - connections not yet admitted (TLS handshake, HTTP request, DERP
-//     handshake and admission check) are capped in total
-//     (Config.MaxUnadmitted) and per source address (maxUnadmittedPerSource);
-//     a connection over either cap is closed at once;
+//     handshake and admission check) are capped per source address
+//     (maxUnadmittedPerSource: a connection over it is closed at once) and
+//     in total (Config.MaxUnadmitted): with the total reached, a new
+//     connection closes the oldest unadmitted one, which has had the
+//     longest to finish, so strangers holding every slot cannot keep a
+//     new member out (each connection still gets at least
+//     MaxUnadmitted/AcceptRate seconds, 2.56 s by default);
 //   - new connections are rate-limited before TLS (Config.AcceptRate), as
 //     Tailscale's cmd/derper does with --accept-connection-limit: over the
 //     rate, a connection is closed at once rather than left in the kernel's
@@ -54,14 +59,17 @@ const (
 )
 
 // Defaults for Config.MaxUnadmitted and Config.AcceptRate, chosen from
-// make bench's abuse rows (bench/README.md): an unadmitted TLS connection
-// holding an unfinished header costs the relay about 40 KiB, so 512 of
-// them stay under about 20 MiB; 100 connections a second cost a few
-// percent of one core in TLS handshakes, and let a region's clients
-// reconnect after a restart at that rate (a burst of AcceptBurstSeconds
-// worth at once).
+// make bench's abuse rows (bench/README.md, 2026-12): with the cap full,
+// an unadmitted connection costs the relay 30-65 KiB (TCP without TLS the
+// least, an upgraded one waiting for its ClientInfo the most); 512 of
+// them measured 33.5 MiB, over the 32 MiB goal, so 256 (about 17 MiB at
+// most). A real client is unadmitted for a few round trips, so even a
+// region's reconnect storm at the accept rate needs a few dozen. 100
+// connections a second let a region's clients reconnect after a restart
+// at that rate (a burst of AcceptBurstSeconds worth at once) and cost a
+// small part of a core in TLS handshakes.
 const (
-	DefaultMaxUnadmitted = 512
+	DefaultMaxUnadmitted = 256
 	DefaultAcceptRate    = 100
 	// AcceptBurstSeconds: the accept limiter's burst is this many
 	// seconds of AcceptRate.
@@ -72,7 +80,7 @@ const (
 // "reason" label of tsrelay_derp_connections_refused_total.
 const (
 	reasonAcceptRate    = "accept_rate"    // over Config.AcceptRate
-	reasonUnadmittedCap = "unadmitted_cap" // Config.MaxUnadmitted connections already waiting
+	reasonUnadmittedCap = "unadmitted_cap" // the oldest waiting, closed for a new one over Config.MaxUnadmitted
 	reasonSourceCap     = "source_cap"     // maxUnadmittedPerSource from this source already waiting
 	reasonAdmitTimeout  = "admit_timeout"  // not admitted within admitWithin
 	reasonNotMember     = "not_member"     // refused by the tailnet admission check
@@ -144,6 +152,7 @@ type guardListener struct {
 	mu         sync.Mutex
 	unadmitted int
 	bySource   map[netip.Prefix]int
+	queue      list.List // of *guardConn not admitted, oldest first
 }
 
 func newGuardListener(ln net.Listener, maxUnadmitted int, acceptRate float64, refused *refusals, lim *limits) *guardListener {
@@ -190,37 +199,55 @@ func sourceOf(c net.Conn) netip.Prefix {
 }
 
 // take counts c as unadmitted and wraps it, or returns nil (the refusal
-// counted) when a limit says no. The caps are checked first so that a
-// connection refused by them costs no token of the rate.
+// counted) when a limit says no. The per-source cap comes first, so that
+// a connection refused by it costs no token of the rate; with the total
+// reached, the oldest unadmitted connection is closed to make room.
 func (g *guardListener) take(c net.Conn) *guardConn {
 	src := sourceOf(c)
 	g.mu.Lock()
-	defer g.mu.Unlock()
 	switch {
 	case g.bySource[src] >= maxUnadmittedPerSource:
+		g.mu.Unlock()
 		g.refused.add(reasonSourceCap)
 		return nil
-	case g.unadmitted >= g.maxUnadmitted:
-		g.refused.add(reasonUnadmittedCap)
-		return nil
 	case !g.lim.Allow():
+		g.mu.Unlock()
 		g.refused.add(reasonAcceptRate)
 		return nil
 	}
+	var oldest *guardConn
+	if g.unadmitted >= g.maxUnadmitted {
+		oldest = g.queue.Front().Value.(*guardConn)
+		g.releaseLocked(oldest)
+	}
+	gc := &guardConn{Conn: c, g: g, src: src}
+	gc.elem = g.queue.PushBack(gc)
 	g.unadmitted++
 	g.bySource[src]++
-	gc := &guardConn{Conn: c, g: g, src: src}
 	gc.timer = time.AfterFunc(g.limits.admitWithin, gc.expire)
+	g.mu.Unlock()
+	if oldest != nil {
+		oldest.evict()
+	}
 	return gc
 }
 
-// release returns a connection's unadmitted slot.
-func (g *guardListener) release(src netip.Prefix) {
+// release returns c's unadmitted slot, if it still holds one.
+func (g *guardListener) release(c *guardConn) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	g.releaseLocked(c)
+}
+
+func (g *guardListener) releaseLocked(c *guardConn) {
+	if c.elem == nil {
+		return // released already: admitted, closed or evicted
+	}
+	g.queue.Remove(c.elem)
+	c.elem = nil
 	g.unadmitted--
-	if g.bySource[src]--; g.bySource[src] <= 0 {
-		delete(g.bySource, src)
+	if g.bySource[c.src]--; g.bySource[c.src] <= 0 {
+		delete(g.bySource, c.src)
 	}
 }
 
@@ -255,6 +282,7 @@ type guardConn struct {
 	g     *guardListener
 	src   netip.Prefix
 	timer *time.Timer
+	elem  *list.Element // in g.queue while it holds a slot; guarded by g.mu
 
 	mu    sync.Mutex
 	state int32
@@ -278,7 +306,7 @@ func (c *guardConn) SetDeadline(t time.Time) error {
 	case c.state == stateDERPHandshake && t.IsZero():
 		c.state = stateAdmitted
 		c.timer.Stop()
-		c.g.release(c.src)
+		c.g.release(c)
 	}
 	c.mu.Unlock()
 	return c.Conn.SetDeadline(t)
@@ -290,11 +318,27 @@ func (c *guardConn) expire() {
 	expired := c.state != stateAdmitted && c.state != stateClosed
 	if expired {
 		c.state = stateClosed
-		c.g.release(c.src)
+		c.g.release(c)
 	}
 	c.mu.Unlock()
 	if expired {
 		c.g.refused.add(reasonAdmitTimeout)
+		c.Conn.Close()
+	}
+}
+
+// evict closes the connection, unless admitted meanwhile, to make room
+// for a newer one; take has released its slot.
+func (c *guardConn) evict() {
+	c.mu.Lock()
+	evicted := c.state != stateAdmitted && c.state != stateClosed
+	if evicted {
+		c.state = stateClosed
+		c.timer.Stop()
+	}
+	c.mu.Unlock()
+	if evicted {
+		c.g.refused.add(reasonUnadmittedCap)
 		c.Conn.Close()
 	}
 }
@@ -304,7 +348,7 @@ func (c *guardConn) Close() error {
 	c.mu.Lock()
 	if c.state != stateClosed {
 		if c.state != stateAdmitted {
-			c.g.release(c.src)
+			c.g.release(c)
 		}
 		c.state = stateClosed
 		c.timer.Stop()

@@ -381,28 +381,35 @@ func TestUnadmittedCapReservesRoomForAdmitted(t *testing.T) {
 	}
 	g := serveGuarded(t, &stubNode{state: ipn.Running, known: known}, Config{MaxUnadmitted: capN}, limits{})
 
-	// More members than the cap, one after another, all stay connected:
-	// an admitted connection leaves the unadmitted count. (Without the
-	// release on admission, member capN+1 is refused.)
-	clients := make([]*derphttp.Client, len(members))
-	for i, m := range members {
-		clients[i] = memberClient(t, g, m)
+	// More members than the cap, one after another, all stay connected,
+	// and none counts as unadmitted once in (without the release on
+	// admission, the gauge stays at the cap).
+	clients := make([]*derphttp.Client, len(members)-1)
+	for i := range clients {
+		clients[i] = memberClient(t, g, members[i])
 	}
+	waitFor(t, "admitted members to leave the unadmitted count", func() bool { return g.s.derpLn.unadmittedNow() == 0 })
+
 	// Strangers hold every unadmitted slot: TCP connections that never
 	// start TLS, from capN sources.
-	for i := range capN {
-		dialFrom(t, src(10+i), g.s.DERPAddr())
+	strangers := make([]net.Conn, capN)
+	for i := range strangers {
+		strangers[i] = dialFrom(t, src(10+i), g.s.DERPAddr())
+		waitFor(t, "the stranger to be counted", func() bool { return g.s.derpLn.unadmittedNow() == i+1 })
 	}
-	waitFor(t, "the strangers to hold every slot", func() bool { return g.s.derpLn.unadmittedNow() == capN })
-	// The next one is closed at once (without the cap, it would be held
-	// until the handshake timeout).
-	over := dialFrom(t, src(100), g.s.DERPAddr())
-	closedWithin(t, over, derpReadHeaderTimeout-time.Second, "connection over the unadmitted cap")
+	// A new member still gets in: its connection closes the oldest
+	// stranger's (without the eviction, it is closed at once, and the
+	// member is refused until the strangers time out).
+	last := memberClient(t, g, members[len(members)-1])
+	closedWithin(t, strangers[0], derpReadHeaderTimeout-time.Second, "the oldest stranger, when a new connection needs its room")
 	if got := g.refusedFor(t, reasonUnadmittedCap); got < 1 {
 		t.Errorf("refused{unadmitted_cap} = %v, want ≥ 1", got)
 	}
+	if got := g.s.derpLn.unadmittedNow(); got > capN {
+		t.Errorf("unadmitted = %d, over the cap %d", got, capN)
+	}
 	// The admitted are untouched.
-	relays(t, clients[0], clients[len(clients)-1], members[len(members)-1].Public(), "first to last member while the cap is full")
+	relays(t, clients[0], last, members[len(members)-1].Public(), "first to last member while strangers fill the cap")
 }
 
 func TestSourceCap(t *testing.T) {

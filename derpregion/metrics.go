@@ -95,7 +95,7 @@ func NewCollector(s *Server, status StatusSource, regionCode string, logger *slo
 		stun:          d("stun_requests_total", "STUN datagrams by outcome (success, not_stun, read_error, write_error).", "disposition"),
 		homePeers:     d("home_peers", "Tailnet peers of the relay's node whose home DERP region is this one, as the node sees them."),
 		certExpiry:    d("cert_expiry_timestamp_seconds", "When the DERP server's TLS certificate expires (Unix time)."),
-		connsRefused:  d("connections_refused_total", "DERP-port connections refused or closed before admission, by reason: accept_rate (over TS_DERP_ACCEPT_RATE), unadmitted_cap (TS_DERP_MAX_UNADMITTED already waiting), source_cap (too many waiting from one address), admit_timeout (not admitted within 10 s), not_member (the tailnet membership check).", "reason"),
+		connsRefused:  d("connections_refused_total", "DERP-port connections refused or closed before admission, by reason: accept_rate (over TS_DERP_ACCEPT_RATE), unadmitted_cap (the oldest waiting, closed to make room for a new one over TS_DERP_MAX_UNADMITTED), source_cap (too many waiting from one address), admit_timeout (not admitted within 10 s), not_member (the tailnet membership check).", "reason"),
 		unadmitted:    d("unadmitted_connections", "DERP-port connections open now and not yet admitted."),
 		meshConnected: d("mesh_peer_connected", "1 while the mesh link to another node of the region answers pings, else 0; one series per mesh peer.", "peer"),
 	}

@@ -45,7 +45,7 @@ type DERPConfig struct {
 
 	// Limits on the public DERP port (derpregion/guard.go); defaults from
 	// make bench's abuse rows.
-	MaxUnadmitted int     `envconfig:"TS_DERP_MAX_UNADMITTED" default:"512" desc:"Most DERP connections held open before their client is admitted (TLS, HTTP, DERP handshake); further ones are closed at once until these finish or time out (10 s). Admitted clients (tailnet members, mesh peers) do not count. Each held one costs up to about 45 KiB: 512 is about 22 MiB at most (README: Reliability)."`
+	MaxUnadmitted int     `envconfig:"TS_DERP_MAX_UNADMITTED" default:"256" desc:"Most DERP connections held open before their client is admitted (TLS, HTTP, DERP handshake, membership check); beyond it, a new connection closes the oldest waiting one (so strangers holding them all cannot keep a member out), and none waits more than 10 s. Admitted clients (tailnet members, mesh peers) do not count. Each held one costs up to about 65 KiB: 256 is about 17 MiB at most (README: Reliability)."`
 	AcceptRate    float64 `envconfig:"TS_DERP_ACCEPT_RATE" default:"100" desc:"New DERP connections accepted per second, with a burst of 2 seconds' worth, before any TLS work; over it, a connection is closed at once and the client retries (as Tailscale's derper --accept-connection-limit). Raise it for a region with thousands of home nodes, which reconnect at this rate after a restart."`
 
 	// The DERP mesh: several relays serving one region (mesh.go).
@@ -131,7 +131,7 @@ func (d DERPConfig) validate(c *Config) []error {
 		errs = append(errs, err)
 	}
 	if d.MaxUnadmitted < 1 || d.MaxUnadmitted > 100_000 {
-		bad("TS_DERP_MAX_UNADMITTED=%d: want a number of connections from 1 to 100000 (default 512)", d.MaxUnadmitted)
+		bad("TS_DERP_MAX_UNADMITTED=%d: want a number of connections from 1 to 100000 (default 256)", d.MaxUnadmitted)
 	}
 	if !(d.AcceptRate >= 0.1 && d.AcceptRate <= 1e6) {
 		bad("TS_DERP_ACCEPT_RATE=%v: want connections per second from 0.1 to 1000000 (default 100)", d.AcceptRate)

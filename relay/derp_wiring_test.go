@@ -57,7 +57,7 @@ func TestDERPRegionInAppliance(t *testing.T) {
 		RelayServerPort:            Port(relayPort),
 		RelayServerStaticEndpoints: Endpoints{ep},
 		LocalAddrPort:              "127.0.0.1:9002",
-		DERPConfig:                 DERPConfig{DERPPort: Port(derpPort), STUNPort: Port(stunPort), RegionID: 901, RegionCode: "home", MaxUnadmitted: 512, AcceptRate: 100},
+		DERPConfig:                 DERPConfig{DERPPort: Port(derpPort), STUNPort: Port(stunPort), RegionID: 901, RegionCode: "home", MaxUnadmitted: 256, AcceptRate: 100},
 		LeaseDuration:              lease.DefaultDuration,
 	}
 	if err := cfg.Validate(); err != nil {

@@ -19,8 +19,8 @@ import (
 
 // TestRelayPortLimits attacks the real relay binary's public ports with
 // its DERP region on (issue 27): the DERP port answers an oversized header
-// with 431, closes at once a connection over TS_DERP_MAX_UNADMITTED and
-// counts it by reason; the health port closes a connection once its one
+// with 431, closes the oldest unadmitted connection when one more than
+// TS_DERP_MAX_UNADMITTED arrives and counts it by reason; the health port closes a connection once its one
 // request is answered. derpregion's and httpserve's tests check each limit
 // in depth; this one checks the binary applies them, settings included.
 func TestRelayPortLimits(t *testing.T) {
@@ -60,7 +60,9 @@ func TestRelayPortLimits(t *testing.T) {
 		defer c.Close()
 		br := bufio.NewReader(c)
 		io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: keep-alive\r\n\r\n")
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		// Closed right after the answer; with keep-alives the connection
+		// would stay for the idle (or read) timeout, 10 s or more.
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		resp, err := http.ReadResponse(br, nil)
 		if err != nil {
 			t.Fatal(err)
@@ -88,32 +90,33 @@ func TestRelayPortLimits(t *testing.T) {
 	})
 
 	t.Run("DERP port: unadmitted cap", func(t *testing.T) {
-		for i := range maxUnadmitted {
+		held := make([]net.Conn, maxUnadmitted)
+		for i := range held {
 			c, err := dialFrom(netip.AddrFrom4([4]byte{127, 0, 1, byte(i + 1)}), derpAddr)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer c.Close()
-		}
-		ctx := t.Context()
-		err := tailnettest.WaitFor(ctx, 20*time.Millisecond, func() (bool, error) {
-			v, _ := tailnettest.MetricSum(relayMetrics(t, relay), "tsrelay_derp_unadmitted_connections")
-			return v == maxUnadmitted, nil
-		})
-		if err != nil {
-			t.Fatalf("the held connections never counted: %v", err)
+			held[i] = c
+			err = tailnettest.WaitFor(t.Context(), 20*time.Millisecond, func() (bool, error) {
+				v, _ := tailnettest.MetricSum(relayMetrics(t, relay), "tsrelay_derp_unadmitted_connections")
+				return v == float64(i+1), nil
+			})
+			if err != nil {
+				t.Fatalf("held connection %d never counted: %v", i+1, err)
+			}
 		}
 		over, err := dialFrom(netip.AddrFrom4([4]byte{127, 0, 1, 100}), derpAddr)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer over.Close()
-		// Closed at once; without the cap, held until the 5 s handshake
-		// timeout.
-		over.SetReadDeadline(time.Now().Add(4 * time.Second))
-		_, err = io.Copy(io.Discard, over)
+		// The oldest is closed at once to make room; without the cap, it
+		// would be held until the 5 s handshake timeout.
+		held[0].SetReadDeadline(time.Now().Add(4 * time.Second))
+		_, err = io.Copy(io.Discard, held[0])
 		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
-			t.Errorf("connection over TS_DERP_MAX_UNADMITTED=%d: still open, want closed at once", maxUnadmitted)
+			t.Errorf("oldest connection with TS_DERP_MAX_UNADMITTED=%d reached: still open, want closed at once", maxUnadmitted)
 		}
 		if v, _ := tailnettest.MetricSum(relayMetrics(t, relay), "tsrelay_derp_connections_refused_total", "reason", "unadmitted_cap"); v < 1 {
 			t.Errorf("tsrelay_derp_connections_refused_total{reason=unadmitted_cap} = %v, want ≥ 1", v)
