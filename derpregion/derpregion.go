@@ -1,6 +1,6 @@
 // Package derpregion serves a DERP region from the relay: DERP over TLS on
 // a TCP port and STUN on a UDP port, with Tailscale's own derp/derpserver
-// and net/stunserver. A region has one node, or several meshed with
+// and a STUN server (stun.go, net/stunserver's but for one fix). A region has one node, or several meshed with
 // Tailscale's DERP mesh (Config.MeshKey, Config.MeshPeers): each node
 // dials the others with the region's shared mesh key, watches their
 // clients and forwards packets to them, so a client of one node reaches
@@ -57,7 +57,6 @@ import (
 	"tailscale.com/derp/derpserver"
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
-	"tailscale.com/net/stunserver"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 )
@@ -182,12 +181,11 @@ type Server struct {
 	derp   *derpserver.Server
 	stats  *derpStats
 
-	derpLn   *guardListener // the limits of guard.go
-	admitLn  net.Listener
-	token    string // in the admission URL's path
-	stun     *stunserver.STUNServer
-	stopSTUN context.CancelFunc // closes the STUN socket
-	mesh     []*meshLink        // one per Config.MeshPeers
+	derpLn  *guardListener // the limits of guard.go
+	admitLn net.Listener
+	token   string // in the admission URL's path
+	stun    *stunServer
+	mesh    []*meshLink // one per Config.MeshPeers
 
 	// refused counts clients the admission check turned away;
 	// refusals, every connection refused or closed before admission.
@@ -217,11 +215,7 @@ func Listen(cfg Config) (_ *Server, err error) {
 		return nil, fmt.Errorf("derpregion: listen for DERP on tcp %s: %w", cfg.DERPAddr, err)
 	}
 	s.derpLn = newGuardListener(ln, cmp.Or(cfg.MaxUnadmitted, DefaultMaxUnadmitted), cmp.Or(cfg.AcceptRate, DefaultAcceptRate), &s.refusals, &s.lim)
-	// stunserver closes its socket when its context ends; Close ends it.
-	var stunCtx context.Context
-	stunCtx, s.stopSTUN = context.WithCancel(context.Background())
-	s.stun = stunserver.New(stunCtx)
-	if err := s.stun.Listen(cfg.STUNAddr); err != nil {
+	if s.stun, err = listenSTUN(cfg.STUNAddr); err != nil {
 		return nil, fmt.Errorf("derpregion: listen for STUN on udp %s: %w", cfg.STUNAddr, err)
 	}
 	// derpserver asks an admission URL with http.DefaultClient; nothing
@@ -261,7 +255,7 @@ func Listen(cfg Config) (_ *Server, err error) {
 func (s *Server) DERPAddr() netip.AddrPort { return s.derpLn.Addr().(*net.TCPAddr).AddrPort() }
 
 // STUNAddr is the address the STUN server listens on.
-func (s *Server) STUNAddr() netip.AddrPort { return s.stun.LocalAddr().(*net.UDPAddr).AddrPort() }
+func (s *Server) STUNAddr() netip.AddrPort { return s.stun.localAddr() }
 
 func (s *Server) derpStats() *derpStats { return s.stats }
 
@@ -278,8 +272,8 @@ func (s *Server) Close() {
 		if s.admitLn != nil {
 			s.admitLn.Close()
 		}
-		if s.stopSTUN != nil {
-			s.stopSTUN()
+		if s.stun != nil {
+			s.stun.close()
 		}
 		if s.derp != nil {
 			s.derp.Close()
@@ -329,11 +323,11 @@ func (s *Server) Serve(ctx context.Context) error {
 
 	g.Go(func() error {
 		<-ctx.Done()
-		s.stopSTUN() // ends stun.Serve
+		s.stun.close() // ends stun.serve
 		return nil
 	})
 	g.Go(func() error {
-		if err := s.stun.Serve(); err != nil {
+		if err := s.stun.serve(); err != nil {
 			return fmt.Errorf("derpregion: serve STUN: %w", err)
 		}
 		return nil

@@ -36,27 +36,6 @@ func (d *derpStats) int(name string) float64 {
 	return 0
 }
 
-// stunDispositions reads net/stunserver's request counters. stunserver
-// keeps them per process (expvar "stun"), not per server; a process runs
-// one region.
-func stunDispositions() map[string]float64 {
-	out := map[string]float64{}
-	set, ok := expvar.Get("stun").(*metrics.Set)
-	if !ok {
-		return out
-	}
-	lm, ok := set.Get("counter_requests").(*metrics.LabelMap)
-	if !ok {
-		return out
-	}
-	lm.Do(func(kv expvar.KeyValue) {
-		if v, ok := kv.Value.(*expvar.Int); ok {
-			out[kv.Key] = float64(v.Value())
-		}
-	})
-	return out
-}
-
 // StatusSource reports the tailnet as the relay's node sees it, to count
 // the peers homed on this region. *local.Client satisfies it.
 type StatusSource interface {
@@ -129,7 +108,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.pktsSent, st.int("packets_sent"))
 	counter(c.bytesRecv, st.int("bytes_received"))
 	counter(c.bytesSent, st.int("bytes_sent"))
-	for disp, v := range stunDispositions() {
+	for disp, v := range c.s.stun.dispositions() {
 		counter(c.stun, v, disp)
 	}
 	gauge(c.certExpiry, float64(c.s.cfg.TLS.NotAfter().Unix()))
