@@ -85,13 +85,23 @@ lint: ## Check formatting (gofmt) and run go vet.
 # TSRELAY_NO_SKIP=1 turns a test's skip for a missing prerequisite into a
 # failure (internal/testenv): this target provides them all. Only -short
 # and, outside CI, not being root still skip. A TSRELAY_KUBE_ASSETS already
-# set (a directory of etcd and kube-apiserver) is used instead of
-# scripts/kube-test-bins; one that does not hold them fails the tests.
+# set (a directory of etcd, kube-apiserver and what
+# scripts/kube-cluster-bins adds) is used instead of
+# scripts/kube-cluster-bins; one that does not hold them fails the tests. The
+# same for TSRELAY_KUSTOMIZE_BINS and scripts/kustomize-bins.
 .PHONY: test
-test: lint ## Run every test, the end-to-end relay proof and the real kube-apiserver included.
+test: lint ## Run every test, the end-to-end relay proof, the real kube-apiserver and the real-cluster test included.
 	scripts/net-tools
-	TSRELAY_KUBE_ASSETS=$${TSRELAY_KUBE_ASSETS:-$$(scripts/kube-test-bins)} && export TSRELAY_KUBE_ASSETS TSRELAY_NO_SKIP=1 && \
+	TSRELAY_KUBE_ASSETS=$${TSRELAY_KUBE_ASSETS:-$$(scripts/kube-cluster-bins)} && \
+	  TSRELAY_KUSTOMIZE_BINS=$${TSRELAY_KUSTOMIZE_BINS:-$$(scripts/kustomize-bins)} && \
+	  export TSRELAY_KUBE_ASSETS TSRELAY_KUSTOMIZE_BINS TSRELAY_NO_SKIP=1 && \
 	  $(GO) test -count=1 -timeout 45m ./...
+
+.PHONY: test-cluster
+test-cluster: ## Run only the real-cluster test (make test runs it too): every example applied to a real single-node cluster (root).
+	scripts/net-tools
+	TSRELAY_KUBE_ASSETS=$${TSRELAY_KUBE_ASSETS:-$$(scripts/kube-cluster-bins)} && export TSRELAY_KUBE_ASSETS TSRELAY_NO_SKIP=1 && \
+	  $(GO) test -count=1 -timeout 30m -v ./cluster/
 
 .PHONY: test-image
 test-image: ## Run only the container image checks (make test runs them too); the empty-root run needs root.
@@ -104,6 +114,14 @@ net-tools: ## Install ip, ping, iperf3 and iptables from Debian's packages if mi
 .PHONY: kube-test-bins
 kube-test-bins: ## Install etcd and build kube-apiserver for the tests (once per machine; make test does this).
 	scripts/kube-test-bins
+
+.PHONY: kube-cluster-bins
+kube-cluster-bins: ## Also install containerd, runc and the CNI plugins and build kubelet, kube-proxy, the scheduler, the controller-manager and kubectl (once per machine; make test does this).
+	scripts/kube-cluster-bins
+
+.PHONY: kustomize-bins
+kustomize-bins: ## Build the kustomize releases users run (scripts/kustomize-versions) for the tests (once per machine; make test does this).
+	scripts/kustomize-bins
 
 .PHONY: clean
 clean: ## Remove build output.

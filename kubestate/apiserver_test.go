@@ -44,7 +44,7 @@ func TestAgainstAPIServer(t *testing.T) {
 	}
 	// The Role the manifests grant (see manifests/rbac.yaml).
 	relayRules := []rbacv1.PolicyRule{
-		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{"state"}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{"state"}, Verbs: []string{"get", "update", "watch"}},
 		{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
 	}
 	secretData := func(t *testing.T, ns string) map[string][]byte {
@@ -242,6 +242,82 @@ func TestAgainstAPIServer(t *testing.T) {
 	})
 
 	// Last: it stops and restarts the shared API server.
+	t.Run("WriteAfterDeleteRecreatesEverything", func(t *testing.T) {
+		// The Secret is deleted; the next write is no outage to wait
+		// out: the Secret is created again at once, holding the whole
+		// state from memory, not only the key being written.
+		ns := kubeconfigFor(t, relayRules...)
+		s, err := openStore(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustWriteState(t, s, "_machinekey", "machine-1")
+		mustWriteState(t, s, "profile-a", "node-key-1")
+		if err := admin.CoreV1().Secrets(ns).Delete(t.Context(), "state", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.WriteState("_current-profile", []byte("profile-a")); err != nil {
+			t.Fatalf("WriteState after the Secret was deleted: %v", err)
+		}
+		if since, n := s.Unpersisted(); !since.IsZero() || n != 0 {
+			t.Errorf("Unpersisted() = %v, %d after the write; want nothing pending", since, n)
+		}
+		got := secretData(t, ns)
+		for k, v := range map[string]string{"_machinekey": "machine-1", "profile-a": "node-key-1", "_current-profile": "profile-a"} {
+			if string(got[k]) != v {
+				t.Errorf("re-created secret %s = %q, want %q", k, got[k], v)
+			}
+		}
+	})
+
+	t.Run("DeletedSecretIsRecreatedAtOnce", func(t *testing.T) {
+		// Nothing writes after the delete: the watch alone must notice.
+		ns := kubeconfigFor(t, relayRules...)
+		s, err := openStore(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		recreated := make(chan int, 1)
+		s.OnRecreated(func(keys int) { recreated <- keys })
+		mustWriteState(t, s, "_machinekey", "machine-1")
+		mustWriteState(t, s, "profile-a", "node-key-1")
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- s.Watch(ctx) }()
+		t.Cleanup(func() { cancel(); <-done })
+		// Whether the delete lands before the watch starts (its first
+		// GET finds the Secret missing) or during it (a Deleted event),
+		// the Secret must come back.
+		wctx, wcancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer wcancel()
+		if err := admin.CoreV1().Secrets(ns).Delete(t.Context(), "state", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		deleted := time.Now()
+		select {
+		case keys := <-recreated:
+			if keys != 2 {
+				t.Errorf("re-created with %d state keys, want 2", keys)
+			}
+		case <-wctx.Done():
+			t.Fatal("the deleted Secret was not re-created")
+		}
+		t.Logf("re-created %v after the delete", time.Since(deleted).Round(time.Millisecond))
+		got := secretData(t, ns)
+		if string(got["_machinekey"]) != "machine-1" || string(got["profile-a"]) != "node-key-1" {
+			t.Errorf("re-created secret = %q, want the state written before the delete", got)
+		}
+		if n := s.Stats().Recreated; n != 1 {
+			t.Errorf("Stats().Recreated = %d, want 1", n)
+		}
+		// And a restart now keeps the identity.
+		again, err := openStore(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantValues(t, again, map[ipn.StateKey]string{"_machinekey": "machine-1", "profile-a": "node-key-1"})
+	})
+
 	t.Run("WriteDuringOutageLandsAfterIt", func(t *testing.T) {
 		ns := kubeconfigFor(t, relayRules...)
 		s, err := openStore(t)

@@ -103,6 +103,9 @@ type Stats struct {
 	// Retries is the number of background rewrites of pending state
 	// that failed.
 	Retries uint64
+	// Recreated is the number of times the Secret was found deleted and
+	// created again from memory.
+	Recreated uint64
 }
 
 // pendingValue is a change the Secret does not hold yet: a value, or a
@@ -146,7 +149,12 @@ type Store struct {
 	// shorten it).
 	retryMin time.Duration
 
-	writes, failures, conflicts, retries atomic.Uint64
+	// onRecreated, if set, is called after the Secret was re-created.
+	onRecreated func(keys int)
+	// mayWrite, if set, is asked before each write to the API server.
+	mayWrite func() bool
+
+	writes, failures, conflicts, retries, recreated atomic.Uint64
 }
 
 var _ ipn.StateStore = (*Store)(nil)
@@ -215,6 +223,7 @@ func (s *Store) Stats() Stats {
 		Failures:  s.failures.Load(),
 		Conflicts: s.conflicts.Load(),
 		Retries:   s.retries.Load(),
+		Recreated: s.recreated.Load(),
 	}
 }
 
@@ -313,6 +322,11 @@ func (s *Store) commitPending(ctx context.Context) error {
 			}
 		}
 	})
+	if errors.Is(err, errGone) {
+		// Deleted under us: no outage to wait out, and memory holds
+		// the whole state, the change included.
+		err = s.recreate(ctx, "a write found it gone")
+	}
 	if err == nil {
 		clear(s.pending)
 		if !s.since.IsZero() {
@@ -469,6 +483,9 @@ func (s *Store) newSecret() *unstructured.Unstructured {
 // On success memory follows the Secret as returned. Callers hold writeMu,
 // or own s exclusively (newStore).
 func (s *Store) commit(ctx context.Context, change func(data map[string][]byte)) error {
+	if s.mayWrite != nil && !s.mayWrite() {
+		return errFenced
+	}
 	// Short, fully jittered pauses between attempts: each attempt starts
 	// from a fresh GET, and the jitter keeps two writers from retrying in
 	// lock step and colliding again.
@@ -478,6 +495,9 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 	err := retry.RetryOnConflict(backoff, func() error {
 		if attempt++; attempt > 1 {
 			fresh, err := s.client.Get(ctx, s.name, metav1.GetOptions{})
+			if apierrors.IsNotFound(err) {
+				return fmt.Errorf("get: %w: %w", errGone, err)
+			}
 			if err != nil {
 				return s.apiError("get", err)
 			}
@@ -504,6 +524,9 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 				"secret", s.ref(), "attempt", attempt)
 			return err
 		}
+		if apierrors.IsNotFound(err) {
+			return fmt.Errorf("update: %w: %w", errGone, err)
+		}
 		if err != nil {
 			return s.apiError("update", err)
 		}
@@ -518,6 +541,24 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 
 // errTooLarge is the Secret size limit, which no retry can get past.
 var errTooLarge = errors.New("over the Kubernetes limit")
+
+// errFenced is a write the Store's owner no longer allows (SetWriteGuard).
+var errFenced = errors.New("not written: this process may no longer write the node state (its Lease is lost)")
+
+// SetWriteGuard makes every later write to the API server (WriteState, the
+// background rewrites, Flush, re-creating a deleted Secret) ask may first;
+// when it says no, nothing is sent and the change stays in memory only.
+// The relay passes "this process still holds the Lease": once it is lost,
+// another process may own the Secret, and stale keys must not land there.
+// Callers hold no lock; call it before the Store is shared.
+func (s *Store) SetWriteGuard(may func() bool) {
+	s.writeMu.Lock()
+	s.mayWrite = may
+	s.writeMu.Unlock()
+}
+
+// errGone is a Secret deleted while the Store runs.
+var errGone = errors.New("the secret was deleted")
 
 // adopt makes obj the last seen Secret and reloads memory from it and
 // pending. It returns the Secret keys that are not state keys.

@@ -767,3 +767,29 @@ func TestConcurrentUse(t *testing.T) {
 		t.Errorf("Stats() = %+v, want %+v", got, want)
 	}
 }
+
+// TestWriteGuard: once the owner says no (its Lease is lost), nothing
+// reaches the Secret, neither a write nor the last flush nor a re-creation;
+// the change stays in memory.
+func TestWriteGuard(t *testing.T) {
+	f := newFakeAPI(t, map[string]string{"_machinekey": "old"})
+	s := f.newStore(t)
+	allowed := true
+	s.SetWriteGuard(func() bool { return allowed })
+	mustWrite(t, s, "_machinekey", []byte("v1"))
+	allowed = false
+	err := s.WriteState("_machinekey", []byte("v2"))
+	if err == nil || !strings.Contains(err.Error(), "may no longer write") {
+		t.Errorf("WriteState with the guard shut = %v, want an error saying it may no longer write", err)
+	}
+	if err := s.Flush(t.Context()); err == nil {
+		t.Error("Flush with the guard shut succeeded")
+	}
+	if err := s.recreateLocked(t.Context(), "test"); !errors.Is(err, errFenced) {
+		t.Errorf("re-create with the guard shut = %v, want errFenced", err)
+	}
+	if got := f.data(t)["_machinekey"]; got != "v1" {
+		t.Errorf("secret _machinekey = %q, want v1: nothing may land once the guard is shut", got)
+	}
+	wantState(t, s, map[ipn.StateKey]string{"_machinekey": "v2"})
+}

@@ -3,6 +3,7 @@ package kubestate
 import (
 	"context"
 	"fmt"
+	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -14,17 +15,26 @@ import (
 // means another writer completed the Secret, so a few suffice.
 const ensureAttempts = 5
 
+// ensureTimeout bounds all of EnsureSecret's calls, in addition to the
+// caller's ctx: it runs while the relay holds its Lease, and a hung API
+// server must fail the start-up rather than stall it past the renew
+// deadline.
+const ensureTimeout = 30 * time.Second
+
 // EnsureSecret returns the data of Secret name in namespace after complete
 // has filled in what is missing, for state several pods must share (the
 // DERP region's mesh key and certificate). complete returns its input
 // plus what it adds and whether it added anything; it must never change a
 // value that is there. A missing Secret is created with complete(nil); an
-// incomplete one is updated with its resourceVersion. When another pod
+// incomplete one is updated with its resourceVersion. The calls are bounded
+// by 30 s in all. When another pod
 // wins the race (AlreadyExists, Conflict), its Secret is read again and
 // adopted, never overwritten, so every pod ends with the same data. RBAC:
 // "get" and "update" on the name, "create" on secrets.
 func EnsureSecret(ctx context.Context, client dynamic.Interface, namespace, name string,
 	complete func(map[string][]byte) (map[string][]byte, bool, error)) (map[string][]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, ensureTimeout)
+	defer cancel()
 	secrets := client.Resource(secretsResource()).Namespace(namespace)
 	ref := namespace + "/" + name
 	for range ensureAttempts {

@@ -149,9 +149,17 @@ type Config struct {
 	Namespace string
 	// Name is the Service's name.
 	Name string
-	// RelayPort is the relay's container port (TS_RELAY_SERVER_PORT): the
-	// Service ports whose targetPort is this one lead to the relay.
-	RelayPort uint16
+	// RelayPort is the relay's container port (TS_RELAY_SERVER_PORT), and
+	// RelayPortName its name in the pod (TS_RELAY_SERVICE_PORT_NAME); ""
+	// matches no name. The Service's UDP ports that lead to the relay
+	// are, by the first of these rules any of them meets: those whose
+	// targetPort is RelayPort (an absent targetPort is the port itself);
+	// those whose targetPort is RelayPortName; those named RelayPortName
+	// with a named targetPort; the Service's only UDP port, if its
+	// targetPort is a name. (A named targetPort cannot be resolved without
+	// reading the Pod.) The last two rules are assumptions, logged once.
+	RelayPort     uint16
+	RelayPortName string
 	// Logger receives one line per change; nil discards.
 	Logger *slog.Logger
 	// Resolver resolves load-balancer hostnames; nil means
@@ -166,7 +174,9 @@ type Config struct {
 	// is empty, why says why in a few words fit for a readiness reason,
 	// e.g. `Service kube-public/tsrelay not found`, `Service
 	// kube-public/tsrelay has no load-balancer address yet`, `Service
-	// kube-public/tsrelay has no UDP port with targetPort 61441`,
+	// kube-public/tsrelay has no port that leads to the relay: want a UDP
+	// port with targetPort 61441 or "relay", or named "relay"; it has stun
+	// 3478/UDP→stun, derp 8443/TCP→derp`,
 	// `load-balancer hostname nlb-x.example resolved to no address: <err>`;
 	// "" when found is non-empty. OnChange owns found.
 	OnChange func(found []Endpoint, why string)

@@ -25,9 +25,10 @@ type serviceInfo struct {
 
 	// badIPs are ingress IPs that did not parse.
 	badIPs []string
-	// assumed describes the Service port with a named targetPort that was
-	// assumed to be the relay's, e.g. `41000 (targetPort "relay")`; "" when
-	// none was.
+	// assumed describes the Service ports taken for the relay's by a
+	// weaker rule than a targetPort equal to the relay's port or its name,
+	// e.g. `relay 41000/UDP→tailscale (the Service port's name is the
+	// relay's port name)`; "" when none was.
 	assumed string
 }
 
@@ -47,50 +48,32 @@ func (s *serviceInfo) hostnames() []string {
 	return slices.Compact(names)
 }
 
-// namedPort is a UDP Service port whose targetPort is a name.
-type namedPort struct {
-	port   uint16
-	target string
-}
-
 // parseService returns the endpoints in a Service object: every IP in
 // status.loadBalancer.ingress (IPv4 and IPv6, IPv4-mapped ones unmapped,
-// unparsable ones skipped) paired with every Service port that leads to
-// relayPort, sorted and deduplicated; and the ingress hostnames of entries
-// without an IP, paired the same way, for the caller to resolve. When both are
-// empty, why says why in a few words; otherwise it is "". It also keeps
-// what the watcher logs (badIPs, assumed).
-//
-// A Service port leads to relayPort when its protocol is UDP (absent means
-// TCP, as the API server defaults it) and its targetPort is relayPort, or is
-// absent and its port is relayPort (targetPort defaults to port). A
-// targetPort given by name cannot be resolved without reading the Pod: when no
-// port matches by number and exactly one UDP port has a named targetPort, that
-// one is assumed to be the relay's. The endpoints carry the Service's port,
-// which the load balancer listens on, not the targetPort.
-func parseService(svc *unstructured.Unstructured, relayPort uint16) serviceInfo {
+// unparsable ones skipped) paired with every Service port that leads to the
+// relay (see relayPorts), sorted and deduplicated; and the ingress hostnames
+// of entries without an IP, paired the same way, for the caller to resolve.
+// When both are empty, why says why in a few words; otherwise it is "". It
+// also keeps what the watcher logs (badIPs, assumed). The endpoints carry the
+// Service's port, which the load balancer listens on, not the targetPort.
+func parseService(svc *unstructured.Unstructured, want relayTarget) serviceInfo {
 	ref := svc.GetNamespace() + "/" + svc.GetName()
 	var info serviceInfo
-	ports, named := servicePorts(svc, relayPort)
-	if len(ports) == 0 {
-		switch len(named) {
-		case 0:
-			info.why = fmt.Sprintf("Service %s has no UDP port with targetPort %d", ref, relayPort)
-			return info
-		case 1:
-			ports = []uint16{named[0].port}
-			info.assumed = fmt.Sprintf("%d (targetPort %q)", named[0].port, named[0].target)
-		default:
-			var names []string
-			for _, n := range named {
-				names = append(names, fmt.Sprintf("%d→%s", n.port, n.target))
-			}
-			info.why = fmt.Sprintf("Service %s has no UDP port with targetPort %d and several with named targetPorts (%s)",
-				ref, relayPort, strings.Join(names, ", "))
-			return info
-		}
+	all := servicePorts(svc)
+	ports, rule := relayPorts(all, want)
+	switch rule {
+	case matchNone:
+		info.why = fmt.Sprintf("Service %s has no port that leads to the relay: want %s; it has %s", ref, want, describePorts(all))
+		return info
+	case matchPortName, matchOnlyUDP:
+		info.assumed = fmt.Sprintf("%s (%s)", describePorts(ports), rule)
 	}
-
+	var numbers []uint16
+	for _, p := range ports {
+		numbers = append(numbers, p.port)
+	}
+	slices.Sort(numbers)
+	numbers = slices.Compact(numbers)
 	// A malformed status reads as no ingress; the why text then says so.
 	ingress := slice(svc, "status", "loadBalancer", "ingress")
 	for _, in := range ingress {
@@ -104,11 +87,11 @@ func parseService(svc *unstructured.Unstructured, relayPort uint16) serviceInfo 
 				info.badIPs = append(info.badIPs, ip)
 				continue
 			}
-			for _, p := range ports {
+			for _, p := range numbers {
 				info.ips = append(info.ips, netip.AddrPortFrom(addr.Unmap(), p))
 			}
 		case host != "":
-			for _, p := range ports {
+			for _, p := range numbers {
 				info.hosts = append(info.hosts, HostPort{Host: host, Port: p})
 			}
 		}
@@ -132,37 +115,6 @@ func parseService(svc *unstructured.Unstructured, relayPort uint16) serviceInfo 
 		}
 	}
 	return info
-}
-
-// servicePorts returns the UDP Service ports whose targetPort is relayPort by
-// number, sorted, and the UDP ports whose targetPort is a name.
-func servicePorts(svc *unstructured.Unstructured, relayPort uint16) (ports []uint16, named []namedPort) {
-	// A malformed spec reads as no ports; the why text then says so.
-	specPorts := slice(svc, "spec", "ports")
-	for _, sp := range specPorts {
-		p, _ := sp.(map[string]any)
-		// The API server defaults an absent protocol to TCP.
-		if proto, _ := p["protocol"].(string); proto != "UDP" {
-			continue
-		}
-		port, ok := portNumber(p["port"])
-		if !ok {
-			continue
-		}
-		target := p["targetPort"]
-		if target == nil {
-			target = int64(port) // targetPort defaults to port
-		}
-		if name, ok := target.(string); ok {
-			named = append(named, namedPort{port: port, target: name})
-			continue
-		}
-		if n, ok := portNumber(target); ok && n == relayPort {
-			ports = append(ports, port)
-		}
-	}
-	slices.Sort(ports)
-	return slices.Compact(ports), named
 }
 
 // slice returns the list at path in obj, or nil if there is none. Unlike

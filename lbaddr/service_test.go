@@ -1,6 +1,7 @@
 package lbaddr
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -10,6 +11,9 @@ import (
 )
 
 const testRelayPort = 61441
+
+// testTarget is the relay's port as the manifests name it.
+var testTarget = relayTarget{number: testRelayPort, name: "relay"}
 
 // newService returns a LoadBalancer Service kube-public/tsrelay with ports
 // and, unless ingress is nil, a load-balancer status with ingress.
@@ -119,31 +123,9 @@ func TestParseService(t *testing.T) {
 			wantHosts: []HostPort{{"nlb.example", 41000}, {"nlb.example", 61441}},
 		},
 		{
-			name:        "one named targetPort is assumed",
-			svc:         newService([]any{udp(41000, "relay"), port("TCP", 80, "http")}, []any{ingressIP("192.0.2.10")}),
-			wantIPs:     addrPorts("192.0.2.10:41000"),
-			wantAssumed: `41000 (targetPort "relay")`,
-		},
-		{
-			name:    "a numeric match beats a named targetPort",
-			svc:     newService([]any{udp(41000, "relay"), udp(41001, int64(testRelayPort))}, []any{ingressIP("192.0.2.10")}),
-			wantIPs: addrPorts("192.0.2.10:41001"),
-		},
-		{
-			name:    "several named targetPorts are ambiguous",
-			svc:     newService([]any{udp(41000, "relay"), udp(41001, "other")}, []any{ingressIP("192.0.2.10")}),
-			wantWhy: "Service kube-public/tsrelay has no UDP port with targetPort 61441 and several with named targetPorts (41000→relay, 41001→other)",
-		},
-		{
-			name: "TCP only; absent protocol is TCP",
-			svc: newService([]any{port("TCP", 41000, int64(testRelayPort)), port("", testRelayPort, nil)},
-				[]any{ingressIP("192.0.2.10")}),
-			wantWhy: "Service kube-public/tsrelay has no UDP port with targetPort 61441",
-		},
-		{
 			name:    "no ports",
 			svc:     newService(nil, []any{ingressIP("192.0.2.10")}),
-			wantWhy: "Service kube-public/tsrelay has no UDP port with targetPort 61441",
+			wantWhy: `Service kube-public/tsrelay has no port that leads to the relay: want a UDP port with targetPort 61441 or "relay", or named "relay"; it has no ports`,
 		},
 		{
 			name:    "no status",
@@ -179,7 +161,7 @@ func TestParseService(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			info := parseService(tt.svc, testRelayPort)
+			info := parseService(tt.svc, testTarget)
 			if !slices.Equal(info.ips, tt.wantIPs) {
 				t.Errorf("parseService ips = %v, want %v", info.ips, tt.wantIPs)
 			}
@@ -197,6 +179,134 @@ func TestParseService(t *testing.T) {
 			}
 			if !slices.Equal(info.badIPs, tt.wantBadIPs) {
 				t.Errorf("bad IPs = %q, want %q", info.badIPs, tt.wantBadIPs)
+			}
+		})
+	}
+}
+
+// named returns a UDP Service port with a name.
+func named(name string, number int64, target any) map[string]any {
+	p := udp(number, target)
+	p["name"] = name
+	return p
+}
+
+// TestRelayPortRules checks which Service ports are taken for the relay's,
+// and what readiness says when none is, for Services as the examples
+// render them and as users write them.
+func TestRelayPortRules(t *testing.T) {
+	derpPorts := []any{ // examples/derp's Service: DERP and STUN next to the relay
+		named("relay", testRelayPort, "relay"),
+		map[string]any{"name": "derp", "port": int64(8443), "targetPort": "derp", "protocol": "TCP"},
+		named("stun", 3478, "stun"),
+	}
+	many := []any{}
+	for i := range 10 {
+		many = append(many, named(fmt.Sprintf("p%d", i), int64(5000+i), fmt.Sprintf("p%d", i)))
+	}
+	tests := []struct {
+		name        string
+		ports       []any
+		target      relayTarget
+		want        []uint16 // the Service ports that lead to the relay
+		wantAssumed string
+		wantWhy     string // exactly; "" when want is not empty
+	}{
+		{
+			name:  "examples/derp: targetPort relay among several named ones",
+			ports: derpPorts, target: testTarget, want: []uint16{testRelayPort},
+		},
+		{
+			name:  "numeric targetPort",
+			ports: []any{udp(41000, int64(testRelayPort)), named("stun", 3478, "stun")}, target: testTarget, want: []uint16{41000},
+		},
+		{
+			name:  "absent targetPort is the port",
+			ports: []any{udp(testRelayPort, nil), named("stun", 3478, "stun")}, target: testTarget, want: []uint16{testRelayPort},
+		},
+		{
+			name:  "a numeric match beats a named one",
+			ports: []any{udp(41000, "relay"), udp(41001, int64(testRelayPort))}, target: testTarget, want: []uint16{41001},
+		},
+		{
+			name:  "the targetPort name beats the port's name",
+			ports: []any{named("relay", 41000, "ts"), udp(41001, "relay")}, target: testTarget, want: []uint16{41001},
+		},
+		{
+			name:  "every port by the deciding rule counts",
+			ports: []any{udp(41000, "relay"), named("relay", 41001, "relay")}, target: testTarget, want: []uint16{41000, 41001},
+		},
+		{
+			name:  "another container port name, set",
+			ports: []any{named("udp", 41641, "ts-relay"), named("stun", 3478, "stun")}, target: relayTarget{testRelayPort, "ts-relay"},
+			want: []uint16{41641},
+		},
+		{
+			name:        "the Service port's name, with a named targetPort, is assumed",
+			ports:       []any{named("relay", 41641, "tailscale"), named("stun", 3478, "stun")},
+			target:      testTarget,
+			want:        []uint16{41641},
+			wantAssumed: "relay 41641/UDP→tailscale (the Service port's name is the relay's port name)",
+		},
+		{
+			name:        "the only UDP port, with a named targetPort, is assumed",
+			ports:       []any{named("wg", 41641, "tailscale"), port("TCP", 80, "http")},
+			target:      testTarget,
+			want:        []uint16{41641},
+			wantAssumed: "wg 41641/UDP→tailscale (the Service's only UDP port, with a named targetPort)",
+		},
+		{
+			name:    "the only UDP port with another number is not the relay's",
+			ports:   []any{named("wg", 41641, int64(41641))},
+			target:  testTarget,
+			wantWhy: `Service kube-public/tsrelay has no port that leads to the relay: want a UDP port with targetPort 61441 or "relay", or named "relay"; it has wg 41641/UDP→41641`,
+		},
+		{
+			name:    "no name to match: examples/derp is ambiguous",
+			ports:   derpPorts,
+			target:  relayTarget{number: testRelayPort},
+			wantWhy: "Service kube-public/tsrelay has no port that leads to the relay: want a UDP port with targetPort 61441; it has relay 61441/UDP→relay, derp 8443/TCP→derp, stun 3478/UDP→stun",
+		},
+		{
+			name:    "several named targetPorts, none the relay's",
+			ports:   []any{named("a", 41000, "one"), named("b", 41001, "other")},
+			target:  testTarget,
+			wantWhy: `Service kube-public/tsrelay has no port that leads to the relay: want a UDP port with targetPort 61441 or "relay", or named "relay"; it has a 41000/UDP→one, b 41001/UDP→other`,
+		},
+		{
+			name:    "TCP only; absent protocol is TCP",
+			ports:   []any{port("TCP", 41000, int64(testRelayPort)), port("", testRelayPort, "relay")},
+			target:  testTarget,
+			wantWhy: `Service kube-public/tsrelay has no port that leads to the relay: want a UDP port with targetPort 61441 or "relay", or named "relay"; it has 41000/TCP→61441, 61441/TCP→relay`,
+		},
+		{
+			name:    "malformed entries are left out",
+			ports:   []any{udp(41000, 1.5), udp(0, int64(testRelayPort)), "junk"},
+			target:  testTarget,
+			wantWhy: `Service kube-public/tsrelay has no port that leads to the relay: want a UDP port with targetPort 61441 or "relay", or named "relay"; it has no ports`,
+		},
+		{
+			name:    "a long list is cut",
+			ports:   many,
+			target:  testTarget,
+			wantWhy: `Service kube-public/tsrelay has no port that leads to the relay: want a UDP port with targetPort 61441 or "relay", or named "relay"; it has p0 5000/UDP→p0, p1 5001/UDP→p1, p2 5002/UDP→p2, p3 5003/UDP→p3, p4 5004/UDP→p4, p5 5005/UDP→p5, p6 5006/UDP→p6, p7 5007/UDP→p7, and 2 more`,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			info := parseService(newService(tt.ports, []any{ingressIP("192.0.2.10")}), tt.target)
+			var got []uint16
+			for _, ap := range info.ips {
+				got = append(got, ap.Port())
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("parseService ports = %v, want %v (why %q)", got, tt.want, info.why)
+			}
+			if info.why != tt.wantWhy {
+				t.Errorf("parseService why = %q, want %q", info.why, tt.wantWhy)
+			}
+			if info.assumed != tt.wantAssumed {
+				t.Errorf("parseService assumed = %q, want %q", info.assumed, tt.wantAssumed)
 			}
 		})
 	}

@@ -115,7 +115,7 @@ func (w *watcher) run(ctx context.Context, synced <-chan struct{}, wg *sync.Wait
 // first resolving hostnames never tried before.
 func (w *watcher) refresh(ctx context.Context, wg *sync.WaitGroup) {
 	if svc := w.follower.current(); svc != nil {
-		w.svc = parseService(svc, w.cfg.RelayPort)
+		w.svc = parseService(svc, relayTarget{number: w.cfg.RelayPort, name: w.cfg.RelayPortName})
 	} else {
 		w.svc = serviceInfo{why: fmt.Sprintf("Service %s not found", w.cfg.ref())}
 	}
@@ -150,8 +150,8 @@ func (w *watcher) logNotes() {
 		w.log.Warn("skipping unparsable load-balancer IP in Service status", "ip", ip)
 	}
 	if w.svc.assumed != "" {
-		w.log.Info("no Service port has the relay's port as targetPort by number; assuming the one with a named targetPort leads to it",
-			"port", w.svc.assumed, "relay_port", w.cfg.RelayPort)
+		w.log.Info("no Service port has the relay's port or port name as targetPort; assuming this one leads to it",
+			"port", w.svc.assumed, "relay_port", w.cfg.RelayPort, "relay_port_name", w.cfg.RelayPortName)
 	}
 }
 

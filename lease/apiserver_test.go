@@ -34,25 +34,63 @@ var relayRules = []rbacv1.PolicyRule{
 	{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 }
 
-// contender is one process's Lease with its own fake clock and a switch that
-// makes its API calls fail, as a partition from the API server would.
+// contender is one process's Lease with its own fake clock, a switch that
+// makes its API calls fail, as a partition from the API server would, and
+// a delay, on its fake clock, before each call reaches the API server.
 type contender struct {
 	*Lease
 	clock  *clocktesting.FakeClock
 	broken *atomic.Bool
+	delay  *atomic.Int64 // a time.Duration
+	// answerDelay holds each write's answer back for as long, after the
+	// API server has acted on it.
+	answerDelay *atomic.Int64
 }
 
-// brokenTransport fails every request while broken is set.
-type brokenTransport struct {
+// faultyTransport holds each request for delay on clock before it reaches
+// the API server (so the answer shows the Lease as it is at the end of the
+// delay, as a slow network's would), then fails it while broken is set;
+// it holds each write's answer back for answer.
+type faultyTransport struct {
 	rt     http.RoundTripper
+	clock  *clocktesting.FakeClock
 	broken *atomic.Bool
+	delay  *atomic.Int64
+	answer *atomic.Int64
 }
 
-func (b brokenTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	if b.broken.Load() {
+func (f faultyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if err := f.wait(r, f.delay); err != nil {
+		return nil, err
+	}
+	if f.broken.Load() {
 		return nil, errors.New("test: API server unreachable")
 	}
-	return b.rt.RoundTrip(r)
+	resp, err := f.rt.RoundTrip(r)
+	if err != nil {
+		return nil, err
+	}
+	if r.Method == http.MethodGet {
+		return resp, nil
+	}
+	if err := f.wait(r, f.answer); err != nil {
+		resp.Body.Close()
+		return nil, err
+	}
+	return resp, nil
+}
+
+// wait waits for the duration in d on the fake clock, or until the request
+// is cancelled.
+func (f faultyTransport) wait(r *http.Request, d *atomic.Int64) error {
+	if d := time.Duration(d.Load()); d > 0 {
+		select {
+		case <-f.clock.After(d):
+		case <-r.Context().Done():
+			return r.Context().Err()
+		}
+	}
+	return nil
 }
 
 // TestAgainstAPIServer runs the protocol against a real kube-apiserver,
@@ -75,18 +113,18 @@ func TestAgainstAPIServer(t *testing.T) {
 	newContender := func(t *testing.T, ns, identity string) *contender {
 		t.Helper()
 		cfg := srv.Config(srv.ServiceAccountTokenForTest(t, ns, "relay"))
-		broken := new(atomic.Bool)
-		cfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { return brokenTransport{rt, broken} }
+		broken, delay, answer := new(atomic.Bool), new(atomic.Int64), new(atomic.Int64)
+		clk := clocktesting.NewFakeClock(time.Now())
+		cfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { return faultyTransport{rt, clk, broken, delay, answer} }
 		dc, err := dynamic.NewForConfig(cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
-		clk := clocktesting.NewFakeClock(time.Now())
 		l, err := New(Config{Client: dc, Namespace: ns, Name: "state", Identity: identity, Clock: clk, Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
 		if err != nil {
 			t.Fatal(err)
 		}
-		return &contender{Lease: l, clock: clk, broken: broken}
+		return &contender{Lease: l, clock: clk, broken: broken, delay: delay, answerDelay: answer}
 	}
 
 	t.Run("CreatesAndReleases", func(t *testing.T) {
@@ -212,6 +250,34 @@ func TestAgainstAPIServer(t *testing.T) {
 		}
 	})
 
+	t.Run("StoppedAcquireStillReleases", func(t *testing.T) {
+		// A relay stopped (SIGTERM) while its Acquire's write is on the
+		// way: the API server makes it the holder, but the answer never
+		// arrives. Release must clear the Lease all the same, or the
+		// next pod waits a whole lease duration.
+		ns := setup(t)
+		a := newContender(t, ns, "a")
+		a.answerDelay.Store(int64(time.Second))
+		ctx, cancel := context.WithCancel(t.Context())
+		acquired := make(chan error, 1)
+		go func() { acquired <- a.Acquire(ctx) }()
+		waitClock(t, a) // the create landed; its answer is held back
+		cancel()
+		if err := waitErr(t, acquired); err == nil {
+			t.Fatal("Acquire succeeded after its context was cancelled")
+		}
+		if got := *getLease(t, admin, ns).Spec.HolderIdentity; got != "a" {
+			t.Fatalf("holder = %q, want a (the create landed)", got)
+		}
+		a.answerDelay.Store(0)
+		if err := a.Release(t.Context()); err != nil {
+			t.Fatalf("Release: %v", err)
+		}
+		if h := getLease(t, admin, ns).Spec.HolderIdentity; h != nil && *h != "" {
+			t.Errorf("holder after Release of a stopped Acquire = %q, want none", *h)
+		}
+	})
+
 	t.Run("SameIdentityTakesItsOwnLeaseBack", func(t *testing.T) {
 		// A container restarted in the same pod does not wait for its
 		// own lease to expire.
@@ -236,7 +302,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		// a cannot reach the API server for just under its renew
 		// deadline; b, which can, waits on.
 		a.broken.Store(true)
-		for a.clock.Since(a.Status().RenewTime)+testRetry < DefaultRenewDeadline {
+		for a.clock.Since(a.Status().RenewTime)+2*testRetry < DefaultRenewDeadline {
 			stepAndWait(t, a, testRetry)
 			stepAndWait(t, b, testRetry)
 		}
@@ -316,6 +382,78 @@ func TestAgainstAPIServer(t *testing.T) {
 			if b.clock.Since(start) > testDuration+3*testRetry {
 				t.Fatal("b has not taken over the abandoned lease")
 			}
+		}
+	})
+
+	t.Run("MarginHoldsWithSlowAPI", func(t *testing.T) {
+		// Every call a and b make takes just under a retry period to
+		// reach the API server; then a's calls also fail. However long
+		// its attempts take, a must give up at its renew deadline, and b
+		// must count the lease duration from when it read a's last
+		// renewal, so that a has Duration-RenewDeadline to stop its node
+		// before b may start one. Both clocks run together in small
+		// steps; elapsed is the time on both.
+		ns := setup(t)
+		a, b := newContender(t, ns, "a"), newContender(t, ns, "b")
+		if err := a.Acquire(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		holdErr := goHold(t, a)
+		acquired := goAcquire(t, b)
+		waitWaiting(t, b, "a")
+		const step = 100 * time.Millisecond
+		slow := testRetry - step
+		a.delay.Store(int64(slow))
+		b.delay.Store(int64(slow))
+		margin := testDuration - DefaultRenewDeadline
+		var (
+			elapsed, lastRenewal, gaveUp, tookOver time.Duration
+			seenRenewal                            = b.Status().RenewTime
+		)
+		for tookOver == 0 {
+			if elapsed > 3*testDuration {
+				t.Fatalf("after %v: a gave up at %v, b has not taken over", elapsed, gaveUp)
+			}
+			if elapsed == 4*testRetry {
+				a.broken.Store(true)
+				lastRenewal = elapsed - a.clock.Since(a.Status().RenewTime)
+			}
+			if gaveUp == 0 {
+				stepAndWaitOr(t, a, step, holdErr)
+			}
+			stepAndWaitOr(t, b, step, acquired)
+			elapsed += step
+			if gaveUp == 0 && len(holdErr) > 0 {
+				gaveUp = elapsed
+				if err := <-holdErr; err == nil || !strings.Contains(err.Error(), "not renewed for") {
+					t.Errorf("a.Hold = %v, want a renew-deadline error", err)
+				}
+			}
+			if st := b.Status(); st.Holder == "a" && !st.RenewTime.Equal(seenRenewal) {
+				// b has just read a renewal: its countdown must start
+				// now, when the answer came, not when it sent the GET.
+				seenRenewal = st.RenewTime
+				if want := b.clock.Now().Add(testDuration); st.Expires.Before(want) {
+					t.Errorf("b read a renewal at %v and will take over at %v, %v before a lease duration from the read",
+						elapsed, elapsed+st.Expires.Sub(b.clock.Now()), want.Sub(st.Expires))
+				}
+			}
+			if len(acquired) > 0 {
+				tookOver = elapsed
+				if err := <-acquired; err != nil {
+					t.Fatalf("b.Acquire: %v", err)
+				}
+			}
+		}
+		t.Logf("a renewed last at %v and gave up at %v; b took over at %v: margin %v", lastRenewal, gaveUp, tookOver, tookOver-gaveUp)
+		if gaveUp == 0 {
+			t.Fatalf("b took over at %v while a still held the lease", tookOver)
+		}
+		if late := gaveUp - (lastRenewal + DefaultRenewDeadline); late > step {
+			t.Errorf("a gave up %v after its last renewal, %v past its renew deadline %v", gaveUp-lastRenewal, late, DefaultRenewDeadline)
+		}
+		if tookOver-gaveUp < margin {
+			t.Errorf("b took over %v after a gave up, want at least Duration-RenewDeadline = %v", tookOver-gaveUp, margin)
 		}
 	})
 
@@ -419,14 +557,17 @@ func stepAndWait(t *testing.T, c *contender, d time.Duration) {
 // loop's result) is ready; it does not receive from done.
 func stepAndWaitOr(t *testing.T, c *contender, d time.Duration, done <-chan error) {
 	t.Helper()
-	if !c.clock.HasWaiters() {
+	before := c.clock.Waiters()
+	if before == 0 && len(done) == 0 {
 		t.Fatal("stepAndWait: nothing waits on the clock")
 	}
 	c.clock.Step(d)
+	// Each timer the step fired woke a goroutine that, unless its loop
+	// returned, waits on the clock again once its round is over.
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	err := tailnettest.WaitFor(ctx, 2*time.Millisecond, func() (bool, error) {
-		return c.clock.HasWaiters() || len(done) > 0, nil
+	err := tailnettest.WaitFor(ctx, time.Millisecond, func() (bool, error) {
+		return c.clock.Waiters() >= before || len(done) > 0, nil
 	})
 	if err != nil {
 		t.Fatalf("contender did not finish its round: %v", err)

@@ -12,7 +12,13 @@
 // its node and exit). A contender takes the Lease over only after it has
 // seen the same, unrenewed record for the record's whole lease duration,
 // measured on its own clock; so clock skew between machines does not matter,
-// only a difference in clock rate, which is far below the margin. A holder
+// only a difference in clock rate, which is far below the margin.
+//
+// The margin holds however slow the API server answers, as in client-go:
+// the holder counts RenewDeadline from when its last successful renewal was
+// sent, on a timer that fires on time even while an attempt hangs; a
+// contender counts Duration from when the answer showing the record
+// arrived. Any time a request spends in flight only widens the gap. A holder
 // that shuts down cleanly releases the Lease (Release), so that the next
 // process takes it at once rather than after the lease duration.
 //
@@ -25,10 +31,12 @@
 package lease
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sync"
 	"time"
 
@@ -58,6 +66,10 @@ const (
 	DefaultRenewDeadline = 75 * time.Second
 	DefaultRetryPeriod   = 5 * time.Second
 )
+
+// maxDuration is the longest duration a Lease can store: its
+// leaseDurationSeconds is a 32-bit integer.
+const maxDuration = math.MaxInt32 * time.Second
 
 // fieldManager names tsrelay in the Lease's managedFields.
 const fieldManager = "tsrelay"
@@ -128,6 +140,10 @@ type Lease struct {
 	seenAt   time.Time // when observed last changed, by c.clock
 	// renewedAt is when the last successful renewal was sent.
 	renewedAt time.Time
+	// wrote is set once this process has sent a write that names it the
+	// holder: one whose answer was lost (a cancelled Acquire) may still
+	// have landed, so Release must look.
+	wrote bool
 }
 
 // record is the part of a Lease's spec the protocol reads and writes.
@@ -174,8 +190,8 @@ func New(cfg Config) (*Lease, error) {
 		cfg.RetryPeriod = cfg.Duration / 18
 	}
 	switch {
-	case cfg.Duration < time.Second || cfg.Duration%time.Second != 0:
-		return nil, fmt.Errorf("lease: duration %v must be a whole number of seconds, at least 1s", cfg.Duration)
+	case cfg.Duration < time.Second || cfg.Duration%time.Second != 0 || cfg.Duration > maxDuration:
+		return nil, fmt.Errorf("lease: duration %v must be a whole number of seconds from 1s to %v", cfg.Duration, maxDuration)
 	case cfg.RenewDeadline >= cfg.Duration:
 		return nil, fmt.Errorf("lease: renew deadline %v must be under the duration %v, leaving the holder time to stop", cfg.RenewDeadline, cfg.Duration)
 	case cfg.RetryPeriod <= 0 || cfg.RetryPeriod >= cfg.RenewDeadline:
@@ -231,19 +247,57 @@ func (l *Lease) Acquire(ctx context.Context) error {
 }
 
 // Hold renews the Lease every RetryPeriod until ctx is done, then returns
-// nil without releasing it (call Release). It returns an error when the
-// Lease cannot be renewed for RenewDeadline, or when another process holds
-// it: the caller must then stop its node at once, since after Duration
-// another process may start one.
+// nil without releasing it (call Release). Call it as soon as Acquire
+// returns: the renew deadline counts from the last renewal, Acquire's
+// included. It returns an error when the Lease has not been renewed for
+// RenewDeadline, or when another process holds it: the caller must then
+// stop its node at once, since after Duration another process may start
+// one.
+//
+// The renew deadline is a timer of its own, as client-go bounds its renew
+// loop with a RenewDeadline context: it fires on time however long a
+// renewal attempt takes, and an attempt still in flight then is abandoned.
+// A renewal counts from when it was sent, not when it was answered, so the
+// holder's deadline never runs behind any contender's countdown.
 func (l *Lease) Hold(ctx context.Context) error {
+	deadline := l.clock.NewTimer(l.untilDeadline())
+	defer deadline.Stop()
+	pause := l.clock.NewTimer(l.cfg.RetryPeriod)
+	defer pause.Stop()
+	var lastErr error
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-l.clock.After(l.cfg.RetryPeriod):
+		case <-deadline.C():
+			return l.deadlinePassed(lastErr)
+		case <-pause.C():
 		}
-		held, err := l.tryAcquireOrRenew(ctx)
-		if held {
+		attemptCtx, cancel := context.WithCancel(ctx)
+		result := make(chan attempt, 1)
+		go func() {
+			held, err := l.tryAcquireOrRenew(attemptCtx)
+			result <- attempt{held, err}
+		}()
+		var r attempt
+		select {
+		case r = <-result:
+			cancel()
+		case <-deadline.C():
+			cancel()
+			<-result // a renewal landing now must not count: this process gives up
+			return l.deadlinePassed(cmp.Or(lastErr, errors.New("renewal still unanswered")))
+		}
+		pause.Reset(l.cfg.RetryPeriod)
+		if r.held {
+			lastErr = nil
+			if !deadline.Stop() {
+				select {
+				case <-deadline.C():
+				default:
+				}
+			}
+			deadline.Reset(l.untilDeadline())
 			continue
 		}
 		if ctx.Err() != nil {
@@ -252,17 +306,38 @@ func (l *Lease) Hold(ctx context.Context) error {
 		l.mu.Lock()
 		holder, since := l.status.Holder, l.clock.Since(l.renewedAt)
 		l.mu.Unlock()
-		if err == nil && holder != l.cfg.Identity {
+		if r.err == nil && holder != l.cfg.Identity {
 			l.lost(holder)
 			return fmt.Errorf("lease %s/%s: now held by %q; this process must stop its node", l.cfg.Namespace, l.cfg.Name, holder)
 		}
-		if since >= l.cfg.RenewDeadline {
-			l.lost("")
-			return fmt.Errorf("lease %s/%s: not renewed for %v (renew deadline %v), so another process may take the identity after %v; stopping: %w",
-				l.cfg.Namespace, l.cfg.Name, since.Round(time.Second), l.cfg.RenewDeadline, l.cfg.Duration, err)
-		}
-		l.logger.Warn("lease: renewal failed; retrying", "err", err, "since_renewed", since.Round(time.Second), "gives_up_after", l.cfg.RenewDeadline)
+		lastErr = r.err
+		l.logger.Warn("lease: renewal failed; retrying", "err", r.err, "since_renewed", since.Round(time.Second), "gives_up_after", l.cfg.RenewDeadline)
 	}
+}
+
+// attempt is the result of one tryAcquireOrRenew.
+type attempt struct {
+	held bool
+	err  error
+}
+
+// untilDeadline is how long this process may keep its node without another
+// renewal: RenewDeadline after the last renewal was sent.
+func (l *Lease) untilDeadline() time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.renewedAt.Add(l.cfg.RenewDeadline).Sub(l.clock.Now())
+}
+
+// deadlinePassed records that the renew deadline passed and returns Hold's
+// error; err is the last renewal's failure, if any.
+func (l *Lease) deadlinePassed(err error) error {
+	l.mu.Lock()
+	since := l.clock.Since(l.renewedAt)
+	l.mu.Unlock()
+	l.lost("")
+	return fmt.Errorf("lease %s/%s: not renewed for %v (renew deadline %v), so another process may take the identity after %v; stopping: %w",
+		l.cfg.Namespace, l.cfg.Name, since.Round(time.Millisecond), l.cfg.RenewDeadline, l.cfg.Duration, cmp.Or(err, errors.New("no answer")))
 }
 
 // lost records that this process no longer holds the Lease.
@@ -278,15 +353,21 @@ func (l *Lease) lost(holder string) {
 
 // Release gives the Lease up if this process holds it, so that the next
 // process may take it at once. Call it after the node has stopped, with a
-// context of its own (the one Hold ran under is done by then).
+// context of its own (the one Hold ran under is done by then). Call it too
+// when Acquire returned an error: a write whose answer was cut off by the
+// cancellation may have made this process the holder all the same, and
+// Release clears the Lease if it names this process.
 func (l *Lease) Release(ctx context.Context) error {
 	l.mu.Lock()
-	held := l.status.Held
+	held, wrote := l.status.Held, l.wrote
 	l.mu.Unlock()
-	if !held {
+	if !held && !wrote {
 		return nil
 	}
 	obj, err := l.client.Get(ctx, l.cfg.Name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) && !held {
+		return nil // the create that was cut off never landed
+	}
 	if err != nil {
 		return fmt.Errorf("lease %s/%s: release: get: %w", l.cfg.Namespace, l.cfg.Name, err)
 	}
@@ -295,7 +376,9 @@ func (l *Lease) Release(ctx context.Context) error {
 		return fmt.Errorf("lease %s/%s: release: %w", l.cfg.Namespace, l.cfg.Name, err)
 	}
 	if rec.holder != l.cfg.Identity {
-		l.lost(rec.holder)
+		if held {
+			l.lost(rec.holder)
+		}
 		return nil
 	}
 	// As leaderelection does: no holder, and a duration of one second for
@@ -324,9 +407,9 @@ func (l *Lease) Release(ctx context.Context) error {
 func (l *Lease) tryAcquireOrRenew(ctx context.Context) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.RetryPeriod)
 	defer cancel()
-	// The time the write is sent, not when it returned: a contender saw
-	// the record no earlier than it was written, so counting from here
-	// keeps the holder's deadline ahead of every contender's.
+	// The holder counts its renewal from before the request is sent: a
+	// contender cannot see the record before it was written, so counting
+	// from here keeps the holder's deadline ahead of every contender's.
 	now := l.clock.Now()
 	obj, err := l.client.Get(ctx, l.cfg.Name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
@@ -339,12 +422,17 @@ func (l *Lease) tryAcquireOrRenew(ctx context.Context) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	l.observe(rec, now)
+	// A contender counts from when the answer arrived, as client-go's
+	// setObservedRecord does: the record may have been written at any time
+	// during a slow GET, so counting from before it would start the
+	// countdown to a takeover early by as long as the GET took.
+	seen := l.clock.Now()
+	l.observe(rec, seen)
 
 	l.mu.Lock()
 	expires := l.seenAt.Add(rec.duration)
 	l.mu.Unlock()
-	if rec.holder != "" && rec.holder != l.cfg.Identity && now.Before(expires) {
+	if rec.holder != "" && rec.holder != l.cfg.Identity && seen.Before(expires) {
 		return false, nil
 	}
 	next := rec
@@ -358,6 +446,7 @@ func (l *Lease) tryAcquireOrRenew(ctx context.Context) (bool, error) {
 	if err := writeRecord(obj, next); err != nil {
 		return false, err
 	}
+	l.markWrote()
 	updated, err := l.client.Update(ctx, obj, metav1.UpdateOptions{FieldManager: fieldManager})
 	if apierrors.IsConflict(err) {
 		// Someone wrote it since our read; the next round reads again.
@@ -382,6 +471,7 @@ func (l *Lease) create(ctx context.Context, now time.Time) (bool, error) {
 	if err := writeRecord(obj, rec); err != nil {
 		return false, err
 	}
+	l.markWrote()
 	created, err := l.client.Create(ctx, obj, metav1.CreateOptions{FieldManager: fieldManager})
 	if apierrors.IsAlreadyExists(err) {
 		// Someone created it between our get and create: the next round
@@ -392,6 +482,13 @@ func (l *Lease) create(ctx context.Context, now time.Time) (bool, error) {
 		return false, fmt.Errorf("create: %w", err)
 	}
 	return l.ours(created, now, "")
+}
+
+// markWrote notes that a write naming this process the holder is sent.
+func (l *Lease) markWrote() {
+	l.mu.Lock()
+	l.wrote = true
+	l.mu.Unlock()
 }
 
 // ours records a successful write of obj, sent at now; previous is the

@@ -2,6 +2,7 @@ package lease
 
 import (
 	"context"
+	"math"
 	"os"
 	"strings"
 	"testing"
@@ -25,6 +26,7 @@ func TestNewChecksConfig(t *testing.T) {
 		{"duration only", func(c *Config) { c.Duration = 18 * time.Second }, "", 15 * time.Second, time.Second},
 		{"no identity", func(c *Config) { c.Identity = "" }, "identity", 0, 0},
 		{"no name", func(c *Config) { c.Name = "" }, "name", 0, 0},
+		{"beyond the Lease field", func(c *Config) { c.Duration = (math.MaxInt32 + 1) * time.Second }, "whole number of seconds from 1s to", 0, 0},
 		{"fractional seconds", func(c *Config) { c.Duration = 1500 * time.Millisecond }, "whole number of seconds", 0, 0},
 		{"deadline not under duration", func(c *Config) { c.Duration, c.RenewDeadline = 10*time.Second, 10*time.Second }, "renew deadline", 0, 0},
 		{"retry not under deadline", func(c *Config) {

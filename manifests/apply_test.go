@@ -89,6 +89,8 @@ func TestAgainstAPIServer(t *testing.T) {
 			// creation, its own Service (for its address), Events.
 			{"get", "", "secrets", "tsrelay-state", true},
 			{"update", "", "secrets", "tsrelay-state", true},
+			{"watch", "", "secrets", "tsrelay-state", true},
+			{"watch", "", "secrets", "tsrelay-auth", false},
 			{"create", "", "secrets", "", true},
 			{"get", "coordination.k8s.io", "leases", "tsrelay-state", true},
 			{"update", "coordination.k8s.io", "leases", "tsrelay-state", true},

@@ -33,6 +33,11 @@ const (
 	haDERPExample = "../examples/ha-derp"
 )
 
+// componentLabel marks the per-relay Services (relay) that components/ha
+// copies the base Service's type and ports into, and components/derp
+// patches.
+const componentLabel = "app.kubernetes.io/component"
+
 // meshSecret is the DERP mesh Secret components/ha-derp names.
 const meshSecret = "tsrelay-derp-mesh"
 
@@ -198,6 +203,8 @@ func replicaNameErrors(h *haObjects) []string {
 			bad("pod %s: TS_RELAY_SERVICE=%s, but there is no such Service", pod, vals["TS_RELAY_SERVICE"])
 		case svc.Spec.Selector[appsv1.StatefulSetPodNameLabel] != pod:
 			bad("Service %s selects %s=%q, want the pod that follows it, %s", svc.Name, appsv1.StatefulSetPodNameLabel, svc.Spec.Selector[appsv1.StatefulSetPodNameLabel], pod)
+		case svc.Labels[componentLabel] != "relay":
+			bad("Service %s lacks the label %s: relay, by which components/ha gives it the base Service's type and ports", svc.Name, componentLabel)
 		}
 		if p, ok := vals["TS_DERP_MESH_PEERS"]; ok {
 			if i > 0 && p != strings.Join(peers, ",") {
@@ -226,6 +233,9 @@ func replicaNameErrors(h *haObjects) []string {
 	}
 	if got := roleNames(h.role, "", "secrets", "update"); !sameSet(got, wantSecrets) {
 		bad("Role %s: update on Secrets %v, want %v", h.role.Name, got, wantSecrets)
+	}
+	if got := roleNames(h.role, "", "secrets", "watch"); !sameSet(got, secrets) {
+		bad("Role %s: watch on Secrets %v, want the replicas' %v (each re-creates its Secret if deleted)", h.role.Name, got, secrets)
 	}
 	for _, verb := range []string{"get", "update"} {
 		if got := roleNames(h.role, "coordination.k8s.io", "leases", verb); !sameSet(got, secrets) {
@@ -397,6 +407,7 @@ func TestHAReplicaNamesMustAgree(t *testing.T) {
 		{"replicas 3, nothing else", func(h *haObjects) { *h.sts.Spec.Replicas = 3 }, "TS_RELAY_SERVICE=tsrelay-2, but there is no such Service"},
 		{"replicas 1, names of 2", func(h *haObjects) { *h.sts.Spec.Replicas = 1 }, "Service tsrelay-1 selects a single pod"},
 		{"a Service missing", func(h *haObjects) { delete(h.services, "tsrelay-1") }, "no such Service"},
+		{"a Service without the label", func(h *haObjects) { delete(h.services["tsrelay-1"].Labels, componentLabel) }, "Service tsrelay-1 lacks the label"},
 		{"a Role name missing", func(h *haObjects) {
 			h.role.Rules[0].ResourceNames = h.role.Rules[0].ResourceNames[:1]
 		}, "on Secrets"},
@@ -597,6 +608,7 @@ metadata:
   name: tsrelay-2
   labels:
     app.kubernetes.io/name: tsrelay
+    app.kubernetes.io/component: relay
 spec:
   selector:
     app.kubernetes.io/name: tsrelay
@@ -610,7 +622,7 @@ rules:
   - apiGroups: [""]
     resources: [secrets]
     resourceNames: [tsrelay-0-state, tsrelay-1-state, tsrelay-2-state]
-    verbs: [get, update]
+    verbs: [get, update, watch]
   - apiGroups: [""]
     resources: [secrets]
     verbs: [create]
@@ -656,6 +668,21 @@ rules:
 	}
 	if len(three.Spec.Ports) != 3 {
 		t.Errorf("Service tsrelay-2 ports %v, want relay, derp and stun", three.Spec.Ports)
+	}
+
+	// Without the label, tsrelay-2 must get no ports at all, so that the
+	// API server refuses it (spec.ports: Required value), rather than the
+	// DERP and STUN ports without the relay's, which it would take.
+	unlabelled := strings.Replace(files["service-tsrelay-2.yaml"], "    "+componentLabel+": relay\n", "", 1)
+	if unlabelled == files["service-tsrelay-2.yaml"] {
+		t.Fatal("the test's Service tsrelay-2 has no label to remove")
+	}
+	if err := os.WriteFile(filepath.Join(dir, "service-tsrelay-2.yaml"), []byte(unlabelled), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h = parseHA(t, kustomizeBuild(t, dir))
+	if svc := h.services["tsrelay-2"]; svc == nil || len(svc.Spec.Ports) != 0 || svc.Spec.Type != "" {
+		t.Errorf("unlabelled Service tsrelay-2 = %+v, want no ports and no type, which the API server refuses", svc)
 	}
 }
 

@@ -109,6 +109,13 @@ func (a *appliance) foundEndpoints(eps []lbaddr.Endpoint, why string) {
 // the node before it returns.
 func (a *appliance) run(ctx context.Context) error {
 	defer a.closeTailnet()
+	key, err := a.keylessLogin(ctx) // before start: tsnet takes the key only then
+	if err != nil {
+		return err
+	}
+	if key != "" {
+		a.ts.AuthKey = key
+	}
 	lc, err := a.startTailnet()
 	if err != nil {
 		return err

@@ -20,7 +20,19 @@ import (
 
 	"github.com/kelseyhightower/envconfig"
 
+	"github.com/tsrelay/tsrelay/internal/memtune"
 	"github.com/tsrelay/tsrelay/lbaddr"
+)
+
+// The range TS_LEASE_DURATION accepts. Below 6 s the retry period (1/18 of
+// it) would be under the API server's usual answer time; above an hour a
+// relay killed without releasing its Lease would keep its identity out of
+// use for longer than any outage worth riding out (and the Lease stores the
+// duration as a 32-bit count of seconds, which a longer setting could
+// overflow).
+const (
+	minLeaseDuration = 6 * time.Second
+	maxLeaseDuration = time.Hour
 )
 
 // Config is everything the relay reads from its environment. The variable
@@ -35,21 +47,27 @@ type Config struct {
 	Hostname      string `envconfig:"TS_HOSTNAME" default:"tsrelay" desc:"Name of this node in the tailnet."`
 	ControlURL    string `envconfig:"TS_CONTROL_URL" desc:"Coordination server URL; empty means Tailscale's (use it for Headscale or tests)."`
 
-	KubeSecret    string        `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
-	RelayService  string        `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with the Service port whose targetPort is TS_RELAY_SERVER_PORT, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change."`
-	PodName       string        `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
-	PodNamespace  string        `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
-	PodUID        string        `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
-	LeaseDuration time.Duration `envconfig:"TS_LEASE_DURATION" default:"90s" desc:"With TS_KUBE_SECRET: how long another pod waits, after this one stops renewing the Lease on the identity (it renews every 1/18 of this), before it takes the identity over. This one stops its node after 5/6 of it without a renewal, so an API-server outage shorter than that costs nothing. Whole seconds, at least 6s."`
-	StateDir      string        `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
+	// Keyless login (keyless.go): workload identity federation.
+	ClientID    string `envconfig:"TS_CLIENT_ID" desc:"Keyless login: client ID of a federated identity (trusted credential) in the admin console. At first login the relay trades its ID token for a one-off auth key: a node that is not ephemeral and is preauthorized, unless the ID ends in ?ephemeral=true or ?preauthorized=false. Requires TS_ADVERTISE_TAGS and TS_ID_TOKEN_FILE or TS_ID_TOKEN (README: Keyless login)."`
+	IDToken     string `envconfig:"TS_ID_TOKEN" desc:"Keyless login: the ID token (a JWT) itself. Prefer TS_ID_TOKEN_FILE, which the kubelet keeps fresh."`
+	IDTokenFile string `envconfig:"TS_ID_TOKEN_FILE" desc:"Keyless login: path of the ID token, the pod's projected ServiceAccount token (components/keyless mounts it). Read only at first login, when the node state has no node key."`
+
+	KubeSecret           string        `envconfig:"TS_KUBE_SECRET" desc:"Kubernetes Secret that holds the node state, in the pod's (or kubeconfig context's) namespace. Needed inside a cluster."`
+	RelayService         string        `envconfig:"TS_RELAY_SERVICE" desc:"This relay's own Kubernetes Service, in the same namespace: its load-balancer IPs (or resolved hostnames), with each Service port that leads to the relay, are advertised as static endpoints, added to TS_RELAY_SERVER_STATIC_ENDPOINTS and updated as they change. The ports that lead to the relay are the UDP ones chosen by the first of these rules any port meets: targetPort TS_RELAY_SERVER_PORT (an absent targetPort is the port itself); targetPort TS_RELAY_SERVICE_PORT_NAME; named TS_RELAY_SERVICE_PORT_NAME with a named targetPort; the Service's only UDP port, with a named targetPort. Without one, /readyz lists the Service's ports."`
+	RelayServicePortName string        `envconfig:"TS_RELAY_SERVICE_PORT_NAME" default:"relay" desc:"With TS_RELAY_SERVICE: the name of the relay's container port (TS_RELAY_SERVER_PORT), which a Service port's targetPort names; the Service port's own name may also be it. A port name: 1-15 lower-case letters, digits or '-', with a letter; empty means relay."`
+	PodName              string        `envconfig:"POD_NAME" desc:"This pod's name, from the downward API: Kubernetes Events (login needed, relay bound, ...) are recorded on it. Empty: no Events."`
+	PodNamespace         string        `envconfig:"POD_NAMESPACE" desc:"This pod's namespace, from the downward API; also where TS_KUBE_SECRET and TS_RELAY_SERVICE live."`
+	PodUID               string        `envconfig:"POD_UID" desc:"This pod's UID, from the downward API, so that kubectl describe pod shows the Events."`
+	LeaseDuration        time.Duration `envconfig:"TS_LEASE_DURATION" default:"90s" desc:"With TS_KUBE_SECRET: how long another pod waits, after this one stops renewing the Lease on the identity (it renews every 1/18 of this), before it takes the identity over. This one stops its node after 5/6 of it without a renewal, so an API-server outage shorter than that costs nothing. Whole seconds, from 6s to 1h."`
+	StateDir             string        `envconfig:"TS_STATE_DIR" desc:"Directory for the node state when TS_KUBE_SECRET is empty; with TS_KUBE_SECRET only scratch files go here. Default: $XDG_CONFIG_HOME/tsrelay outside a cluster, $TMPDIR/tsrelay with TS_KUBE_SECRET."`
 
 	RelayServerPort            Port      `envconfig:"TS_RELAY_SERVER_PORT" desc:"Required. UDP port the peer relay listens on, 1-65535 (1024 or above in an unprivileged pod)."`
 	RelayServerStaticEndpoints Endpoints `envconfig:"TS_RELAY_SERVER_STATIC_ENDPOINTS" desc:"Comma-separated addresses peers can reach the relay on, ip:port or [ipv6]:port (e.g. a LoadBalancer IP, or a router's WAN IP and forwarded port)."`
 
 	RelayServerSockets Sockets `envconfig:"TS_RELAY_SERVER_SOCKETS" default:"2" desc:"UDP sockets the peer relay binds per IP family, 1-16 (GOMAXPROCS is set to it). Each can hold 8 MiB of receive buffers once bulk traffic fills them: raise it for more relayed throughput on a node with spare cores, at that memory cost (README: Resources)."`
 
-	WireGuardPort Port   `envconfig:"TS_PORT" default:"0" desc:"UDP port for this node's own WireGuard traffic; 0 picks a free one."`
-	LocalAddrPort string `envconfig:"TS_LOCAL_ADDR_PORT" default:"[::]:9002" desc:"ip:port for the HTTP server with /healthz, /readyz and /metrics."`
+	WireGuardPort Port       `envconfig:"TS_PORT" default:"0" desc:"UDP port for this node's own WireGuard traffic; 0 picks a free one."`
+	LocalAddrPort ListenAddr `envconfig:"TS_LOCAL_ADDR_PORT" default:"[::]:9002" desc:"ip:port for the HTTP server with /healthz, /readyz and /metrics."`
 
 	LogFormat LogFormat `envconfig:"TS_LOG_FORMAT" default:"text" desc:"Log format: text (logfmt-style key=value) or json."`
 	LogLevel  LogLevel  `envconfig:"TS_LOG_LEVEL" default:"info" desc:"Least severe log level shown: debug, info, warn or error."`
@@ -87,13 +105,31 @@ func (p *Port) Decode(s string) error {
 	return nil
 }
 
+// ListenAddr is the ip:port of a TCP listener read from the environment.
+type ListenAddr netip.AddrPort
+
+// Decode implements envconfig.Decoder.
+func (a *ListenAddr) Decode(s string) error {
+	ap, err := netip.ParseAddrPort(strings.TrimSpace(s))
+	if err != nil {
+		return errors.New("want ip:port or [ipv6]:port (e.g. [::]:9002)")
+	}
+	*a = ListenAddr(ap)
+	return nil
+}
+
+// Port returns the listener's port.
+func (a ListenAddr) Port() uint16 { return netip.AddrPort(a).Port() }
+
+// String returns the address in the form Decode accepts.
+func (a ListenAddr) String() string { return netip.AddrPort(a).String() }
+
 // Sockets is how many UDP sockets the peer relay binds per IP family.
 type Sockets int
 
-// MaxSockets is the most sockets per family Tailscale's relay server binds,
-// however many Ps there are (min(16, GOMAXPROCS) in bindSockets of
-// net/udprelay/server.go, tailscale.com v1.102.5).
-const MaxSockets = 16
+// MaxSockets is the most sockets per family Tailscale's relay server binds
+// (see memtune.MaxSockets).
+const MaxSockets = memtune.MaxSockets
 
 // Decode implements envconfig.Decoder.
 func (n *Sockets) Decode(s string) error {
@@ -248,75 +284,47 @@ var hostnameRE = regexp.MustCompile(`^[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])
 // secretNameRE is a Kubernetes object name (RFC 1123 subdomain).
 var secretNameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
 
+// defaultRelayPortName is what an empty TS_RELAY_SERVICE_PORT_NAME means:
+// the name manifests/deployment.yaml gives the relay's container port. Keep
+// it in step with the field's default tag, which relay --help shows.
+const defaultRelayPortName = "relay"
+
+// relayPortName returns TS_RELAY_SERVICE_PORT_NAME, or its default when it
+// is empty (set but blank, or a Config built in code).
+func (c *Config) relayPortName() string {
+	if c.RelayServicePortName == "" {
+		return defaultRelayPortName
+	}
+	return c.RelayServicePortName
+}
+
+// portNameRE is the shape of a container port name (IANA_SVC_NAME, RFC
+// 6335): 1-15 lower-case letters, digits and '-', not at either end.
+// validPortName adds the rest of the rule.
+var portNameRE = regexp.MustCompile(`^(?:[a-z0-9]|[a-z0-9][-a-z0-9]{0,13}[a-z0-9])$`)
+
+// validPortName reports whether s can name a container port, as the API
+// server checks it: portNameRE, at least one letter, no "--".
+func validPortName(s string) bool {
+	return portNameRE.MatchString(s) && strings.ContainsAny(s, "abcdefghijklmnopqrstuvwxyz") && !strings.Contains(s, "--")
+}
+
 // serviceNameRE is a Kubernetes Service name (RFC 1035 label).
 var serviceNameRE = regexp.MustCompile(`^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$`)
 
 // LoadConfig reads the configuration from the environment and validates it.
 // Every error names the variable, the bad value and the accepted form; the
 // values of secret variables are never included. Every problem is reported,
-// one per line: envconfig stops at the first value it cannot parse, so
-// parseAll first tries each variable on its own.
+// one per line: every variable that does not parse, and every problem
+// Validate finds with the ones that do (a variable that failed to parse is
+// not also reported as missing).
 func LoadConfig() (Config, error) {
 	var c Config
-	if err := parseAll(); err != nil {
-		return c, err
-	}
-	if err := envconfig.Process("", &c); err != nil {
-		var pe *envconfig.ParseError
-		if errors.As(err, &pe) {
-			return c, fmt.Errorf("%s=%s: %w", pe.KeyName, pe.Value, pe.Err)
-		}
-		return c, fmt.Errorf("read environment: %w", err)
-	}
+	errs, failed := decodeEnv(&c)
 	if c.AuthKey == "" {
 		c.AuthKey = c.AuthKeyAlias
 	}
 	c.AuthKeyAlias = ""
-	if err := c.Validate(); err != nil {
-		return c, err
-	}
-	if err := c.setDefaults(); err != nil {
-		return c, err
-	}
-	return c, nil
-}
-
-// parseAll decodes every variable that is set, each on its own, and returns
-// all the ones that fail, in Config's field order, and with them the
-// problems Validate finds with the variables that did parse (a variable
-// that failed is not also reported as missing). It returns nil when every
-// variable parses, whatever Validate would say: LoadConfig validates then.
-func parseAll() error {
-	var (
-		c      Config
-		errs   []error
-		failed []string
-	)
-	v := reflect.ValueOf(&c).Elem()
-	t := v.Type()
-	for i := range t.NumField() {
-		tag := t.Field(i).Tag
-		key := tag.Get("envconfig")
-		if key == "" || tag.Get("ignored") == "true" {
-			continue
-		}
-		s, ok := os.LookupEnv(key)
-		if !ok {
-			if s, ok = tag.Lookup("default"); !ok {
-				continue
-			}
-		}
-		if err := decodeField(v.Field(i), s); err != nil {
-			errs = append(errs, fmt.Errorf("%s=%s: %w", key, s, err))
-			failed = append(failed, key)
-		}
-	}
-	if len(errs) == 0 {
-		return nil
-	}
-	if c.AuthKey == "" {
-		c.AuthKey = c.AuthKeyAlias
-	}
 	if verr := c.Validate(); verr != nil {
 		for _, e := range unjoin(verr) {
 			if !slices.ContainsFunc(failed, func(k string) bool { return namesVariable(e.Error(), k) }) {
@@ -324,7 +332,52 @@ func parseAll() error {
 			}
 		}
 	}
-	return errors.Join(errs...)
+	if len(errs) > 0 {
+		return c, errors.Join(errs...)
+	}
+	if err := c.setDefaults(); err != nil {
+		return c, err
+	}
+	return c, nil
+}
+
+// envFields calls fn for every field of the struct v that is read from the
+// environment, in field order, descending into embedded structs
+// (DERPConfig) as envconfig does. It is the one walk over Config that
+// decoding and --help share, so neither can miss a variable the other sees.
+func envFields(v reflect.Value, fn func(f reflect.StructField, val reflect.Value)) {
+	t := v.Type()
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if f.Anonymous && f.Type.Kind() == reflect.Struct {
+			envFields(v.Field(i), fn)
+			continue
+		}
+		if f.Tag.Get("envconfig") == "" || f.Tag.Get("ignored") == "true" {
+			continue
+		}
+		fn(f, v.Field(i))
+	}
+}
+
+// decodeEnv sets every field of c from its variable, or from its default
+// when the variable is unset, and returns an error for each variable that
+// does not parse, with the names of those variables.
+func decodeEnv(c *Config) (errs []error, failed []string) {
+	envFields(reflect.ValueOf(c).Elem(), func(f reflect.StructField, v reflect.Value) {
+		key := f.Tag.Get("envconfig")
+		s, ok := os.LookupEnv(key)
+		if !ok {
+			if s, ok = f.Tag.Lookup("default"); !ok {
+				return
+			}
+		}
+		if err := decodeValue(v, s); err != nil {
+			errs = append(errs, fmt.Errorf("%s=%s: %w", key, s, err))
+			failed = append(failed, key)
+		}
+	})
+	return errs, failed
 }
 
 // namesVariable reports whether msg is about variable key: it starts with
@@ -342,31 +395,38 @@ func unjoin(err error) []error {
 	return []error{err}
 }
 
-// decodeField decodes s into f as envconfig would for the types Config
-// uses: a Decoder, a string or a bool.
-func decodeField(f reflect.Value, s string) error {
-	if d, ok := f.Addr().Interface().(envconfig.Decoder); ok {
+// decodeValue decodes s into v: through its envconfig.Decoder if it has
+// one, else as a duration, string, bool or integer.
+func decodeValue(v reflect.Value, s string) error {
+	if d, ok := v.Addr().Interface().(envconfig.Decoder); ok {
 		return d.Decode(s)
 	}
-	if f.Type() == reflect.TypeFor[time.Duration]() {
+	if v.Type() == reflect.TypeFor[time.Duration]() {
 		d, err := time.ParseDuration(s)
 		if err != nil {
 			return errors.New("not a duration; want e.g. 90s")
 		}
-		f.SetInt(int64(d))
+		v.SetInt(int64(d))
 		return nil
 	}
-	switch f.Kind() {
+	switch v.Kind() {
 	case reflect.String:
-		f.SetString(s)
+		v.SetString(s)
 	case reflect.Bool:
 		b, err := strconv.ParseBool(s)
 		if err != nil {
 			return errors.New("not a boolean; want true or false")
 		}
-		f.SetBool(b)
+		v.SetBool(b)
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		n, err := strconv.ParseInt(strings.TrimSpace(s), 10, v.Type().Bits())
+		if err != nil {
+			return errors.New("not a whole number")
+		}
+		v.SetInt(n)
 	default:
-		return fmt.Errorf("cannot read a %s from the environment", f.Type())
+		// A programming error, caught by TestEveryVariableDecodes.
+		return fmt.Errorf("cannot read a %s from the environment", v.Type())
 	}
 	return nil
 }
@@ -407,13 +467,14 @@ func (c *Config) Validate() error {
 	if c.RelayService != "" && !serviceNameRE.MatchString(c.RelayService) {
 		bad("TS_RELAY_SERVICE=%s: want a Service name (1-63 lower-case letters, digits or '-', starting with a letter)", c.RelayService)
 	}
+	if c.RelayServicePortName != "" && !validPortName(c.RelayServicePortName) {
+		bad("TS_RELAY_SERVICE_PORT_NAME=%s: want a port name as in a container's ports (1-15 lower-case letters, digits or '-', with a letter, not starting or ending with '-', no '--'), e.g. relay", c.RelayServicePortName)
+	}
 	if c.KubeSecret == "" && c.StateDir == "" && inKubernetes() {
 		bad("TS_KUBE_SECRET is empty inside Kubernetes: the node's identity would die with the pod; set TS_KUBE_SECRET to a Secret name (or TS_STATE_DIR to a persistent volume)")
 	}
-	if _, err := netip.ParseAddrPort(c.LocalAddrPort); err != nil {
-		bad("TS_LOCAL_ADDR_PORT=%s: want ip:port or [ipv6]:port (e.g. [::]:9002)", c.LocalAddrPort)
-	}
 	errs = append(errs, c.DERPConfig.validate(c)...)
+	errs = append(errs, c.validateKeyless()...)
 	// Tailscale advertises at most lbaddr.MaxEndpoints; cutting the
 	// user's own list silently would hide which ones peers never hear of.
 	if n := len(c.RelayServerStaticEndpoints); n > lbaddr.MaxEndpoints {
@@ -421,8 +482,8 @@ func (c *Config) Validate() error {
 	} else if n == lbaddr.MaxEndpoints && c.RelayService != "" {
 		bad("TS_RELAY_SERVER_STATIC_ENDPOINTS: %d endpoints leave no room for TS_RELAY_SERVICE=%s's addresses (a relay advertises at most %d, explicit ones first); want at most %d with TS_RELAY_SERVICE", n, c.RelayService, lbaddr.MaxEndpoints, lbaddr.MaxEndpoints-1)
 	}
-	if c.LeaseDuration < 6*time.Second || c.LeaseDuration%time.Second != 0 {
-		bad("TS_LEASE_DURATION=%s: want whole seconds, at least 6s (e.g. 90s)", c.LeaseDuration)
+	if c.LeaseDuration < minLeaseDuration || c.LeaseDuration > maxLeaseDuration || c.LeaseDuration%time.Second != 0 {
+		bad("TS_LEASE_DURATION=%s: want whole seconds from 6s to 1h (e.g. 90s)", c.LeaseDuration)
 	}
 	if err := checkStateDir(c.StateDir); err != nil {
 		bad("TS_STATE_DIR=%s: %v; want a directory this process can create or write", c.StateDir, err)
@@ -480,27 +541,12 @@ func (c *Config) setDefaults() error {
 func PrintUsage(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "VARIABLE\tDEFAULT\tMEANING")
-	printUsage(tw, reflect.TypeFor[Config]())
-	return tw.Flush()
-}
-
-// printUsage writes the rows for struct type t, descending into embedded
-// structs (DERPConfig) as envconfig does.
-func printUsage(tw io.Writer, t reflect.Type) {
-	for i := range t.NumField() {
-		f := t.Field(i)
-		if f.Anonymous && f.Type.Kind() == reflect.Struct {
-			printUsage(tw, f.Type)
-			continue
-		}
-		tag := f.Tag
-		if tag.Get("ignored") == "true" {
-			continue
-		}
-		def := tag.Get("default")
+	envFields(reflect.New(reflect.TypeFor[Config]()).Elem(), func(f reflect.StructField, _ reflect.Value) {
+		def := f.Tag.Get("default")
 		if def == "" {
 			def = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", tag.Get("envconfig"), def, tag.Get("desc"))
-	}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", f.Tag.Get("envconfig"), def, f.Tag.Get("desc"))
+	})
+	return tw.Flush()
 }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -17,7 +18,7 @@ func setEnv(t *testing.T, env map[string]string) {
 	t.Helper()
 	for _, k := range []string{
 		"TS_AUTHKEY", "TS_AUTH_KEY", "TS_CLIENT_SECRET", "TS_ADVERTISE_TAGS", "TS_HOSTNAME",
-		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
+		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_RELAY_SERVICE_PORT_NAME", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_RELAY_SERVER_SOCKETS", "TS_PORT", "TS_LOCAL_ADDR_PORT",
 		"TS_NO_LOGS_NO_SUPPORT", "TS_BACKEND_LOGS", "KUBERNETES_SERVICE_HOST",
 		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_NAMESPACE", "POD_UID", "TS_LEASE_DURATION",
@@ -55,11 +56,34 @@ func TestLoadConfigValid(t *testing.T) {
 	if got, want := c.AdvertiseTags, (Tags{"tag:relay", "tag:k8s"}); !slices.Equal(got, want) {
 		t.Errorf("AdvertiseTags = %v, want %v", got, want)
 	}
-	if c.Hostname != "tsrelay" || c.LocalAddrPort != "[::]:9002" || c.WireGuardPort != 0 {
+	if c.Hostname != "tsrelay" || c.LocalAddrPort.String() != "[::]:9002" || c.WireGuardPort != 0 {
 		t.Errorf("defaults: Hostname=%q LocalAddrPort=%q WireGuardPort=%d", c.Hostname, c.LocalAddrPort, c.WireGuardPort)
 	}
 	if c.RelayServerSockets != 2 {
 		t.Errorf("RelayServerSockets = %d, want the default 2", c.RelayServerSockets)
+	}
+	if c.RelayServicePortName != defaultRelayPortName || c.relayPortName() != defaultRelayPortName {
+		t.Errorf("RelayServicePortName = %q (in effect %q), want the default %q, the manifests' container port name",
+			c.RelayServicePortName, c.relayPortName(), defaultRelayPortName)
+	}
+}
+
+// TestRelayServicePortNames checks names the API server accepts for a
+// container port, at the edges of the rule.
+func TestRelayServicePortNames(t *testing.T) {
+	for name, want := range map[string]string{
+		"relay": "relay", "r": "r", "ts-relay": "ts-relay", "tailscale-relay": "tailscale-relay", "udp1": "udp1", "1a": "1a",
+		"": defaultRelayPortName, // set but blank, as manifests with an empty value do
+	} {
+		setEnv(t, map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": name, "TS_STATE_DIR": t.TempDir()})
+		c, err := LoadConfig()
+		if err != nil {
+			t.Errorf("TS_RELAY_SERVICE_PORT_NAME=%s: LoadConfig() error = %v", name, err)
+			continue
+		}
+		if got := c.relayPortName(); got != want {
+			t.Errorf("TS_RELAY_SERVICE_PORT_NAME=%q: the name in effect is %q, want %q", name, got, want)
+		}
 	}
 }
 
@@ -169,9 +193,40 @@ func TestLoadConfigErrors(t *testing.T) {
 			want: []string{"TS_RELAY_SERVICE=tsrelay.kube-public: want a Service name"},
 		},
 		{
+			name: "bad relay port names",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": "Relay"},
+			want: []string{"TS_RELAY_SERVICE_PORT_NAME=Relay: want a port name as in a container's ports (1-15 lower-case letters, digits or '-', with a letter, not starting or ending with '-', no '--'), e.g. relay"},
+		},
+		{
+			name: "relay port name without a letter",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": "61441"},
+			want: []string{"TS_RELAY_SERVICE_PORT_NAME=61441: want a port name"},
+		},
+		{
+			name: "relay port name with --",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": "ts--relay"},
+			want: []string{"TS_RELAY_SERVICE_PORT_NAME=ts--relay: want a port name"},
+		},
+		{
+			name: "relay port name too long",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_RELAY_SERVICE_PORT_NAME": "tailscale-relay1"},
+			want: []string{"TS_RELAY_SERVICE_PORT_NAME=tailscale-relay1: want a port name"},
+		},
+		{
 			name: "lease duration too short",
 			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "1500ms"},
-			want: []string{"TS_LEASE_DURATION=1.5s: want whole seconds, at least 6s"},
+			want: []string{"TS_LEASE_DURATION=1.5s: want whole seconds from 6s to 1h"},
+		},
+		{
+			name: "lease duration too long",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "2h"},
+			want: []string{"TS_LEASE_DURATION=2h0m0s: want whole seconds from 6s to 1h"},
+		},
+		{
+			// 2^31 s and more overflow the Lease's leaseDurationSeconds.
+			name: "lease duration beyond the Lease field",
+			env:  map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_LEASE_DURATION": "596524h"},
+			want: []string{"TS_LEASE_DURATION=596524h0m0s: want whole seconds from 6s to 1h"},
 		},
 		{
 			name: "lease duration not a duration",
@@ -237,6 +292,21 @@ func TestLoadConfigReportsEveryProblem(t *testing.T) {
 			},
 			// The port failed to parse; it is not also "required".
 			notWant: []string{"TS_RELAY_SERVER_PORT is required"},
+		},
+		{
+			// The DERP settings live in an embedded struct, and the region
+			// ID is a plain int: both were once missed by the first pass.
+			name: "bad DERP values beside a bad core value",
+			env: map[string]string{
+				"TS_RELAY_SERVER_PORT": "61441", "TS_DERP_PORT": "abc", "TS_STUN_PORT": "99999",
+				"TS_DERP_REGION_ID": "nine hundred", "TS_HOSTNAME": "-bad-",
+			},
+			want: []string{
+				"TS_DERP_PORT=abc: not a port number",
+				"TS_STUN_PORT=99999: port 99999 out of range",
+				"TS_DERP_REGION_ID=nine hundred: not a whole number",
+				"TS_HOSTNAME=-bad-: want a DNS label",
+			},
 		},
 		{
 			name: "more than 16 endpoints",
@@ -370,7 +440,7 @@ func TestPrintUsageListsEveryVariable(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, v := range []string{"TS_AUTHKEY", "TS_AUTH_KEY", "TS_CLIENT_SECRET", "TS_ADVERTISE_TAGS", "TS_HOSTNAME",
-		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
+		"TS_CONTROL_URL", "TS_KUBE_SECRET", "TS_RELAY_SERVICE", "TS_RELAY_SERVICE_PORT_NAME", "TS_STATE_DIR", "TS_RELAY_SERVER_PORT",
 		"TS_RELAY_SERVER_STATIC_ENDPOINTS", "TS_RELAY_SERVER_SOCKETS", "TS_PORT", "TS_LOCAL_ADDR_PORT", "TS_NO_LOGS_NO_SUPPORT",
 		"TS_LOG_FORMAT", "TS_LOG_LEVEL", "POD_NAME", "POD_UID"} {
 		if !strings.Contains(b.String(), "\n"+v+" ") {
@@ -398,5 +468,31 @@ func TestNewLogger(t *testing.T) {
 	}
 	if line["msg"] != "relay not bound" || line["level"] != "WARN" || line["port"] != float64(61441) {
 		t.Errorf("log line = %v", line)
+	}
+}
+
+// TestEveryVariableDecodes checks that the decoder reads every field type
+// Config has: each variable's default (or, without one, an empty value for
+// the types that take it) decodes, and --help lists every variable decoding
+// sees, so a new field of a new type cannot slip past either.
+func TestEveryVariableDecodes(t *testing.T) {
+	var help strings.Builder
+	if err := PrintUsage(&help); err != nil {
+		t.Fatal(err)
+	}
+	var c Config
+	n := 0
+	envFields(reflect.ValueOf(&c).Elem(), func(f reflect.StructField, v reflect.Value) {
+		n++
+		key := f.Tag.Get("envconfig")
+		if !strings.Contains(help.String(), "\n"+key+" ") {
+			t.Errorf("relay --help does not list %s", key)
+		}
+		if err := decodeValue(v, f.Tag.Get("default")); err != nil && strings.Contains(err.Error(), "cannot read") {
+			t.Errorf("%s (%s): %v", key, v.Type(), err)
+		}
+	})
+	if n < 30 {
+		t.Errorf("the walk saw %d variables, want every one of Config's (more than 30)", n)
 	}
 }

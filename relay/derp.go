@@ -124,7 +124,7 @@ func (d DERPConfig) validate(c *Config) []error {
 	if d.STUNPort != 0 && (d.STUNPort == c.RelayServerPort || d.STUNPort == c.WireGuardPort) {
 		bad("TS_STUN_PORT=%d: must differ from TS_RELAY_SERVER_PORT and TS_PORT, which are UDP sockets of this process too", d.STUNPort)
 	}
-	if ap, err := netip.ParseAddrPort(c.LocalAddrPort); err == nil && d.DERPPort != 0 && uint16(d.DERPPort) == ap.Port() {
+	if d.DERPPort != 0 && uint16(d.DERPPort) == c.LocalAddrPort.Port() {
 		bad("TS_DERP_PORT=%d: must differ from the port of TS_LOCAL_ADDR_PORT=%s, both are TCP listeners of this process", d.DERPPort, c.LocalAddrPort)
 	}
 	if err := derpregion.ValidateRegion(d.RegionID, d.RegionCode, "TS_DERP_REGION_ID", "TS_DERP_REGION_CODE"); err != nil {
@@ -170,10 +170,22 @@ type derpRegion struct {
 	// when TS_DERP_ADDRS is empty, and tells when they change.
 	status *status
 
+	// node is the relay's tailnet node, through which the tailnet's
+	// derpMap is read for checkPin.
+	node *appliance
+
 	mu     sync.Mutex
 	region *tailcfg.DERPRegion // nil until an address is known
 	why    string              // why region is nil
+	// tailnetPin is the CertName the tailnet's derpMap pins for the
+	// region when it is not the served certificate's, else "".
+	tailnetPin string
 }
+
+// pinCheckInterval is how often the region compares the certificate it
+// serves with the pin in the tailnet's derpMap: the first look comes this
+// long after start, when the node has its netmap.
+const pinCheckInterval = 5 * time.Second
 
 // newDERPRegion returns the DERP region cfg asks for, or nil when it asks
 // for none. It loads or creates the certificate and binds the DERP and STUN
@@ -240,8 +252,8 @@ func newDERPRegion(ctx context.Context, cfg Config, kc *kubeclient.Client, state
 		// Never the key itself: only which member this relay is.
 		logger.Info("DERP mesh", "self", mesh.members[mesh.self].name, "members", len(mesh.members), "sharedState", meshLocation(d))
 	}
-	r := &derpRegion{cfg: d, srv: srv, cert: cert, mesh: mesh, svcs: svcs, logger: logger, events: events, status: st}
-	st.setDERP(derpView{code: d.RegionCode, serving: srv.Serving})
+	r := &derpRegion{cfg: d, srv: srv, cert: cert, mesh: mesh, svcs: svcs, logger: logger, events: events, status: st, node: node}
+	st.setDERP(derpView{code: d.RegionCode, serving: srv.Serving, pinWarning: r.pinWarning})
 	r.update()
 	return r, nil
 }
@@ -262,10 +274,14 @@ func (r *derpRegion) run(ctx context.Context) error {
 		go func() { defer close(done); r.svcs.run(sctx) }()
 		defer func() { cancel(); <-done }()
 	}
+	pin := time.NewTicker(pinCheckInterval)
+	defer pin.Stop()
 	for {
 		select {
 		case err := <-errc:
 			return err
+		case <-pin.C:
+			r.checkPin(ctx)
 		case <-r.status.endpointsChanged():
 			r.update()
 		case <-svcsChanged:
@@ -337,6 +353,63 @@ func (r *derpRegion) update() {
 	r.events.Normal("DERPMapChanged", "DERP region "+d.RegionCode+" derpMap: "+compact.String())
 }
 
+// checkPin compares the certificate the region serves with the pin the
+// tailnet's derpMap holds for the region, and says loudly when they stop
+// agreeing, and again when they agree once more. They part when the
+// self-signed certificate is made anew: it is kept with the node state, so
+// an identity reset (deleting the state Secret) makes a new one, and every
+// client then refuses the region (its pin no longer matches) while STUN
+// still answers and nodes may keep choosing it as home. Only the policy can
+// fix that: the new derpMap (relay derpmap) must replace the old one.
+func (r *derpRegion) checkPin(ctx context.Context) {
+	served := r.cert.CertName()
+	lc := r.node.localClient()
+	if served == "" || lc == nil {
+		return // a user-provided certificate is not pinned; no node yet
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	dm, err := lc.CurrentDERPMap(ctx)
+	if err != nil || dm == nil {
+		return
+	}
+	pinned := ""
+	if reg := dm.Regions[r.cfg.RegionID]; reg != nil {
+		for _, n := range reg.Nodes {
+			if n.CertName != "" && n.CertName != served {
+				pinned = n.CertName
+			}
+		}
+	}
+	r.mu.Lock()
+	old := r.tailnetPin
+	r.tailnetPin = pinned
+	r.mu.Unlock()
+	switch {
+	case pinned != "" && pinned != old:
+		r.logger.Error("the tailnet's derpMap pins another certificate for this DERP region, so clients refuse it; "+
+			"the certificate was made anew (an identity reset deletes it with the node state): put the new derpMap "+
+			"(relay derpmap) in the tailnet policy", "region", r.cfg.RegionID, "tailnetPin", pinned, "served", served)
+		r.events.Warning("DERPPinMismatch", fmt.Sprintf("the tailnet's derpMap pins %s for DERP region %d, but this relay serves %s "+
+			"(made anew, e.g. by an identity reset): clients refuse the region until the policy has the new derpMap (relay derpmap)",
+			pinned, r.cfg.RegionID, served))
+	case pinned == "" && old != "":
+		r.logger.Info("the tailnet's derpMap pins this DERP region's certificate again", "region", r.cfg.RegionID, "served", served)
+		r.events.Normal("DERPPinMatches", fmt.Sprintf("the tailnet's derpMap pins this relay's certificate for DERP region %d again", r.cfg.RegionID))
+	}
+}
+
+// pinWarning is checkPin's finding for /readyz?verbose's warnings.
+func (r *derpRegion) pinWarning() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.tailnetPin == "" {
+		return ""
+	}
+	return fmt.Sprintf("DERP region %d: the tailnet's derpMap pins %s, but this relay serves %s; clients refuse the region until the policy has the new derpMap (relay derpmap)",
+		r.cfg.RegionID, r.tailnetPin, r.cert.CertName())
+}
+
 // serveDERPMap answers GET /derpmap: the policy file's derpMap as JSON, or
 // with ?format=headscale the YAML for Headscale's derp.paths.
 func (r *derpRegion) serveDERPMap(w http.ResponseWriter, req *http.Request) {
@@ -374,11 +447,11 @@ func (r *derpRegion) statusJSON() *readyz.DERP {
 		return nil
 	}
 	r.mu.Lock()
-	region, why := r.region, r.why
+	region, why, pin := r.region, r.why, r.tailnetPin
 	r.mu.Unlock()
 	s := &readyz.DERP{
 		Serving: r.srv.Serving(), RegionID: r.cfg.RegionID, RegionCode: r.cfg.RegionCode,
-		CertName: r.cert.CertName(), NoDERPMap: why,
+		CertName: r.cert.CertName(), NoDERPMap: why, TailnetCertName: pin,
 	}
 	for _, p := range r.srv.MeshPeers() {
 		s.MeshPeers = append(s.MeshPeers, readyz.MeshPeer{Name: p.Name, Addr: p.Addr, Connected: p.Connected, Since: p.Since, Error: p.Error})

@@ -8,7 +8,7 @@ import (
 )
 
 func TestDERPConfigValidate(t *testing.T) {
-	base := Config{RelayServerPort: 40000, WireGuardPort: 41641, LocalAddrPort: "[::]:9002"}
+	base := Config{RelayServerPort: 40000, WireGuardPort: 41641, LocalAddrPort: ListenAddr(netip.MustParseAddrPort("[::]:9002"))}
 	on := DERPConfig{DERPPort: 8443, STUNPort: 3478, RegionID: 900, RegionCode: "tsrelay", MaxUnadmitted: 256, AcceptRate: 100}
 	for _, tc := range []struct {
 		name string

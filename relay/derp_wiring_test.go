@@ -56,7 +56,7 @@ func TestDERPRegionInAppliance(t *testing.T) {
 		StateDir:                   t.TempDir(),
 		RelayServerPort:            Port(relayPort),
 		RelayServerStaticEndpoints: Endpoints{ep},
-		LocalAddrPort:              "127.0.0.1:9002",
+		LocalAddrPort:              ListenAddr(netip.MustParseAddrPort("127.0.0.1:9002")),
 		DERPConfig:                 DERPConfig{DERPPort: Port(derpPort), STUNPort: Port(stunPort), RegionID: 901, RegionCode: "home", MaxUnadmitted: 256, AcceptRate: 100},
 		LeaseDuration:              lease.DefaultDuration,
 	}

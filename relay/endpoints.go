@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/lbaddr"
@@ -25,18 +26,26 @@ func newServiceWatch(ctx context.Context, cfg Config, kc *kubeclient.Client, rep
 		return nil, nil
 	}
 	w := &serviceWatch{cfg: lbaddr.Config{
-		Client:    kc.Dynamic,
-		Namespace: kc.Namespace,
-		Name:      cfg.RelayService,
-		RelayPort: uint16(cfg.RelayServerPort),
-		Logger:    logger,
-		OnChange:  report,
+		Client:        kc.Dynamic,
+		Namespace:     kc.Namespace,
+		Name:          cfg.RelayService,
+		RelayPort:     uint16(cfg.RelayServerPort),
+		RelayPortName: cfg.relayPortName(),
+		Logger:        logger,
+		OnChange:      report,
 	}}
+	// Bounded: this runs while the Lease is held, and a hung API server
+	// must fail the start rather than stall it.
+	ctx, cancel := context.WithTimeout(ctx, serviceCheckTimeout)
+	defer cancel()
 	if err := lbaddr.Check(ctx, w.cfg); err != nil {
 		return nil, fmt.Errorf("follow TS_RELAY_SERVICE=%s: %w", cfg.RelayService, err)
 	}
 	return w, nil
 }
+
+// serviceCheckTimeout bounds newServiceWatch's read of the Service.
+const serviceCheckTimeout = 30 * time.Second
 
 // serviceRef names the Service the relay follows as namespace/name, or ""
 // for none.

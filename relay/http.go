@@ -30,7 +30,7 @@ type httpServer struct {
 // listenHTTP listens on TS_LOCAL_ADDR_PORT, so that a port in use fails the
 // start before anything is contacted.
 func listenHTTP(cfg Config) (net.Listener, error) {
-	ln, err := net.Listen("tcp", cfg.LocalAddrPort)
+	ln, err := net.Listen("tcp", cfg.LocalAddrPort.String())
 	if err != nil {
 		return nil, fmt.Errorf("listen on TS_LOCAL_ADDR_PORT=%s: %w", cfg.LocalAddrPort, err)
 	}

@@ -88,10 +88,13 @@ func acquireIdentity(ctx context.Context, cfg Config, kc *kubeclient.Client, ln 
 	if err != nil {
 		return nil, err
 	}
+	g.lease = l
 	if err := l.Acquire(ctx); err != nil {
+		// Stopped while acquiring: a write whose answer the stop cut
+		// off may have made this process the holder all the same.
+		g.release()
 		return nil, err
 	}
-	g.lease = l
 	return g, nil
 }
 
@@ -141,13 +144,30 @@ func serveWhileWaiting(ln net.Listener, id waitingIdentity, holder func() string
 	return func() { cancel(); <-done }
 }
 
-// hold renews the Lease until ctx is done; it returns an error, which stops
-// the relay, if the Lease is lost.
-func (g *identityGuard) hold(ctx context.Context) error {
+// renew renews the Lease in the background from now on, until stop is
+// called; without a Lease there is nothing to renew. If the Lease is lost,
+// the returned context is cancelled with the reason, so that whatever stage
+// the relay is in stops, and stop returns that reason.
+func (g *identityGuard) renew(parent context.Context) (ctx context.Context, stop func() error) {
+	ctx, cancel := context.WithCancelCause(parent)
 	if g.lease == nil {
-		return nil
+		return ctx, func() error { cancel(nil); return nil }
 	}
-	return g.lease.Hold(ctx)
+	hctx, hcancel := context.WithCancel(parent)
+	done := make(chan error, 1)
+	go func() {
+		err := g.lease.Hold(hctx)
+		if err != nil {
+			cancel(err)
+		}
+		done <- err
+	}()
+	return ctx, func() error {
+		hcancel()
+		err := <-done
+		cancel(nil)
+		return err
+	}
 }
 
 // release gives the identity up, after the node has stopped.
@@ -166,13 +186,36 @@ func (g *identityGuard) release() {
 	}
 }
 
+// writeWindow is how long this process may still write the node's state:
+// until its renew deadline while it holds the Lease, never once it has
+// lost it (another process may own the Secret then), and a few seconds
+// with a state directory, whose lock cannot be lost.
+func (g *identityGuard) writeWindow() time.Duration {
+	if g.lease == nil {
+		return releaseTimeout
+	}
+	st := g.lease.Status()
+	if !st.Held {
+		return 0
+	}
+	return min(releaseTimeout, time.Until(st.Expires))
+}
+
 // flushState makes the last try to write state still pending, after the
-// node has stopped; nothing to do without a Secret store.
-func flushState(s *kubestate.Store, logger *slog.Logger) {
+// node has stopped, while this process still holds the identity; nothing
+// to do without a Secret store.
+func flushState(s *kubestate.Store, g *identityGuard, logger *slog.Logger) {
 	if s == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+	window := g.writeWindow()
+	if window <= 0 {
+		if _, keys := s.Unpersisted(); keys > 0 {
+			logger.Error("state not persisted at shutdown: the Lease is lost, so another process may own the Secret now; not writing it", "pendingKeys", keys)
+		}
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), window)
 	defer cancel()
 	if err := s.Flush(ctx); err != nil {
 		logger.Error("state not persisted at shutdown", "err", err)

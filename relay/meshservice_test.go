@@ -82,7 +82,7 @@ func TestDERPMeshServices(t *testing.T) {
 		KubeSecret:      "tsrelay-0-state",
 		RelayService:    "tsrelay-0",
 		RelayServerPort: 40000,
-		LocalAddrPort:   "127.0.0.1:9002",
+		LocalAddrPort:   ListenAddr(netip.MustParseAddrPort("127.0.0.1:9002")),
 		LeaseDuration:   90 * time.Second,
 		DERPConfig: DERPConfig{
 			DERPPort: Port(netip.MustParseAddrPort(derpAddr).Port()), STUNPort: Port(stunPort),

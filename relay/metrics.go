@@ -39,6 +39,7 @@ type collector struct {
 	ready, waiting, backendState, bound, endpoints *prometheus.Desc
 	sessions, unpersisted, dropped                 *prometheus.Desc
 	writes, failures, conflicts, buildInfo         *prometheus.Desc
+	recreated                                      *prometheus.Desc
 	identity                                       *prometheus.Desc
 	pathMTU, pathMTUNeeded, mtuTooSmall, tunnel    *prometheus.Desc
 	sockets, socketsSetting                        *prometheus.Desc
@@ -62,6 +63,7 @@ func newCollector(h *handlers, store *kubestate.Store) *collector {
 		writes:         d("state_writes_total", "State writes the Kubernetes API server accepted."),
 		failures:       d("state_write_failures_total", "State writes that failed; the node's identity may not survive a restart."),
 		conflicts:      d("state_write_conflicts_total", "State writes retried because someone else changed the Secret."),
+		recreated:      d("state_secret_recreated_total", "Times the state Secret was found deleted and created again from memory."),
 		pathMTU:        d("path_mtu_bytes", "MTU of the route to the internet, by IP family and the interface it leaves through (the route's own MTU if it sets one).", "family", "interface"),
 		pathMTUNeeded:  d("path_mtu_needed_bytes", "Largest relayed packet on a path of this IP family: Tailscale's 1280-byte inner MTU plus WireGuard, Geneve, UDP and IP headers.", "family"),
 		mtuTooSmall:    d("path_mtu_too_small", "1 when relayed packets do not fit the path MTU of some IP family: they are fragmented or dropped, and relaying slows down."),
@@ -113,6 +115,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.writes, s.Writes)
 		counter(c.failures, s.Failures)
 		counter(c.conflicts, s.Conflicts)
+		counter(c.recreated, s.Recreated)
 		since, _ := c.store.Unpersisted()
 		gauge(c.unpersisted, secondsSince(since))
 	}

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -15,6 +16,7 @@ import (
 	"tailscale.com/feature"
 
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
+	"github.com/tsrelay/tsrelay/internal/memtune"
 	"github.com/tsrelay/tsrelay/kubeevents"
 
 	// tsnet does not link the peer relay server. Without this import,
@@ -59,17 +61,46 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 	defer ln.Close()
 	guard, err := acquireIdentity(ctx, cfg, kc, ln, events, logger) // waits while another process runs this node
+	if err != nil && ctx.Err() != nil {
+		logger.Info("stopped while waiting for the node identity")
+		return nil // a clean stop, as at any later stage
+	}
 	if err != nil {
 		return err
 	}
-	defer guard.release()
+	defer guard.release() // last, whatever stage start-up reached: after the node stopped and the state was flushed
+	// Renew from now on, not once start-up is done: the renew deadline
+	// counts from the acquisition, and a Lease lost during start-up must
+	// stop it. Losing the Lease cancels ctx.
+	held, stopRenewing := guard.renew(ctx)
+	err = runNode(held, cfg, kc, ln, events, guard, logger)
+	if lost := stopRenewing(); lost != nil {
+		return lost
+	}
+	if err != nil && ctx.Err() != nil {
+		// Stopped during start-up: whatever stage was cut short, a stop
+		// is a clean exit.
+		logger.Info("stopped during start-up", "stage", err)
+		return nil
+	}
+	return err
+}
 
+// runNode runs the relay's components while this process holds the node
+// identity, until ctx is done or a component fails, and stops them all
+// before it returns.
+func runNode(ctx context.Context, cfg Config, kc *kubeclient.Client, ln net.Listener, events *kubeevents.Recorder, guard *identityGuard, logger *slog.Logger) error {
 	// The components, in the order data flows at start.
 	store, err := newStateStore(ctx, cfg, kc, events, logger)
 	if err != nil {
 		return err
 	}
-	defer flushState(store, logger) // after the node stopped, before the identity is released
+	if store != nil {
+		// Once the Lease is lost another process may own the Secret:
+		// nothing this one still holds may land there.
+		store.SetWriteGuard(func() bool { return guard.writeWindow() > 0 })
+	}
+	defer flushState(store, guard, logger) // after the node stopped, before the identity is released
 	st := newStatus(uint16(cfg.RelayServerPort), serviceRef(cfg, kc))
 	mtu := newMTUWatcher(st, events, logger)
 	node := newAppliance(cfg, applianceDeps{store: asStateStore(store), status: st, events: events, onNetChange: mtu.poke}, logger)
@@ -88,13 +119,14 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	mtu.check(ctx) // before /readyz and /metrics answer
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return web.run(gctx) })                                                   // /healthz, /readyz, /metrics
-	g.Go(func() error { return guard.hold(gctx) })                                                // renew the identity's Lease; losing it stops all
-	g.Go(func() error { return persistState(gctx, store, persistCheckInterval, events, logger) }) // failed state writes, again until they land
-	g.Go(func() error { return mtu.run(gctx) })                                                   // path MTU checks
-	g.Go(func() error { return node.run(gctx) })                                                  // tailnet node + reconcile loop
-	g.Go(func() error { return service.run(gctx) })                                               // endpoints from the Service
-	g.Go(func() error { return derp.run(gctx) })                                                  // in-cluster DERP region (TS_DERP_PORT)
+	g.Go(func() error { return web.run(gctx) })                                                         // /healthz, /readyz, /metrics
+	g.Go(func() error { return persistState(gctx, store, persistCheckInterval, events, logger) })       // failed state writes, again until they land
+	g.Go(func() error { return keepStateSecret(gctx, store) })                                          // the state Secret, re-created if deleted
+	g.Go(func() error { return mtu.run(gctx) })                                                         // path MTU checks
+	g.Go(func() error { return node.run(gctx) })                                                        // tailnet node + reconcile loop
+	g.Go(func() error { return service.run(gctx) })                                                     // endpoints from the Service
+	g.Go(func() error { return derp.run(gctx) })                                                        // in-cluster DERP region (TS_DERP_PORT)
+	g.Go(func() error { return memtune.ReturnFreeMemory(gctx, memtune.DefaultReturnMemory(), logger) }) // the heap's garbage back to the OS once quiet
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		err = nil

@@ -24,11 +24,29 @@ func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, event
 	s, err := kubestate.New(ctx, logger, kc.Dynamic, kc.Namespace, cfg.KubeSecret)
 	if err != nil {
 		err = fmt.Errorf("open state Secret (TS_KUBE_SECRET=%s): %w", cfg.KubeSecret, err)
-		events.Warning("StateLoadFailed", err.Error())
+		if ctx.Err() == nil { // not a stop
+			events.Warning("StateLoadFailed", err.Error())
+		}
 		return nil, err
 	}
 	events.Normal("StateLoaded", "node state loaded from Secret "+strings.TrimPrefix(s.String(), "kube:"))
+	s.OnRecreated(func(keys int) {
+		events.Warning("StateSecretRecreated", fmt.Sprintf("state Secret %s was deleted while the relay ran; created it again from memory (%d state keys), so the node keeps its identity",
+			strings.TrimPrefix(s.String(), "kube:"), keys))
+	})
 	return s, nil
+}
+
+// keepStateSecret re-creates the state Secret at once, from memory, if it
+// is deleted while the relay runs (see kubestate.Store.Watch), until ctx is
+// done; nothing to do without a Secret store. The store logs it, an Event
+// (StateSecretRecreated) says it, and tsrelay_state_secret_recreated_total
+// counts it.
+func keepStateSecret(ctx context.Context, s *kubestate.Store) error {
+	if s == nil {
+		return nil
+	}
+	return s.Watch(ctx)
 }
 
 // asStateStore returns s as tsnet's store, or nil (tsnet's files in

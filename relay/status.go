@@ -37,12 +37,19 @@ type status struct {
 	relay   relayView
 	mtu     mtuCheck // the last path MTU check; never affects readiness
 	derp    derpView
+	// keyless is why keyless login has no auth key yet, or "": the
+	// control server's refusal, never the token.
+	keyless string
 }
 
 // derpView is the DERP region's part of readiness; zero when it is off.
 type derpView struct {
 	code    string      // the region's code, for the readiness reason
 	serving func() bool // reports whether DERP and STUN both serve
+	// pinWarning says, when the tailnet's derpMap pins another
+	// certificate for the region than the one served, what to do; "" when
+	// it does not.
+	pinWarning func() string
 }
 
 // backendView is what the IPN bus announced last.
@@ -167,6 +174,14 @@ func (s *status) advertised() []netip.AddrPort {
 // one reader.
 func (s *status) endpointsChanged() <-chan struct{} { return s.advertisedChanged }
 
+// setKeyless records why keyless login has no auth key yet ("" once it
+// has one).
+func (s *status) setKeyless(why string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.keyless = why
+}
+
 // setDERP records how to tell whether the DERP region serves.
 func (s *status) setDERP(d derpView) {
 	s.mu.Lock()
@@ -215,6 +230,9 @@ func (s *status) readinessLocked() (bool, string) {
 	}
 	switch s.backend.state {
 	case ipn.NoState:
+		if s.keyless != "" {
+			return false, "keyless login: " + s.keyless
+		}
 		return false, "starting"
 	case ipn.NeedsLogin:
 		return false, detail("NeedsLogin")
@@ -275,10 +293,16 @@ func (s *status) snapshot() readyz.Status {
 
 // warningsLocked lists what slows relaying down without stopping it.
 func (s *status) warningsLocked() []string {
+	var out []string
 	if w := s.mtu.report.Summary(); w != "" {
-		return []string{w}
+		out = append(out, w)
 	}
-	return nil
+	if s.derp.pinWarning != nil {
+		if w := s.derp.pinWarning(); w != "" {
+			out = append(out, w)
+		}
+	}
+	return out
 }
 
 // pathMTUStatus converts a check for the verbose /readyz; nil before the

@@ -238,6 +238,7 @@ func Run(ctx context.Context, lc LocalAPI, opts Options) (*Report, error) {
 		homes = homeRegions(ctx, lc, codes)
 	})
 	peers.Wait()
+	confirmAdmission(homes, runs)
 	if !slices.ContainsFunc(runs, func(r peerRun) bool { return len(r.pongs) > 0 && r.last().kind == ViaDERP }) {
 		stopProbes()
 	}

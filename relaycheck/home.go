@@ -27,10 +27,15 @@ type HomeRegion struct {
 	// InCluster is true for a region served by a tsrelay (its generated
 	// name or its self-signed host name).
 	InCluster bool `json:"inCluster"`
-	// Reachable, checked only for an in-cluster region: whether this
-	// laptop completed a TLS handshake with the region's pinned
-	// certificate (probeRegion). A node homed there is reachable over
-	// DERP only by nodes that can reach its address.
+	// Reachable, checked only for an in-cluster region: true once a DERP
+	// login by this laptop was admitted there (a pong came through the
+	// region during the check: the region's admission let this laptop's
+	// node key in); false when this laptop cannot complete a TLS
+	// handshake with the region's pinned certificate (probeRegion);
+	// absent when the handshake works but no login was seen, which
+	// proves nothing: the region admits only nodes its relay can see.
+	// A node homed there is reachable over DERP only by nodes the region
+	// admits.
 	Reachable *bool `json:"reachable,omitempty"`
 	// Reason says why it is not reachable, or why it could not be checked.
 	Reason string `json:"reason,omitempty"`
@@ -88,18 +93,44 @@ func homeRegions(ctx context.Context, lc LocalAPI, codes []string) map[string]*H
 		}
 		wg.Go(func() {
 			ok, reason := probeRegion(ctx, r)
-			h.Reachable, h.Reason = new(ok), reason
+			if !ok {
+				h.Reachable, h.Reason = new(false), reason
+				return
+			}
+			h.Reason = "TLS with the pinned certificate works, but no DERP login by this laptop was seen admitted " +
+				"(no pong came through the region during the check)"
+			if reason != "" {
+				h.Reason += "; " + reason
+			}
 		})
 	}
 	wg.Wait()
 	return out
 }
 
+// confirmAdmission marks reachable the in-cluster regions through which a
+// pong came during the check: this laptop's tailscaled logged in there with
+// its own node key and was admitted. TLS alone proves only that the port
+// answers: the region refuses every node its relay cannot see.
+func confirmAdmission(homes map[string]*HomeRegion, runs []peerRun) {
+	for _, r := range runs {
+		for _, p := range r.pongs {
+			h := homes[p.path.region]
+			if p.path.kind != ViaDERP || h == nil || !h.InCluster || h.Reachable != nil {
+				continue
+			}
+			h.Reachable, h.Reason = new(true), ""
+		}
+	}
+}
+
 // probeRegion checks from this machine what a Tailscale client needs of
 // r: a TLS handshake on the DERP port presenting the certificate the
 // derpMap expects (its sha256-raw pin, or a CA-issued certificate for its
-// host name), and a STUN answer. It does not speak DERP, so the region's
-// admission check (and its refusal counter) never sees the probe.
+// host name), and a STUN answer. It does not speak DERP: a login needs this
+// laptop's node key, which only tailscaled holds, so admission is judged
+// from the pongs instead (confirmAdmission), and the region's refusal
+// counter never sees the probe.
 //
 // Not `tailscale debug derp` (LocalAPI debug-derp-region): at v1.102.5 it
 // dials a node's IPv6 "none" as a host name, a DNS query, and reports an
@@ -216,6 +247,8 @@ func homeLine(h *HomeRegion) string {
 	}
 	s += " (in-cluster, served by a tsrelay)"
 	switch {
+	case h.Reachable == nil && strings.HasPrefix(h.Reason, "TLS with the pinned"):
+		s += ": admission not confirmed: " + h.Reason
 	case h.Reachable == nil:
 		s += ": not checked: " + h.Reason
 	case *h.Reachable:

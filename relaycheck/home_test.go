@@ -88,6 +88,10 @@ func TestHomeRegions(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	got := homeRegions(ctx, f, []string{"dfw", "tsrelay", "lab", "pinned", "gone", "", "unknown"})
+	// A pong came through "lab" (its admission let this laptop in), none
+	// through "tsrelay". These regions' relays know no node (nobody): a
+	// real DERP login would be refused; only a pong proves admission.
+	confirmAdmission(got, []peerRun{{pongs: []pong{{path: path{kind: ViaDERP, region: "lab"}}, {path: path{kind: ViaDERP, region: "dfw"}}}}})
 
 	for _, tc := range []struct {
 		code      string
@@ -98,8 +102,8 @@ func TestHomeRegions(t *testing.T) {
 		line      string
 	}{
 		{"dfw", 1, false, nil, "", "home DERP region dfw"},
-		{"tsrelay", 900, true, new(true), "", "home DERP region tsrelay (in-cluster, served by a tsrelay): reachable from here"},
-		{"lab", 901, true, new(true), "", "reachable from here"},
+		{"tsrelay", 900, true, nil, "no DERP login by this laptop was seen admitted", "home DERP region tsrelay (in-cluster, served by a tsrelay): admission not confirmed"},
+		{"lab", 901, true, new(true), "", "home DERP region lab (in-cluster, served by a tsrelay): reachable from here"},
 		{"pinned", 902, true, new(false), "cert hash does not match", "NOT reachable from here"},
 		{"gone", 903, true, new(false), "connection refused", "NOT reachable from here"},
 		{"unknown", 0, false, nil, "", "home DERP region unknown"},

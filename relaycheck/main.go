@@ -169,6 +169,8 @@ func headline(p PeerReport) string {
 		var who []string
 		if p.Relay.Name != "" {
 			who = append(who, p.Relay.Name)
+		} else if p.Relay.IP == "" && p.Relay.Expected == nil {
+			who = append(who, "not identified")
 		}
 		if p.Relay.Expected != nil {
 			who = append(who, map[bool]string{true: "as expected", false: "not the expected one"}[*p.Relay.Expected])

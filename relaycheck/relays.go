@@ -27,6 +27,10 @@ type RelayServer struct {
 	Probe       *Probe `json:"probe,omitempty"`
 
 	ip netip.Addr
+	// addrs are the node's own endpoint addresses (PeerStatus.Addrs):
+	// the only evidence this laptop has of which relay owns a relay
+	// endpoint.
+	addrs []netip.Addr
 }
 
 // label is how messages name the relay: "relay (100.64.0.1)".
@@ -119,6 +123,7 @@ func gatherRelays(ctx context.Context, lc LocalAPI, st *ipnstate.Status, exp *ex
 		if p := nodeByIP(st, ip); p != nil {
 			rs.Name, rs.DNSName = p.HostName, dnsName(p)
 			rs.Self = p == st.Self
+			rs.addrs = endpointAddrs(p)
 		}
 		// Past maxWhoIs (a policy that makes every node a relay), names
 		// must do.
@@ -144,7 +149,7 @@ func gatherRelays(ctx context.Context, lc LocalAPI, st *ipnstate.Status, exp *ex
 			exp.grantKnown = true
 			if w.CapMap.HasCapability(tailcfg.PeerCapabilityRelayTarget) {
 				exp.server = &RelayServer{Name: exp.node.HostName, DNSName: dnsName(exp.node), IP: ip.String(), ip: ip,
-					Advertising: w.Node.Hostinfo.PeerRelay()}
+					Advertising: w.Node.Hostinfo.PeerRelay(), addrs: endpointAddrs(exp.node)}
 				v.servers = append(v.servers, exp.server)
 			}
 		}
@@ -226,24 +231,36 @@ func candidates(servers []*RelayServer, ip netip.Addr) []*RelayServer {
 	return out
 }
 
-// whichRelay guesses which relay node owns a relay endpoint. The LocalAPI
-// shows a relay path's address but not its server, so this is the only
-// advertising candidate, or failing that the only candidate; nil if there
-// is more than one.
-func whichRelay(cands []*RelayServer) *RelayServer {
-	var adv []*RelayServer
+// whichRelay says which relay node owns the relay endpoint ep, or nil when
+// this laptop cannot tell. The LocalAPI shows a relay path's address but
+// not its server, and the path may go through a relay the peer chose, one
+// this laptop does not even know; so being the only candidate proves
+// nothing. The one evidence is the endpoint's IP among exactly one
+// candidate's own endpoint addresses (a relay whose static endpoint is a
+// load balancer's address is not identified this way: --relay ip:port
+// checks the endpoint instead).
+func whichRelay(cands []*RelayServer, ep netip.AddrPort) *RelayServer {
+	var owners []*RelayServer
 	for _, rs := range cands {
-		if rs.Advertising {
-			adv = append(adv, rs)
+		if slices.Contains(rs.addrs, ep.Addr().Unmap()) {
+			owners = append(owners, rs)
 		}
 	}
-	switch {
-	case len(adv) == 1:
-		return adv[0]
-	case len(adv) == 0 && len(cands) == 1:
-		return cands[0]
+	if len(owners) == 1 {
+		return owners[0]
 	}
 	return nil
+}
+
+// endpointAddrs returns the IPs of a node's own endpoints.
+func endpointAddrs(p *ipnstate.PeerStatus) []netip.Addr {
+	var out []netip.Addr
+	for _, s := range append(slices.Clone(p.Addrs), p.CurAddr) {
+		if ap, err := netip.ParseAddrPort(s); err == nil && !slices.Contains(out, ap.Addr().Unmap()) {
+			out = append(out, ap.Addr().Unmap())
+		}
+	}
+	return out
 }
 
 func labels(servers []*RelayServer) string {

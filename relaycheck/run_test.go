@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -97,8 +98,20 @@ func fastOptions(peers ...string) Options {
 	return Options{Peers: peers, Timeout: time.Second, Interval: time.Millisecond, pingTimeout: 50 * time.Millisecond}
 }
 
+// setAddrs gives the node at ip its own endpoint addresses.
+func setAddrs(st *ipnstate.Status, ip netip.Addr, addrs ...string) {
+	for _, p := range st.Peer {
+		if slices.Contains(p.TailscaleIPs, ip) {
+			p.Addrs = addrs
+		}
+	}
+}
+
 func TestRunRelayed(t *testing.T) {
 	f := newFake()
+	// r1's own address is the relay endpoint's: that is how the check
+	// knows r1 carried the path.
+	setAddrs(f.status, ipR1, "203.0.113.7:41641", "10.0.0.5:41641")
 	f.pings[ipB] = []*ipnstate.PingResult{pongDERP, pongDERP, pongRelay}
 	f.pings[ipR1] = []*ipnstate.PingResult{pongDERP}
 	opts := fastOptions("b")
@@ -123,6 +136,40 @@ func TestRunRelayed(t *testing.T) {
 		"b (100.64.0.2): OK via peer-relay 203.0.113.7:61441 vni 57 (r1, as expected)",
 		"path: DERP(fra) ×2 min 30ms median 30ms → peer-relay(203.0.113.7:61441 vni 57) ×3 min 2.0ms median 2.0ms",
 		"5 pongs to 5 pings",
+	} {
+		if !strings.Contains(text.String(), want) {
+			t.Errorf("text report does not contain %q:\n%s", want, text.String())
+		}
+	}
+}
+
+// TestRunRelayedNotIdentified: the path goes through a relay endpoint none
+// of whose addresses this laptop can tie to a node; r1 is the only relay
+// this laptop knows and advertises, but the peer may have used a relay of
+// its own, so the path must not be credited to r1: relayed, yes (exit 0),
+// by r1, unknown.
+func TestRunRelayedNotIdentified(t *testing.T) {
+	f := newFake()
+	setAddrs(f.status, ipR1, "198.51.100.9:41641")
+	f.pings[ipB] = []*ipnstate.PingResult{pongDERP, pongDERP, pongRelay}
+	f.pings[ipR1] = []*ipnstate.PingResult{pongDERP}
+	opts := fastOptions("b")
+	opts.Relay = "r1"
+	rep, err := Run(t.Context(), f, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := rep.Peers[0]
+	if !rep.OK || p.Relay == nil || p.Relay.Name != "" || p.Relay.IP != "" || p.Relay.Expected != nil {
+		t.Errorf("ok %v, relay %+v, diagnosis %+v; want relayed, with no relay credited and nothing said expected", rep.OK, p.Relay, p.Diagnosis)
+	}
+	var text strings.Builder
+	if err := WriteText(&text, rep); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"b (100.64.0.2): OK via peer-relay 203.0.113.7:61441 vni 57 (not identified)",
+		"through a peer relay at 203.0.113.7:61441, not identified: this laptop cannot tell whether it is the expected r1 (100.64.0.3)",
 	} {
 		if !strings.Contains(text.String(), want) {
 			t.Errorf("text report does not contain %q:\n%s", want, text.String())

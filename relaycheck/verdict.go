@@ -73,7 +73,7 @@ func peerReport(opts Options, t target, r peerRun, exp *expectation, relays rela
 // the expected one.
 func relayUse(p path, cands []*RelayServer, exp *expectation) *RelayUse {
 	u := &RelayUse{Endpoint: p.endpoint.String(), VNI: p.vni}
-	rs := whichRelay(cands)
+	rs := whichRelay(cands, p.endpoint)
 	if rs != nil {
 		u.Name, u.IP = rs.Name, rs.IP
 	}
@@ -138,13 +138,19 @@ func verdict(in verdictInput) (ok bool, d *Diagnosis, note string) {
 func relayedVerdict(in verdictInput) (bool, *Diagnosis, string) {
 	exp, u := in.exp, in.relay
 	switch {
+	case exp == nil && u.Name == "" && u.IP == "":
+		return true, nil, notIdentified(u)
 	case exp == nil:
 		return true, nil, ""
 	case exp.notFound:
 		return false, &Diagnosis{CodeRelayNotFound, notFoundMessage(exp)}, ""
 	case u.Expected == nil:
-		return true, nil, fmt.Sprintf("cannot tell which of the relay servers %s owns %s; --relay ip:port checks the endpoint",
-			labels(in.cands), u.Endpoint)
+		// Reached through a peer relay, which is what the exit status
+		// promises; but not credited to the expected one.
+		return true, nil, fmt.Sprintf(
+			"%s: this laptop cannot tell whether it is the expected %s (the endpoint is none of the addresses it knows of that node); "+
+				"--relay with the endpoint (ip:port, as the relay's /readyz?verbose lists it) checks the endpoint",
+			notIdentified(u), exp.label())
 	case !*u.Expected:
 		carrier := u.Endpoint
 		if u.Name != "" {
@@ -153,6 +159,11 @@ func relayedVerdict(in verdictInput) (bool, *Diagnosis, string) {
 		return false, &Diagnosis{CodeUnexpectedRelay, fmt.Sprintf("carried by relay %s, not the expected %s", carrier, exp.label())}, ""
 	}
 	return true, nil, ""
+}
+
+// notIdentified says that a relay carried the path but not which.
+func notIdentified(u *RelayUse) string {
+	return fmt.Sprintf("through a peer relay at %s, not identified", u.Endpoint)
 }
 
 func notFoundMessage(exp *expectation) string {

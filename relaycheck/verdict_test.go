@@ -53,6 +53,12 @@ func TestVerdict(t *testing.T) {
 	self := server("laptop", ipSelf, false, "")
 	r1 := func(adv bool, probe string) *RelayServer { return server("r1", ipR1, adv, probe) }
 	r2 := server("r2", ipR2, true, "up")
+	// owns gives rs relay57's endpoint address as one of its own: the
+	// evidence that it carried relay57.
+	owns := func(rs *RelayServer) *RelayServer {
+		rs.addrs = []netip.Addr{relay57.endpoint.Addr()}
+		return rs
+	}
 	expect := func(relay string, servers ...*RelayServer) *expectation {
 		exp := resolveExpected(st, relay)
 		if exp.node != nil {
@@ -80,17 +86,24 @@ func TestVerdict(t *testing.T) {
 		wantIn       string // in the diagnosis message or note
 		wantExpected string // "true", "false" or "" (unknown)
 	}{
-		{name: "relayed", pongs: []path{derpFra, relay57}, servers: []*RelayServer{self, r1(true, "")}, wantOK: true},
-		{name: "relayed, expected by name", pongs: []path{relay57}, servers: []*RelayServer{r1(true, "")},
-			exp: expect("r1", r1(true, "")), wantOK: true, wantExpected: "true"},
+		{name: "relayed", pongs: []path{derpFra, relay57}, servers: []*RelayServer{self, owns(r1(true, ""))}, wantOK: true},
+		{name: "relayed, not identified", pongs: []path{derpFra, relay57}, servers: []*RelayServer{self, r1(true, "")}, wantOK: true,
+			wantIn: "through a peer relay at 203.0.113.7:61441, not identified"},
+		{name: "relayed, expected by name", pongs: []path{relay57}, servers: []*RelayServer{owns(r1(true, ""))},
+			exp: expect("r1", owns(r1(true, ""))), wantOK: true, wantExpected: "true"},
+		// The only relay this laptop knows, advertising, is no proof:
+		// the peer may have set the path up through a relay of its own.
+		{name: "relayed, expected by name, not identified", pongs: []path{relay57}, servers: []*RelayServer{r1(true, "")},
+			exp: expect("r1", r1(true, "")), wantOK: true,
+			wantIn: "through a peer relay at 203.0.113.7:61441, not identified: this laptop cannot tell whether it is the expected r1"},
 		{name: "relayed, expected by endpoint", pongs: []path{relay57}, servers: []*RelayServer{r1(true, "")},
 			exp: expect("203.0.113.7:61441"), wantOK: true, wantExpected: "true"},
-		{name: "relayed by another endpoint", pongs: []path{relay57}, servers: []*RelayServer{r1(true, "")},
+		{name: "relayed by another endpoint", pongs: []path{relay57}, servers: []*RelayServer{owns(r1(true, ""))},
 			exp: expect("198.51.100.1:61441"), wantCode: CodeUnexpectedRelay, wantIn: "r1 at 203.0.113.7:61441", wantExpected: "false"},
-		{name: "relayed by another relay", pongs: []path{relay57}, servers: []*RelayServer{r1(false, ""), r2},
-			exp: expect("r1", r1(false, ""), r2), wantCode: CodeUnexpectedRelay, wantIn: "not the expected r1 (100.64.0.3)", wantExpected: "false"},
-		{name: "relayed, cannot tell which", pongs: []path{relay57}, servers: []*RelayServer{r1(true, ""), r2},
-			exp: expect("r1", r1(true, ""), r2), wantOK: true, wantIn: "cannot tell which"},
+		{name: "relayed by another relay", pongs: []path{relay57}, servers: []*RelayServer{r1(false, ""), owns(server("r2", ipR2, true, "up"))},
+			exp: expect("r1", r1(false, "")), wantCode: CodeUnexpectedRelay, wantIn: "not the expected r1 (100.64.0.3)", wantExpected: "false"},
+		{name: "relayed, cannot tell which", pongs: []path{relay57}, servers: []*RelayServer{owns(r1(true, "")), owns(server("r2", ipR2, true, "up"))},
+			exp: expect("r1", r1(true, "")), wantOK: true, wantIn: "not identified"},
 		{name: "relayed, expected relay unknown", pongs: []path{relay57}, servers: []*RelayServer{r1(true, "")},
 			exp: expect("nosuch"), wantCode: CodeRelayNotFound, wantIn: `"nosuch"`, wantExpected: "false"},
 		{name: "direct", pongs: []path{derpFra, relay57, direct}, wantOK: true},
@@ -193,22 +206,33 @@ func TestResolve(t *testing.T) {
 }
 
 func TestWhichRelay(t *testing.T) {
-	r1 := server("r1", ipR1, false, "")
-	r1adv := server("r1", ipR1, true, "")
-	r2 := server("r2", ipR2, true, "")
+	ep := relay57.endpoint
+	with := func(rs *RelayServer, addrs ...string) *RelayServer {
+		for _, a := range addrs {
+			rs.addrs = append(rs.addrs, netip.MustParseAddr(a))
+		}
+		return rs
+	}
+	r1 := with(server("r1", ipR1, false, ""), "10.0.0.1")
+	r1owns := with(server("r1", ipR1, true, ""), "10.0.0.1", ep.Addr().String())
+	r2 := with(server("r2", ipR2, true, ""), "10.0.0.2")
+	r2owns := with(server("r2", ipR2, true, ""), ep.Addr().String())
 	tests := []struct {
 		name  string
 		cands []*RelayServer
 		want  *RelayServer
 	}{
 		{"none", nil, nil},
-		{"one", []*RelayServer{r1}, r1},
-		{"one advertising of two", []*RelayServer{r1, r2}, r2},
-		{"two advertising", []*RelayServer{r1adv, r2}, nil},
-		{"two, neither advertising", []*RelayServer{r1, server("r2", ipR2, false, "")}, nil},
+		// Being the only (advertising) candidate proves nothing: the
+		// peer may use a relay this laptop does not know.
+		{"one, not its address", []*RelayServer{r1}, nil},
+		{"one advertising of two, neither its address", []*RelayServer{r1, r2}, nil},
+		{"its address", []*RelayServer{r1owns}, r1owns},
+		{"its address, one of two", []*RelayServer{r1owns, r2}, r1owns},
+		{"two with the address", []*RelayServer{r1owns, r2owns}, nil},
 	}
 	for _, tt := range tests {
-		if got := whichRelay(tt.cands); got != tt.want {
+		if got := whichRelay(tt.cands, ep); got != tt.want {
 			t.Errorf("%s: whichRelay = %+v, want %+v", tt.name, got, tt.want)
 		}
 	}

@@ -15,6 +15,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/tsrelay/tsrelay/internal/memtune"
 	"github.com/tsrelay/tsrelay/relay"
 	"github.com/tsrelay/tsrelay/relaycheck"
 )
@@ -60,7 +61,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	cfg.Version = version
 	// Before anything starts: the relay server sizes itself by GOMAXPROCS.
-	rt := cfg.ApplyRuntime()
+	rt := memtune.Apply(int(cfg.RelayServerSockets))
 	logger := cfg.NewLogger(stderr)
 	logger.Info("tsrelay", "version", version, "go", runtime.Version())
 	logger.Info("relay sockets", "runtime", rt)
@@ -70,7 +71,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	go relay.ReturnFreeMemory(ctx, relay.DefaultReturnMemory(), logger)
 	if err := relay.Run(ctx, cfg, logger); err != nil {
 		logger.Error("relay failed", "err", err)
 		return 1

@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -45,18 +46,25 @@ func indent(w io.Writer, text string) {
 	}
 }
 
+// demoTimeout bounds the demo itself, once the binaries are built: on a
+// 2-core machine it takes about a minute, so ten mean something is stuck.
+// The build is outside it: a cold build on a slow or busy machine can take
+// longer than that, and a newcomer's first command must not fail for it.
+const demoTimeout = 10 * time.Minute
+
+// buildProgressEvery is how often a long build says it is still going.
+const buildProgressEvery = 15 * time.Second
+
 func run(ctx context.Context, w io.Writer) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
 	fmt.Fprintln(w, "tsrelay demo: a private tailnet on 127.0.0.1; no Tailscale account, nothing leaves this machine.")
 
 	step(w, 1, "Building relay, tailscaled and tailscale (the first build takes a few minutes)")
-	start := time.Now()
-	bins, err := tailnettest.Build(ctx, filepath.Join(os.TempDir(), "tsrelay-demo-bin"))
+	bins, err := buildWithProgress(ctx, w, filepath.Join(os.TempDir(), "tsrelay-demo-bin"))
 	if err != nil {
 		return err
 	}
-	indent(w, fmt.Sprintf("built in %v", time.Since(start).Round(100*time.Millisecond)))
+	ctx, cancel := context.WithTimeout(ctx, demoTimeout)
+	defer cancel()
 	work, err := os.MkdirTemp("", "tsrelay-demo-")
 	if err != nil {
 		return err
@@ -174,4 +182,33 @@ func sessionTable(ctx context.Context, relay *tailnettest.Relay) (string, error)
 		fmt.Fprintf(&b, "%-5d %-22s %-22s %d/%d, %d/%d\n", s.VNI, c1.Endpoint, c2.Endpoint, c1.PacketsTx, c1.BytesTx, c2.PacketsTx, c2.BytesTx)
 	}
 	return b.String(), nil
+}
+
+// buildWithProgress builds the demo's binaries with no deadline but the
+// caller's (Ctrl-C), printing a line every buildProgressEvery so that a
+// cold build does not look hung.
+func buildWithProgress(ctx context.Context, w io.Writer, dir string) (tailnettest.Binaries, error) {
+	start := time.Now()
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		t := time.NewTicker(buildProgressEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				indent(w, fmt.Sprintf("still building (%v so far)", time.Since(start).Round(time.Second)))
+			}
+		}
+	})
+	bins, err := tailnettest.Build(ctx, dir)
+	close(done)
+	wg.Wait() // no progress line after the verdict
+	if err != nil {
+		return bins, fmt.Errorf("build the demo's binaries: %w", err)
+	}
+	indent(w, fmt.Sprintf("built in %v", time.Since(start).Round(100*time.Millisecond)))
+	return bins, nil
 }

@@ -27,6 +27,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -86,6 +87,10 @@ type Server struct {
 	CA []byte
 	// Admin is a client config for a member of system:masters.
 	Admin *rest.Config
+	// CAFile holds CA, and ServiceAccountKeyFile the key that signs and
+	// verifies ServiceAccount tokens: what kube-controller-manager needs
+	// (--root-ca-file, --service-account-private-key-file).
+	CAFile, ServiceAccountKeyFile string
 
 	dir       string
 	etcd      *tailnettest.Process
@@ -94,11 +99,32 @@ type Server struct {
 	apiConfig tailnettest.ProcessConfig
 }
 
+// Options are the ways a Server can differ from Start's: for a whole
+// cluster (internal/kubecluster) rather than an API server alone.
+type Options struct {
+	// NetnsPath, if set, is the network namespace (a file such as
+	// /run/netns/NAME) etcd and kube-apiserver run in.
+	NetnsPath string
+	// Address is where kube-apiserver listens, on port 6443, and what it
+	// advertises as the "kubernetes" Service's endpoint; its serving
+	// certificate names it and the Service's cluster IP, 10.96.0.1. Unset,
+	// it listens on a free port of 127.0.0.1 and the Service has no
+	// endpoints.
+	Address netip.Addr
+	// Args are added to kube-apiserver's flags.
+	Args []string
+}
+
 // Start starts etcd and kube-apiserver from assets (see Assets), keeping
 // their data, certificates and logs in dir, and returns once the API server
 // is ready and has created its system namespaces (kube-public among them).
 // The caller must Close the Server.
-func Start(ctx context.Context, assets, dir string) (_ *Server, err error) {
+func Start(ctx context.Context, assets, dir string) (*Server, error) {
+	return StartWith(ctx, assets, dir, Options{})
+}
+
+// StartWith is Start with options.
+func StartWith(ctx context.Context, assets, dir string, opts Options) (_ *Server, err error) {
 	ctx, cancel := context.WithTimeout(ctx, startTimeout)
 	defer cancel()
 	s := &Server{dir: dir}
@@ -107,11 +133,16 @@ func Start(ctx context.Context, assets, dir string) (_ *Server, err error) {
 			s.Close()
 		}
 	}()
-	pki, err := writePKI(dir)
+	sans := []net.IP{net.IPv4(127, 0, 0, 1)}
+	if opts.Address.IsValid() {
+		sans = append(sans, opts.Address.AsSlice(), net.ParseIP(kubernetesServiceIP))
+	}
+	pki, err := writePKI(dir, sans)
 	if err != nil {
 		return nil, err
 	}
 	s.CA = pki.ca
+	s.CAFile, s.ServiceAccountKeyFile = pki.caFile, pki.saKey
 
 	etcdClient, err := tailnettest.FreeTCPAddr()
 	if err != nil {
@@ -135,7 +166,8 @@ func Start(ctx context.Context, assets, dir string) (_ *Server, err error) {
 			"--initial-cluster=kubetest=" + peerURL,
 			"--log-level=warn",
 		},
-		LogFile: filepath.Join(dir, "etcd.log"),
+		LogFile:   filepath.Join(dir, "etcd.log"),
+		NetnsPath: opts.NetnsPath,
 	})
 	if err != nil {
 		return nil, err
@@ -145,35 +177,49 @@ func Start(ctx context.Context, assets, dir string) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	addrArgs := []string{
+		"--bind-address=127.0.0.1",
+		"--advertise-address=127.0.0.1",
+		// The reconciler refuses a loopback address for the
+		// "kubernetes" Service's endpoints, which nothing here uses.
+		"--endpoint-reconciler-type=none",
+	}
+	if opts.Address.IsValid() {
+		apiAddr = netip.AddrPortFrom(opts.Address, 6443).String()
+		addrArgs = []string{"--bind-address=" + opts.Address.String(), "--advertise-address=" + opts.Address.String()}
+	}
 	_, apiPort, _ := net.SplitHostPort(apiAddr)
 	s.URL = "https://" + apiAddr
 	s.apiConfig = tailnettest.ProcessConfig{
 		Name: "kube-apiserver",
 		Path: filepath.Join(assets, "kube-apiserver"),
-		Args: []string{
-			"--etcd-servers=" + clientURL,
-			"--bind-address=127.0.0.1",
-			"--advertise-address=127.0.0.1",
-			// The reconciler refuses a loopback address for the
-			// "kubernetes" Service's endpoints, which nothing here uses.
-			"--endpoint-reconciler-type=none",
-			"--secure-port=" + apiPort,
-			"--cert-dir=" + filepath.Join(dir, "certs"),
-			"--tls-cert-file=" + pki.servingCert,
-			"--tls-private-key-file=" + pki.servingKey,
-			"--token-auth-file=" + pki.tokens,
+		Args: append(append(addrArgs,
+			"--etcd-servers="+clientURL,
+			"--secure-port="+apiPort,
+			"--cert-dir="+filepath.Join(dir, "certs"),
+			"--tls-cert-file="+pki.servingCert,
+			"--tls-private-key-file="+pki.servingKey,
+			"--token-auth-file="+pki.tokens,
 			"--authorization-mode=RBAC",
-			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-			"--service-account-key-file=" + pki.saKey,
-			"--service-account-signing-key-file=" + pki.saKey,
+			// The API server's own address as the issuer, as a cluster
+			// with a published issuer has: an OIDC verifier (keyless
+			// login's test) then finds the discovery document and the
+			// JWKS at the token's iss. Readable anonymously only where
+			// a test binds system:unauthenticated to
+			// system:service-account-issuer-discovery.
+			"--service-account-issuer="+s.URL,
+			"--service-account-jwks-uri="+s.URL+"/openid/v1/jwks",
+			"--service-account-key-file="+pki.saKey,
+			"--service-account-signing-key-file="+pki.saKey,
 			// Dual-stack, as the clusters of dual-stack users are, so that
 			// a PreferDualStack Service gets both families.
 			"--service-cluster-ip-range=10.96.0.0/16,fd00:96::/112",
 			// Defaults, named because tests rely on them: PodSecurity
 			// admission is on; ServiceAccount admission checks pods' SAs.
 			"--enable-admission-plugins=PodSecurity,ServiceAccount",
-		},
-		LogFile: filepath.Join(dir, "kube-apiserver.log"),
+		), opts.Args...),
+		LogFile:   filepath.Join(dir, "kube-apiserver.log"),
+		NetnsPath: opts.NetnsPath,
 	}
 	s.apiserver, err = tailnettest.StartProcess(ctx, s.apiConfig)
 	if err != nil {
@@ -280,18 +326,24 @@ func (s *Server) Close() error {
 // messages.
 func (s *Server) LogTail(n int) string { return s.apiserver.LogTail(n) }
 
+// kubernetesServiceIP is the "kubernetes" Service's cluster IP: the first
+// address of --service-cluster-ip-range.
+const kubernetesServiceIP = "10.96.0.1"
+
 // pkiFiles are the files writePKI wrote.
 type pkiFiles struct {
 	ca                      []byte // PEM
+	caFile                  string
 	servingCert, servingKey string
 	saKey                   string // signs and verifies ServiceAccount tokens
 	tokens                  string // --token-auth-file
 	adminToken              string
 }
 
-// writePKI writes a CA, a serving certificate for 127.0.0.1 signed by it, a
-// ServiceAccount signing key and a token file with one admin, into dir.
-func writePKI(dir string) (pkiFiles, error) {
+// writePKI writes a CA, a serving certificate for sans (and localhost)
+// signed by it, a ServiceAccount signing key and a token file with one
+// admin, into dir.
+func writePKI(dir string, sans []net.IP) (pkiFiles, error) {
 	var p pkiFiles
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -328,8 +380,8 @@ func writePKI(dir string) (pkiFiles, error) {
 		NotAfter:     now.Add(24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		DNSNames:     []string{"localhost"},
+		IPAddresses:  sans,
+		DNSNames:     []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
 	}
 	servingDER, err := x509.CreateCertificate(rand.Reader, servingTmpl, caCert, &servingKey.PublicKey, caKey)
 	if err != nil {
@@ -343,6 +395,7 @@ func writePKI(dir string) (pkiFiles, error) {
 	rand.Read(token)
 	p.adminToken = hex.EncodeToString(token)
 
+	p.caFile = filepath.Join(dir, "ca.crt")
 	p.servingCert = filepath.Join(dir, "serving.crt")
 	p.servingKey = filepath.Join(dir, "serving.key")
 	p.saKey = filepath.Join(dir, "sa.key")
@@ -351,6 +404,7 @@ func writePKI(dir string) (pkiFiles, error) {
 		path string
 		data []byte
 	}{
+		{p.caFile, p.ca},
 		{p.servingCert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: servingDER})},
 		{p.servingKey, ecPEM(servingKey)},
 		{p.saKey, ecPEM(saKey)},

@@ -132,6 +132,12 @@ type DERP struct {
 	// an address is known, with NoDERPMap saying why.
 	DERPMap   *tailcfg.DERPMap `json:"derpMap,omitempty"`
 	NoDERPMap string           `json:"noDERPMap,omitempty"`
+	// TailnetCertName is the pin the tailnet's derpMap (as this relay's
+	// node receives it) holds for the region when it differs from
+	// CertName: clients refuse the region's certificate until the policy
+	// gets the new derpMap. Absent when they agree or the tailnet's
+	// derpMap lacks the region.
+	TailnetCertName string `json:"tailnetCertName,omitempty"`
 	// MeshPeers are the links to the region's other nodes
 	// (TS_DERP_MESH_PEERS), in that order; absent without a mesh.
 	// Readiness does not wait for them.

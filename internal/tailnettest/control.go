@@ -26,6 +26,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"tailscale.com/derp/derpserver"
@@ -70,6 +72,9 @@ type Control struct {
 	stun        *stunServer
 	delayTCP    *DelayTCP // in front of derpHTTP, with ControlOptions.Delay
 	delayUDP    *DelayUDP // in front of stun, with ControlOptions.Delay
+	// api serves /api/ in front of the test control, which has no API
+	// (SetAPI); nil until set.
+	api atomic.Pointer[http.Handler]
 }
 
 // ControlOptions are the ways a Control can differ from StartControl's.
@@ -186,7 +191,7 @@ func StartControlWith(ip netip.Addr, logf logger.Logf, opts ControlOptions) (_ *
 	if err != nil {
 		return nil, fmt.Errorf("listen for control: %w", err)
 	}
-	c.controlHTTP = httptest.NewUnstartedServer(c.Server)
+	c.controlHTTP = httptest.NewUnstartedServer(http.HandlerFunc(c.serveHTTP))
 	c.controlHTTP.Listener.Close()
 	c.controlHTTP.Listener = ln
 	c.controlHTTP.Config.ErrorLog = logger.StdLogger(logf)
@@ -195,6 +200,21 @@ func StartControlWith(ip netip.Addr, logf logger.Logf, opts ControlOptions) (_ *
 	c.URL = c.controlHTTP.URL
 	return c, nil
 }
+
+// serveHTTP hands /api/ to the handler SetAPI set, if any, and everything
+// else to the test control.
+func (c *Control) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	if h := c.api.Load(); h != nil && strings.HasPrefix(r.URL.Path, "/api/") {
+		(*h).ServeHTTP(w, r)
+		return
+	}
+	c.Server.ServeHTTP(w, r)
+}
+
+// SetAPI serves h at /api/ on the control URL, as Tailscale's control
+// server serves its API (TokenExchange, for workload identity federation).
+// Tailscale's test control has no API of its own.
+func (c *Control) SetAPI(h http.Handler) { c.api.Store(&h) }
 
 // startDERPHTTP serves d over TLS (a self-signed certificate, which nodes
 // accept because the DERP map says InsecureForTests) on host.
@@ -305,3 +325,18 @@ func (s *stunServer) close() {
 // Call it only while no node is registering: testcontrol reads the setting
 // without a lock.
 func (c *Control) AllowRegisterWithoutKey() { c.Server.RequireAuthKey = "" }
+
+// SetDERPMap replaces the DERP map control hands to nodes with m, as an
+// edit of the tailnet policy file's derpMap would, and sends every
+// connected node a new map. It resets testcontrol's global app capabilities
+// (SetGlobalAppCaps), which is how it wakes the map streams.
+//
+// testcontrol reads its DERPMap field without a lock, when it builds a map
+// response: call this only while the tailnet is quiet (no node joining or
+// changing its endpoints), as a test does between relays becoming ready and
+// laptops joining.
+func (c *Control) SetDERPMap(m *tailcfg.DERPMap) {
+	c.DERPMap = m
+	c.Server.DERPMap = m
+	c.Server.SetGlobalAppCaps(nil)
+}

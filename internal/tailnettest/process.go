@@ -36,6 +36,12 @@ type ProcessConfig struct {
 	// the process in, through `ip netns exec`, which execs the program: Pid
 	// is still the program's.
 	Netns string
+	// NetnsPath, if set, is a network namespace file (/run/netns/NAME, or
+	// /proc/PID/ns/net) to start the process in, entered with setns(2)
+	// alone. Unlike Netns, which also gives the process a mount namespace
+	// of its own, the process shares the caller's mounts: a kubelet and its
+	// container runtime must see each other's. Linux only.
+	NetnsPath string
 	// LogFile receives stdout and stderr (created, or appended to). Required:
 	// it is what LogTail reads.
 	LogFile string
@@ -104,7 +110,7 @@ func StartProcess(ctx context.Context, cfg ProcessConfig) (*Process, error) {
 	// With Output set, Wait copies through a pipe; don't let a grandchild
 	// holding it open block Wait forever.
 	cmd.WaitDelay = stopGrace
-	if err := cmd.Start(); err != nil {
+	if err := startIn(cfg.NetnsPath, cmd); err != nil {
 		logFile.Close()
 		pw.Close()
 		return nil, fmt.Errorf("start %s: %w", cfg.Name, err)

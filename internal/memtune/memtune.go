@@ -1,4 +1,9 @@
-package relay
+// Package memtune sets the process-wide Go runtime settings a relay needs
+// (GOMAXPROCS from the relay's socket count, GOGC, the soft memory limit from
+// the container's cgroup limit) and hands the heap's free memory back to the
+// OS once relayed traffic goes quiet. It knows nothing of the relay but the
+// socket count it is given.
+package memtune
 
 import (
 	"context"
@@ -27,6 +32,9 @@ const (
 	// relayFamilies is IPv4 and IPv6: the relay server binds the same
 	// number of sockets for each (IPv6 only if it can).
 	relayFamilies = 2
+	// MaxSockets is the most sockets per family Tailscale's relay server
+	// binds, whatever GOMAXPROCS is (net/udprelay, tailscale.com v1.102.5).
+	MaxSockets = 16
 )
 
 // gcPercent is the relay's GOGC unless the environment sets one: the heap
@@ -48,15 +56,15 @@ const gcPercent = 25
 // takes to catch up.
 const memoryLimitShare = 0.85
 
-// Runtime is what ApplyRuntime set.
-type Runtime struct {
+// Settings is what Apply set.
+type Settings struct {
 	// Sockets is how many relay sockets per IP family the relay server
 	// will bind: min(16, GOMAXPROCS).
 	Sockets int
 	// GOMAXPROCS is the runtime's new GOMAXPROCS.
 	GOMAXPROCS int
 	// GCPercent is the runtime's GOGC, and GCPercentFrom "GOGC" when the
-	// environment set it, "default" when ApplyRuntime did.
+	// environment set it, "default" when Apply did.
 	GCPercent     int
 	GCPercentFrom string
 	// MemoryLimit is the Go runtime's soft memory limit in bytes
@@ -68,13 +76,13 @@ type Runtime struct {
 
 // BufferBytes is the most memory the relay sockets' receive buffers can
 // hold: sockets × families × 8 MiB.
-func (r Runtime) BufferBytes() int64 {
+func (r Settings) BufferBytes() int64 {
 	return int64(r.Sockets) * relayFamilies * socketBufferBytes
 }
 
 // LogValue implements slog.LogValuer: one start-up line with the socket
 // count and what it costs.
-func (r Runtime) LogValue() slog.Value {
+func (r Settings) LogValue() slog.Value {
 	limit := "none"
 	if r.MemoryLimit != math.MaxInt64 {
 		limit = fmt.Sprintf("%dMiB", r.MemoryLimit>>20)
@@ -90,11 +98,12 @@ func (r Runtime) LogValue() slog.Value {
 	)
 }
 
-// ApplyRuntime sets the process-wide runtime settings the configuration
-// implies. Call it once, in main, before anything starts: Tailscale's relay
-// server reads GOMAXPROCS when it binds its sockets.
+// Apply sets the process-wide runtime settings for a relay that binds
+// sockets relay sockets per IP family. Call it once, in main, before
+// anything starts: Tailscale's relay server reads GOMAXPROCS when it binds
+// its sockets.
 //
-// GOMAXPROCS becomes TS_RELAY_SERVER_SOCKETS (overriding the GOMAXPROCS
+// GOMAXPROCS becomes sockets (TS_RELAY_SERVER_SOCKETS) (overriding the GOMAXPROCS
 // variable and Go's CPU-limit-based default), because the relay server binds
 // min(16, GOMAXPROCS) sockets per family and each can hold 8 MiB: without
 // this, the footprint would follow the node's core count. The relay's data
@@ -108,10 +117,10 @@ func (r Runtime) LogValue() slog.Value {
 // memoryLimitShare of the container's memory limit (cgroup v2 memory.max or
 // v1 memory.limit_in_bytes), so that garbage is collected before the kernel
 // kills the container rather than after.
-func (c *Config) ApplyRuntime() Runtime {
-	procs := int(c.RelayServerSockets)
+func Apply(sockets int) Settings {
+	procs := sockets
 	runtime.GOMAXPROCS(procs)
-	r := Runtime{Sockets: min(MaxSockets, procs), GOMAXPROCS: procs, MemoryLimit: math.MaxInt64, MemoryLimitFrom: "none"}
+	r := Settings{Sockets: min(MaxSockets, procs), GOMAXPROCS: procs, MemoryLimit: math.MaxInt64, MemoryLimitFrom: "none"}
 	if os.Getenv("GOGC") != "" {
 		r.GCPercent = debug.SetGCPercent(-1)
 		debug.SetGCPercent(r.GCPercent)

@@ -1,4 +1,4 @@
-package relay
+package memtune
 
 import (
 	"context"
@@ -34,10 +34,10 @@ func TestParseCgroupLimit(t *testing.T) {
 	}
 }
 
-// TestApplyRuntime checks that the socket setting becomes GOMAXPROCS (which
+// TestApply checks that the socket setting becomes GOMAXPROCS (which
 // Tailscale's relay server reads at bind) and that GOMEMLIMIT, when set,
 // is left alone.
-func TestApplyRuntime(t *testing.T) {
+func TestApply(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
 	defer debug.SetMemoryLimit(debug.SetMemoryLimit(-1))
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
@@ -45,24 +45,23 @@ func TestApplyRuntime(t *testing.T) {
 	os.Unsetenv("GOGC")
 	t.Setenv("GOMEMLIMIT", "100MiB")
 	debug.SetMemoryLimit(100 << 20) // what the runtime made of it at start
-	c := Config{RelayServerSockets: 3}
-	rt := c.ApplyRuntime()
+	rt := Apply(3)
 	if got := runtime.GOMAXPROCS(0); got != 3 || rt.GOMAXPROCS != 3 || rt.Sockets != 3 {
-		t.Errorf("after ApplyRuntime with 3 sockets: GOMAXPROCS = %d, Runtime = %+v, want 3", got, rt)
+		t.Errorf("after Apply with 3 sockets: GOMAXPROCS = %d, Settings = %+v, want 3", got, rt)
 	}
 	if rt.MemoryLimit != 100<<20 || rt.MemoryLimitFrom != "GOMEMLIMIT" {
-		t.Errorf("Runtime memory limit = %d from %q, want %d from GOMEMLIMIT", rt.MemoryLimit, rt.MemoryLimitFrom, 100<<20)
+		t.Errorf("Settings memory limit = %d from %q, want %d from GOMEMLIMIT", rt.MemoryLimit, rt.MemoryLimitFrom, 100<<20)
 	}
 	if got := debug.SetGCPercent(100); got != gcPercent || rt.GCPercent != gcPercent || rt.GCPercentFrom != "default" {
-		t.Errorf("without GOGC: GC percent = %d, Runtime = %+v, want %d from default", got, rt, gcPercent)
+		t.Errorf("without GOGC: GC percent = %d, Settings = %+v, want %d from default", got, rt, gcPercent)
 	}
 
-	// With GOGC set, the runtime applied it at start; ApplyRuntime keeps it.
+	// With GOGC set, the runtime applied it at start; Apply keeps it.
 	t.Setenv("GOGC", "70")
 	debug.SetGCPercent(70)
-	rt = c.ApplyRuntime()
+	rt = Apply(3)
 	if got := debug.SetGCPercent(100); got != 70 || rt.GCPercent != 70 || rt.GCPercentFrom != "GOGC" {
-		t.Errorf("with GOGC=70: GC percent = %d, Runtime = %+v, want 70 from GOGC", got, rt)
+		t.Errorf("with GOGC=70: GC percent = %d, Settings = %+v, want 70 from GOGC", got, rt)
 	}
 	if got, want := rt.BufferBytes(), int64(3*2*8<<20); got != want {
 		t.Errorf("BufferBytes() = %d, want %d (3 sockets × 2 families × 8 MiB)", got, want)
