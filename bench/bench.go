@@ -91,6 +91,12 @@ type Config struct {
 	// upgradeUDPRelayInterval (1 min), so that peers riding the draining
 	// relay rediscover relay paths once during it.
 	FailoverDrain time.Duration
+	// AbuseOnly runs only the abuse sections (the HTTP port's and the
+	// DERP port's, with the UDP flood) and the sizes.
+	AbuseOnly bool
+	// AbuseEnv is extra relay settings for the DERP abuse section (e.g.
+	// TS_DERP_ACCEPT_RATE=100000, to measure what the other limits hold).
+	AbuseEnv []string
 	// Logf receives progress; nil discards it.
 	Logf logger.Logf
 }
@@ -257,8 +263,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	b := &bench{cfg: cfg, lab: lab, bins: bins}
 
 	res := map[string]*pathResult{}
-	// FailoverOnly leaves out every section but failover (and sizes).
-	others := !cfg.FailoverOnly
+	// FailoverOnly leaves out every section but failover (and sizes);
+	// AbuseOnly every section but the abuse ones.
+	others := !cfg.FailoverOnly && !cfg.AbuseOnly
 	if others && !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
 		logf("paths: %s and %s", scDirect, scDERP)
 		direct, derp, err := b.runUnrelayed(ctx, filepath.Join(work, "unrelayed"))
@@ -315,7 +322,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 	// Failover (issue 20): losing the relay a pair rides, one relay
 	// against two, and the meshed DERP region losing a node.
-	if !cfg.NoFailover && !cfg.FootprintOnly && ctx.Err() == nil {
+	if !cfg.NoFailover && !cfg.FootprintOnly && !cfg.AbuseOnly && ctx.Err() == nil {
 		logf("failover: cases %s, %d trials each, one relay and two", strings.Join(cfg.FailoverCases, ","), cfg.FailoverReps)
 		f, err := b.runFailover(ctx, filepath.Join(work, "failover"))
 		if err != nil {
@@ -344,13 +351,23 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 	}
 
-	if others && ctx.Err() == nil {
+	if (others || cfg.AbuseOnly) && ctx.Err() == nil {
 		logf("HTTP port abuse")
 		ab, err := b.runHTTPAbuse(ctx, filepath.Join(work, "abuse"))
 		if err != nil {
 			fail("HTTP abuse", err)
 		}
 		rep.addAbuse(ab)
+	}
+	// The DERP port's abuse and the UDP flood (issue 27): not in the
+	// smoke run (a minute of attacks), nor with FootprintOnly.
+	if (others || cfg.AbuseOnly) && !cfg.Smoke && !cfg.FootprintOnly && ctx.Err() == nil {
+		logf("DERP port abuse and UDP flood")
+		da, fl, err := b.runDERPAbuse(ctx, filepath.Join(work, "derp-abuse"))
+		if err != nil {
+			fail("DERP abuse", err)
+		}
+		rep.addDERPAbuse(da, fl, cfg.AbuseEnv)
 	}
 
 	if err := rep.addSizes(bins, filepath.Join(cfg.BinDir, "containerboot")); err != nil {

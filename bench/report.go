@@ -417,6 +417,7 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 		{"footprint", "Footprint"},
 		{"derp", "DERP: first pong between laptops that cannot go direct; the relay with its DERP server on"},
 		{"failover", "Failover: losing the relay a pair rides, one relay against two"},
+		{"abuse", "Abuse: strangers at the DERP port, junk at the relay's UDP port and STUN"},
 	}
 	for _, s := range sections {
 		fmt.Fprintf(&b, "\n## %s\n\n", s.title)

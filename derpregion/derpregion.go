@@ -1,6 +1,6 @@
 // Package derpregion serves a DERP region from the relay: DERP over TLS on
 // a TCP port and STUN on a UDP port, with Tailscale's own derp/derpserver
-// and net/stunserver. A region has one node, or several meshed with
+// and a STUN server (stun.go, net/stunserver's but for one fix). A region has one node, or several meshed with
 // Tailscale's DERP mesh (Config.MeshKey, Config.MeshPeers): each node
 // dials the others with the region's shared mesh key, watches their
 // clients and forwards packets to them, so a client of one node reaches
@@ -18,6 +18,11 @@
 //     refused while that node is not Running (fail closed). The one
 //     exception is a mesh peer presenting the region's mesh key, which
 //     derpserver trusts without the check; there is no open mode.
+//   - Strangers reach the DERP port before that check, so what they can
+//     make it hold is bounded first (guard.go): small request headers,
+//     timeouts on every phase before admission, a cap on connections not
+//     yet admitted (in all and per source address) and an accept rate.
+//     Admitted clients are outside those limits.
 //   - A node homed here is reachable over DERP only by nodes that can reach
 //     this address. A private address suits a LAN-only tailnet; a laptop
 //     away from home loses the DERP path to every node homed here.
@@ -30,6 +35,7 @@
 package derpregion
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -51,7 +57,6 @@ import (
 	"tailscale.com/derp/derpserver"
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
-	"tailscale.com/net/stunserver"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 )
@@ -76,6 +81,31 @@ const admitTimeout = 3 * time.Second
 // for them; derpserver.Server.Close closes them.
 const shutdownTimeout = 5 * time.Second
 
+// Limits of the DERP port's HTTP server; see also guard.go.
+const (
+	derpMaxHeaderBytes    = 4 << 10
+	derpReadHeaderTimeout = 5 * time.Second
+	derpIdleTimeout       = 5 * time.Second
+)
+
+// limits are the DERP port's timeouts, in a struct so that tests can
+// shorten them.
+type limits struct {
+	readHeader  time.Duration // http.Server.ReadHeaderTimeout, and the TLS handshake's
+	idle        time.Duration // http.Server.IdleTimeout
+	admitWithin time.Duration // see guard.go
+	logInterval time.Duration // refusals.logEvery
+}
+
+func defaultLimits() limits {
+	return limits{
+		readHeader:  derpReadHeaderTimeout,
+		idle:        derpIdleTimeout,
+		admitWithin: admitWithin,
+		logInterval: refusalLogInterval,
+	}
+}
+
 // Config says where the DERP and STUN servers listen and who may use them.
 type Config struct {
 	// DERPAddr is the TCP address for DERP over TLS, e.g. ":8443".
@@ -86,8 +116,17 @@ type Config struct {
 	TLS *Cert
 	// Node admits clients: only its tailnet's node keys may connect.
 	Node Node
-	// Logger receives one line per state change and per refused client.
+	// Logger receives one line per state change, and one per
+	// refusalLogInterval with the connections refused in it.
 	Logger *slog.Logger
+
+	// MaxUnadmitted caps the DERP connections not yet admitted (see
+	// guard.go); zero means DefaultMaxUnadmitted.
+	MaxUnadmitted int
+	// AcceptRate is how many new DERP connections a second are accepted,
+	// with a burst of AcceptBurstSeconds of it; zero means
+	// DefaultAcceptRate.
+	AcceptRate float64
 
 	// MeshKey, when set, is the region's shared mesh key: a client that
 	// presents it is another node of the region (a mesh peer), trusted
@@ -117,6 +156,12 @@ func (c Config) validate() error {
 	if c.Logger == nil {
 		errs = append(errs, errors.New("derpregion: no logger"))
 	}
+	if c.MaxUnadmitted < 0 {
+		errs = append(errs, fmt.Errorf("derpregion: MaxUnadmitted %d is negative", c.MaxUnadmitted))
+	}
+	if c.AcceptRate < 0 {
+		errs = append(errs, fmt.Errorf("derpregion: AcceptRate %v is negative", c.AcceptRate))
+	}
 	if len(c.MeshPeers) > 0 && c.MeshKey.IsZero() {
 		errs = append(errs, errors.New("derpregion: mesh peers need a mesh key"))
 	}
@@ -136,15 +181,18 @@ type Server struct {
 	derp   *derpserver.Server
 	stats  *derpStats
 
-	derpLn   net.Listener
-	admitLn  net.Listener
-	token    string // in the admission URL's path
-	stun     *stunserver.STUNServer
-	stopSTUN context.CancelFunc // closes the STUN socket
-	mesh     []*meshLink        // one per Config.MeshPeers
+	derpLn  *guardListener // the limits of guard.go
+	admitLn net.Listener
+	token   string // in the admission URL's path
+	stun    *stunServer
+	mesh    []*meshLink // one per Config.MeshPeers
 
-	// refused counts clients the admission check turned away.
-	refused   atomic.Uint64
+	// refused counts clients the admission check turned away;
+	// refusals, every connection refused or closed before admission.
+	refused  atomic.Uint64
+	refusals refusals
+	// lim are the port's timeouts; tests shorten them.
+	lim       limits
 	serving   atomic.Bool
 	closeOnce sync.Once
 }
@@ -156,21 +204,18 @@ func Listen(cfg Config) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, logger: cfg.Logger}
+	s := &Server{cfg: cfg, logger: cfg.Logger, lim: defaultLimits()}
 	defer func() {
 		if err != nil {
 			s.Close()
 		}
 	}()
-	s.derpLn, err = net.Listen("tcp", cfg.DERPAddr)
+	ln, err := net.Listen("tcp", cfg.DERPAddr)
 	if err != nil {
 		return nil, fmt.Errorf("derpregion: listen for DERP on tcp %s: %w", cfg.DERPAddr, err)
 	}
-	// stunserver closes its socket when its context ends; Close ends it.
-	var stunCtx context.Context
-	stunCtx, s.stopSTUN = context.WithCancel(context.Background())
-	s.stun = stunserver.New(stunCtx)
-	if err := s.stun.Listen(cfg.STUNAddr); err != nil {
+	s.derpLn = newGuardListener(ln, cmp.Or(cfg.MaxUnadmitted, DefaultMaxUnadmitted), cmp.Or(cfg.AcceptRate, DefaultAcceptRate), &s.refusals, &s.lim)
+	if s.stun, err = listenSTUN(cfg.STUNAddr); err != nil {
 		return nil, fmt.Errorf("derpregion: listen for STUN on udp %s: %w", cfg.STUNAddr, err)
 	}
 	// derpserver asks an admission URL with http.DefaultClient; nothing
@@ -210,7 +255,7 @@ func Listen(cfg Config) (_ *Server, err error) {
 func (s *Server) DERPAddr() netip.AddrPort { return s.derpLn.Addr().(*net.TCPAddr).AddrPort() }
 
 // STUNAddr is the address the STUN server listens on.
-func (s *Server) STUNAddr() netip.AddrPort { return s.stun.LocalAddr().(*net.UDPAddr).AddrPort() }
+func (s *Server) STUNAddr() netip.AddrPort { return s.stun.localAddr() }
 
 func (s *Server) derpStats() *derpStats { return s.stats }
 
@@ -221,13 +266,14 @@ func (s *Server) Serving() bool { return s.serving.Load() }
 func (s *Server) Close() {
 	s.closeOnce.Do(func() {
 		s.serving.Store(false)
-		for _, ln := range []net.Listener{s.derpLn, s.admitLn} {
-			if ln != nil {
-				ln.Close()
-			}
+		if s.derpLn != nil {
+			s.derpLn.Close()
 		}
-		if s.stopSTUN != nil {
-			s.stopSTUN()
+		if s.admitLn != nil {
+			s.admitLn.Close()
+		}
+		if s.stun != nil {
+			s.stun.close()
 		}
 		if s.derp != nil {
 			s.derp.Close()
@@ -247,15 +293,27 @@ func (s *Server) Serve(ctx context.Context) error {
 	g.Go(func() error { return serveUntil(ctx, admitSrv, s.admitLn, "admission", nil) })
 
 	derpMux := http.NewServeMux()
-	derpMux.Handle("/derp", derpserver.Handler(s.derp))
+	derpMux.Handle("/derp", markingUpgrades(derpserver.Handler(s.derp)))
 	// netcheck's HTTPS latency fallback and captive portal checks.
 	derpMux.HandleFunc("/derp/probe", derpserver.ProbeHandler)
 	derpMux.HandleFunc("/derp/latency-check", derpserver.ProbeHandler)
 	derpMux.HandleFunc("/generate_204", derpserver.ServeNoContent)
 	derpSrv := &http.Server{
-		Handler:           derpMux,
-		ReadHeaderTimeout: 10 * time.Second,
-		TLSConfig:         s.cfg.TLS.serverConfig(),
+		Handler: derpMux,
+		// Real requests here are a DERP client's upgrade and netcheck's
+		// probes: a few hundred bytes of header, sent at once.
+		MaxHeaderBytes: derpMaxHeaderBytes,
+		// net/http also bounds the TLS handshake by its smallest timeout
+		// (http.Server.tlsHandshakeTimeout), so this is the
+		// handshake's deadline too.
+		ReadHeaderTimeout: s.lim.readHeader,
+		// For the plain paths (/generate_204, /derp/probe): a keep-alive
+		// connection closes soon after its last request, and admitWithin
+		// closes it anyway. An upgraded DERP connection is hijacked, and
+		// net/http's timeouts no longer apply to it.
+		IdleTimeout: s.lim.idle,
+		ConnContext: withGuardConn,
+		TLSConfig:   s.cfg.TLS.serverConfig(),
 		// DERP upgrades an HTTP/1.1 connection; HTTP/2 would break it.
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 		ErrorLog:     slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug),
@@ -265,11 +323,11 @@ func (s *Server) Serve(ctx context.Context) error {
 
 	g.Go(func() error {
 		<-ctx.Done()
-		s.stopSTUN() // ends stun.Serve
+		s.stun.close() // ends stun.serve
 		return nil
 	})
 	g.Go(func() error {
-		if err := s.stun.Serve(); err != nil {
+		if err := s.stun.serve(); err != nil {
 			return fmt.Errorf("derpregion: serve STUN: %w", err)
 		}
 		return nil
@@ -278,6 +336,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	for _, l := range s.mesh {
 		g.Go(func() error { l.run(ctx); return nil })
 	}
+	g.Go(func() error { s.refusals.logEvery(ctx, s.lim.logInterval, s.logger); return nil })
 
 	s.serving.Store(true)
 	s.logger.Info("DERP region serving", "derp", s.DERPAddr().String(), "stun", s.STUNAddr().String())
@@ -323,7 +382,10 @@ func (s *Server) serveAdmit(w http.ResponseWriter, r *http.Request) {
 	allow, reason := s.admit(ctx, req.NodePublic)
 	if !allow {
 		s.refused.Add(1)
-		s.logger.Info("DERP client refused", "node_key", req.NodePublic.ShortString(), "from", req.Source.String(), "reason", reason)
+		s.refusals.add(reasonNotMember)
+		// At Debug: strangers can send any number of these; the Info
+		// line is refusals.logEvery's count.
+		s.logger.Debug("DERP client refused", "node_key", req.NodePublic.ShortString(), "from", req.Source.String(), "reason", reason)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(tailcfg.DERPAdmitClientResponse{Allow: allow})

@@ -36,27 +36,6 @@ func (d *derpStats) int(name string) float64 {
 	return 0
 }
 
-// stunDispositions reads net/stunserver's request counters. stunserver
-// keeps them per process (expvar "stun"), not per server; a process runs
-// one region.
-func stunDispositions() map[string]float64 {
-	out := map[string]float64{}
-	set, ok := expvar.Get("stun").(*metrics.Set)
-	if !ok {
-		return out
-	}
-	lm, ok := set.Get("counter_requests").(*metrics.LabelMap)
-	if !ok {
-		return out
-	}
-	lm.Do(func(kv expvar.KeyValue) {
-		if v, ok := kv.Value.(*expvar.Int); ok {
-			out[kv.Key] = float64(v.Value())
-		}
-	})
-	return out
-}
-
 // StatusSource reports the tailnet as the relay's node sees it, to count
 // the peers homed on this region. *local.Client satisfies it.
 type StatusSource interface {
@@ -73,7 +52,7 @@ type Collector struct {
 	serving, clients, accepts, refused       *prometheus.Desc
 	pktsRecv, pktsSent, bytesRecv, bytesSent *prometheus.Desc
 	stun, homePeers, certExpiry              *prometheus.Desc
-	meshConnected                            *prometheus.Desc
+	meshConnected, connsRefused, unadmitted  *prometheus.Desc
 }
 
 // NewCollector returns the series for s. With status non-nil it also
@@ -95,6 +74,8 @@ func NewCollector(s *Server, status StatusSource, regionCode string, logger *slo
 		stun:          d("stun_requests_total", "STUN datagrams by outcome (success, not_stun, read_error, write_error).", "disposition"),
 		homePeers:     d("home_peers", "Tailnet peers of the relay's node whose home DERP region is this one, as the node sees them."),
 		certExpiry:    d("cert_expiry_timestamp_seconds", "When the DERP server's TLS certificate expires (Unix time)."),
+		connsRefused:  d("connections_refused_total", "DERP-port connections refused or closed before admission, by reason: accept_rate (over TS_DERP_ACCEPT_RATE), unadmitted_cap (the oldest waiting, closed to make room for a new one over TS_DERP_MAX_UNADMITTED), source_cap (too many waiting from one address), admit_timeout (not admitted within 10 s), not_member (the tailnet membership check).", "reason"),
+		unadmitted:    d("unadmitted_connections", "DERP-port connections open now and not yet admitted."),
 		meshConnected: d("mesh_peer_connected", "1 while the mesh link to another node of the region answers pings, else 0; one series per mesh peer.", "peer"),
 	}
 }
@@ -119,11 +100,15 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.clients, st.int("gauge_current_connections"))
 	counter(c.accepts, st.int("accepts"))
 	counter(c.refused, float64(c.s.refused.Load()))
+	for reason, v := range c.s.refusals.snapshot() {
+		counter(c.connsRefused, float64(v), reason)
+	}
+	gauge(c.unadmitted, float64(c.s.derpLn.unadmittedNow()))
 	counter(c.pktsRecv, st.int("packets_received"))
 	counter(c.pktsSent, st.int("packets_sent"))
 	counter(c.bytesRecv, st.int("bytes_received"))
 	counter(c.bytesSent, st.int("bytes_sent"))
-	for disp, v := range stunDispositions() {
+	for disp, v := range c.s.stun.dispositions() {
 		counter(c.stun, v, disp)
 	}
 	gauge(c.certExpiry, float64(c.s.cfg.TLS.NotAfter().Unix()))

@@ -19,7 +19,7 @@ func FuzzParseService(f *testing.F) {
 		if err := svc.UnmarshalJSON(body); err != nil {
 			return
 		}
-		info := parseService(&svc, relayPort)
+		info := parseService(&svc, relayTarget{number: relayPort, name: "relay"})
 		for _, ap := range info.ips {
 			if !ap.IsValid() || ap.Port() == 0 || ap.Addr().Zone() != "" {
 				t.Fatalf("parseService gave endpoint %v", ap)

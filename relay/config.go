@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/netip"
 	"net/url"
 	"os"
@@ -396,7 +397,7 @@ func unjoin(err error) []error {
 }
 
 // decodeValue decodes s into v: through its envconfig.Decoder if it has
-// one, else as a duration, string, bool or integer.
+// one, else as a duration, string, bool, integer or number.
 func decodeValue(v reflect.Value, s string) error {
 	if d, ok := v.Addr().Interface().(envconfig.Decoder); ok {
 		return d.Decode(s)
@@ -424,6 +425,12 @@ func decodeValue(v reflect.Value, s string) error {
 			return errors.New("not a whole number")
 		}
 		v.SetInt(n)
+	case reflect.Float32, reflect.Float64:
+		f, err := strconv.ParseFloat(strings.TrimSpace(s), v.Type().Bits())
+		if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
+			return errors.New("not a number")
+		}
+		v.SetFloat(f)
 	default:
 		// A programming error, caught by TestEveryVariableDecodes.
 		return fmt.Errorf("cannot read a %s from the environment", v.Type())

@@ -43,6 +43,11 @@ type DERPConfig struct {
 	KeyFile    string `envconfig:"TS_DERP_KEY_FILE" desc:"PEM private key of TS_DERP_CERT_FILE (tls.key)."`
 	HostName   string `envconfig:"TS_DERP_HOSTNAME" desc:"DNS name TS_DERP_CERT_FILE is for; clients check the certificate against it."`
 
+	// Limits on the public DERP port (derpregion/guard.go); defaults from
+	// make bench's abuse rows.
+	MaxUnadmitted int     `envconfig:"TS_DERP_MAX_UNADMITTED" default:"256" desc:"Most DERP connections held open before their client is admitted (TLS, HTTP, DERP handshake, membership check); beyond it, a new connection closes the oldest waiting one (so strangers holding them all cannot keep a member out), and none waits more than 10 s. Admitted clients (tailnet members, mesh peers) do not count. Each held one costs up to about 65 KiB: 256 is about 17 MiB at most (README: Reliability)."`
+	AcceptRate    float64 `envconfig:"TS_DERP_ACCEPT_RATE" default:"100" desc:"New DERP connections accepted per second, with a burst of 2 seconds' worth, before any TLS work; over it, a connection is closed at once and the client retries (as Tailscale's derper --accept-connection-limit). Raise it for a region with thousands of home nodes, which reconnect at this rate after a restart."`
+
 	// The DERP mesh: several relays serving one region (mesh.go).
 	MeshSecret string      `envconfig:"TS_DERP_MESH_SECRET" desc:"With TS_KUBE_SECRET and TS_DERP_MESH_PEERS: the Secret holding the region's shared state (mesh-key, tls.crt, tls.key), in the pod's namespace; the first replica creates or completes it, the others adopt it. Every node of the region then serves the same self-signed certificate."`
 	MeshFile   string      `envconfig:"TS_DERP_MESH_FILE" desc:"Outside a cluster (no TS_KUBE_SECRET), with TS_DERP_MESH_PEERS: a file holding the region's shared state (JSON: mesh-key, tls.crt, tls.key), created atomically if missing; several relays on one machine share it, other machines need a copy."`
@@ -124,6 +129,12 @@ func (d DERPConfig) validate(c *Config) []error {
 	}
 	if err := derpregion.ValidateRegion(d.RegionID, d.RegionCode, "TS_DERP_REGION_ID", "TS_DERP_REGION_CODE"); err != nil {
 		errs = append(errs, err)
+	}
+	if d.MaxUnadmitted < 1 || d.MaxUnadmitted > 100_000 {
+		bad("TS_DERP_MAX_UNADMITTED=%d: want a number of connections from 1 to 100000 (default 256)", d.MaxUnadmitted)
+	}
+	if !(d.AcceptRate >= 0.1 && d.AcceptRate <= 1e6) {
+		bad("TS_DERP_ACCEPT_RATE=%v: want connections per second from 0.1 to 1000000 (default 100)", d.AcceptRate)
 	}
 	if (d.CertFile == "") != (d.KeyFile == "") {
 		bad("TS_DERP_CERT_FILE and TS_DERP_KEY_FILE go together: want both (tls.crt and tls.key of a kubernetes.io/tls Secret) or neither (a self-signed certificate)")
@@ -227,6 +238,9 @@ func newDERPRegion(ctx context.Context, cfg Config, kc *kubeclient.Client, state
 		Logger:    logger.With("src", "derp"),
 		MeshKey:   meshKey,
 		MeshPeers: meshPeers,
+
+		MaxUnadmitted: d.MaxUnadmitted,
+		AcceptRate:    d.AcceptRate,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("DERP region (TS_DERP_PORT=%d, TS_STUN_PORT=%d): %w", d.DERPPort, d.STUNPort, err)

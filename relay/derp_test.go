@@ -9,7 +9,7 @@ import (
 
 func TestDERPConfigValidate(t *testing.T) {
 	base := Config{RelayServerPort: 40000, WireGuardPort: 41641, LocalAddrPort: ListenAddr(netip.MustParseAddrPort("[::]:9002"))}
-	on := DERPConfig{DERPPort: 8443, STUNPort: 3478, RegionID: 900, RegionCode: "tsrelay"}
+	on := DERPConfig{DERPPort: 8443, STUNPort: 3478, RegionID: 900, RegionCode: "tsrelay", MaxUnadmitted: 256, AcceptRate: 100}
 	for _, tc := range []struct {
 		name string
 		edit func(*DERPConfig)
@@ -31,6 +31,9 @@ func TestDERPConfigValidate(t *testing.T) {
 		{"cert without key", func(d *DERPConfig) { d.CertFile, d.HostName = "/tls/tls.crt", "derp.example.com" }, []string{"TS_DERP_CERT_FILE and TS_DERP_KEY_FILE go together"}},
 		{"cert without host name", func(d *DERPConfig) { d.CertFile, d.KeyFile = "/tls/tls.crt", "/tls/tls.key" }, []string{"TS_DERP_CERT_FILE needs TS_DERP_HOSTNAME"}},
 		{"host name without cert", func(d *DERPConfig) { d.HostName = "derp.example.com" }, []string{"TS_DERP_HOSTNAME=derp.example.com is set without TS_DERP_CERT_FILE"}},
+		{"no unadmitted connections", func(d *DERPConfig) { d.MaxUnadmitted = 0 }, []string{"TS_DERP_MAX_UNADMITTED=0: want a number of connections from 1 to 100000"}},
+		{"accept rate zero", func(d *DERPConfig) { d.AcceptRate = 0 }, []string{"TS_DERP_ACCEPT_RATE=0: want connections per second from 0.1"}},
+		{"accept rate negative", func(d *DERPConfig) { d.AcceptRate = -5 }, []string{"TS_DERP_ACCEPT_RATE=-5"}},
 		{"settings while off", func(d *DERPConfig) { d.DERPPort, d.STUNPort, d.CertFile = 0, 0, "/tls/tls.crt" }, []string{"is set but TS_DERP_PORT is not"}},
 		{"every mistake at once", func(d *DERPConfig) { d.STUNPort, d.RegionID, d.RegionCode = 0, 5, "" }, []string{"needs TS_STUN_PORT", "TS_DERP_REGION_ID=5", "TS_DERP_REGION_CODE"}},
 	} {

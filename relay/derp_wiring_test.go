@@ -57,7 +57,7 @@ func TestDERPRegionInAppliance(t *testing.T) {
 		RelayServerPort:            Port(relayPort),
 		RelayServerStaticEndpoints: Endpoints{ep},
 		LocalAddrPort:              ListenAddr(netip.MustParseAddrPort("127.0.0.1:9002")),
-		DERPConfig:                 DERPConfig{DERPPort: Port(derpPort), STUNPort: Port(stunPort), RegionID: 901, RegionCode: "home"},
+		DERPConfig:                 DERPConfig{DERPPort: Port(derpPort), STUNPort: Port(stunPort), RegionID: 901, RegionCode: "home", MaxUnadmitted: 256, AcceptRate: 100},
 		LeaseDuration:              lease.DefaultDuration,
 	}
 	if err := cfg.Validate(); err != nil {

@@ -86,7 +86,7 @@ func TestDERPMeshServices(t *testing.T) {
 		LeaseDuration:   90 * time.Second,
 		DERPConfig: DERPConfig{
 			DERPPort: Port(netip.MustParseAddrPort(derpAddr).Port()), STUNPort: Port(stunPort),
-			RegionID: 900, RegionCode: "tsrelay",
+			RegionID: 900, RegionCode: "tsrelay", MaxUnadmitted: 256, AcceptRate: 100,
 			MeshSecret: "tsrelay-derp-mesh", MeshPeers: MeshMembers{"tsrelay-0", "tsrelay-1"},
 		},
 	}

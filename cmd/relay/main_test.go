@@ -29,6 +29,18 @@ func TestRunExitCodes(t *testing.T) {
 			wantStderr: "relay: TS_RELAY_SERVER_STATIC_ENDPOINTS=[fdc9:b01a:9d26:0:2::3]:81441: port 81441 out of range",
 		},
 		{"missing port", nil, map[string]string{"TS_RELAY_SERVER_PORT": ""}, 2, "", "relay: TS_RELAY_SERVER_PORT is required"},
+		{
+			name:       "no unadmitted DERP connections",
+			env:        map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_DERP_PORT": "8443", "TS_STUN_PORT": "3478", "TS_DERP_MAX_UNADMITTED": "0"},
+			wantCode:   2,
+			wantStderr: "relay: TS_DERP_MAX_UNADMITTED=0: want a number of connections from 1 to 100000",
+		},
+		{
+			name:       "DERP accept rate not a number",
+			env:        map[string]string{"TS_RELAY_SERVER_PORT": "61441", "TS_DERP_PORT": "8443", "TS_STUN_PORT": "3478", "TS_DERP_ACCEPT_RATE": "fast"},
+			wantCode:   2,
+			wantStderr: "TS_DERP_ACCEPT_RATE=fast",
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

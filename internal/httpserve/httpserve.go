@@ -1,13 +1,14 @@
 // Package httpserve serves the relay's health and metrics port with limits
 // that keep any amount of abuse of the port far from the pod's memory limit:
 // small request headers, a cap on connections open at once, and timeouts on
-// every phase of a connection.
+// every phase of a connection, and one request per connection.
 //
 // Why: with net/http's defaults (1 MiB of header per request, no cap on
 // connections) 200 connections each sending an unfinished 1 MB header got a
 // relay with a 256 MiB limit OOM-killed (issue 17). Here a connection costs
 // a few tens of KiB at most, there are at most MaxConns of them, and one
-// that does not finish its header in ReadHeaderTimeout is closed.
+// that does not finish its header in ReadHeaderTimeout is closed, as is
+// every connection once its one request is answered.
 //
 // The limit on connections trades availability for memory: while more than
 // MaxConns connections are held open, a new one (the kubelet's probe
@@ -52,11 +53,10 @@ const (
 	// the slots, and so how long a probe waits behind them. The kubelet
 	// and Prometheus send their few hundred bytes in one segment.
 	ReadHeaderTimeout = 2 * time.Second
-	// ReadTimeout, WriteTimeout and IdleTimeout bound the rest: these
-	// endpoints take no bodies and answer in milliseconds.
+	// ReadTimeout and WriteTimeout bound the rest: these endpoints take
+	// no bodies and answer in milliseconds.
 	ReadTimeout  = 10 * time.Second
 	WriteTimeout = 10 * time.Second
-	IdleTimeout  = 30 * time.Second
 
 	// ShutdownTimeout is how long requests in flight get to finish once
 	// ctx is done. Kubernetes allows 30 s between SIGTERM and SIGKILL by
@@ -96,14 +96,22 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Lo
 
 // New returns an http.Server for h with the limits above; Serve wraps its
 // listener with the connection cap.
+//
+// Keep-alives are off: a connection serves one request and closes. With
+// them, a client that finished one request kept its slot for the idle
+// timeout, and for ever with a request a little more often than that
+// (issue 27), so 512 such clients held every slot and the kubelet's
+// probes timed out. The kubelet opens a connection per probe anyway;
+// Prometheus pays one TCP handshake per scrape.
 func New(h http.Handler, logger *slog.Logger) *http.Server {
-	return &http.Server{
+	srv := &http.Server{
 		Handler:           h,
 		MaxHeaderBytes:    MaxHeaderBytes,
 		ReadHeaderTimeout: ReadHeaderTimeout,
 		ReadTimeout:       ReadTimeout,
 		WriteTimeout:      WriteTimeout,
-		IdleTimeout:       IdleTimeout,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
+	srv.SetKeepAlivesEnabled(false)
+	return srv
 }

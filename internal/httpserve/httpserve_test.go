@@ -174,3 +174,40 @@ func rss(t *testing.T) int {
 	t.Fatal("no VmRSS in /proc/self/status")
 	return 0
 }
+
+// TestNoKeepAlive: a connection that finished a request cannot keep its
+// slot (issue 27: with a 30 s idle timeout, 512 clients each sending a
+// request every 29 s held every slot and the kubelet's probes timed out).
+// The server must close it once the response is written; with keep-alives
+// on, it stays open until the client's deadline (the test fails).
+func TestNoKeepAlive(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+	go Serve(t.Context(), ln, mux, nil)
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+	// Bounded by the header timeout: the slot is free by then.
+	c.SetReadDeadline(time.Now().Add(ReadHeaderTimeout))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !resp.Close {
+		t.Errorf("keep-alive request: %s, Connection: close = %v; want 200 and close", resp.Status, resp.Close)
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("after the response: read = %v, want EOF (closed by the server within %v)", err, ReadHeaderTimeout)
+	}
+}

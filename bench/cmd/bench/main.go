@@ -42,6 +42,8 @@ func main() {
 	failoverReps := flag.Int("failover-reps", 3, "trials per failover case and topology")
 	failoverWindow := flag.Duration("failover-window", time.Minute, "how long a failover trial waits for pings to ride a relay again (after the drain, for drain)")
 	failoverDrain := flag.Duration("failover-drain", 65*time.Second, "how long the drain case waits between the event and the SIGTERM")
+	abuseOnly := flag.Bool("abuse-only", false, "run only the abuse sections: the HTTP port's, the DERP port's and the UDP junk flood (and the sizes)")
+	abuseEnv := flag.String("abuse-env", "", "space-separated NAME=VALUE relay settings for the DERP abuse rows (e.g. 'TS_DERP_ACCEPT_RATE=100000' to see what the other limits hold)")
 	work := flag.String("work", "", "keep the nodes' state and logs in this directory (default: a temporary one, removed)")
 	flag.Parse()
 
@@ -57,7 +59,7 @@ func main() {
 		}
 		start := time.Now()
 		log.Printf("building relay, tailscaled and tailscale into %s", *binDir)
-		if err := bench.Build(ctx, *binDir, !*smoke && !*failoverOnly, log.Printf); err != nil {
+		if err := bench.Build(ctx, *binDir, !*smoke && !*failoverOnly && !*abuseOnly, log.Printf); err != nil {
 			log.Fatalf("bench: build: %v", err)
 		}
 		log.Printf("built in %v; running in new network namespaces", time.Since(start).Round(100*time.Millisecond))
@@ -81,6 +83,9 @@ func main() {
 		WorkDir:  *work,
 
 		FootprintOnly: *footprint,
+
+		AbuseOnly: *abuseOnly,
+		AbuseEnv:  strings.Fields(*abuseEnv),
 
 		NoFailover:     !*failover,
 		FailoverOnly:   *failoverOnly,

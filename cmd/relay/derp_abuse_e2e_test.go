@@ -1,0 +1,149 @@
+package main
+
+import (
+	"bufio"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
+)
+
+// TestRelayPortLimits attacks the real relay binary's public ports with
+// its DERP region on (issue 27): the DERP port answers an oversized header
+// with 431, closes the oldest unadmitted connection when one more than
+// TS_DERP_MAX_UNADMITTED arrives and counts it by reason; the health port closes a connection once its one
+// request is answered. derpregion's and httpserve's tests check each limit
+// in depth; this one checks the binary applies them, settings included.
+func TestRelayPortLimits(t *testing.T) {
+	bins := binaries(t)
+	control := tailnettest.StartControlForTest(t)
+	relayPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stunPort, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	derpAddr, err := tailnettest.FreeTCPAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const maxUnadmitted = 4
+	relay := startRelay(t, bins, "relay",
+		"TS_CONTROL_URL="+control.URL,
+		"TS_AUTHKEY="+control.AuthKey,
+		"TS_STATE_DIR="+t.TempDir(),
+		"TS_HOSTNAME=relay",
+		"TS_RELAY_SERVER_PORT="+strconv.Itoa(relayPort),
+		"TS_RELAY_SERVER_STATIC_ENDPOINTS=127.0.0.1:"+strconv.Itoa(relayPort),
+		"TS_DERP_PORT="+strconv.Itoa(int(netip.MustParseAddrPort(derpAddr).Port())),
+		"TS_STUN_PORT="+strconv.Itoa(stunPort),
+		"TS_DERP_MAX_UNADMITTED="+strconv.Itoa(maxUnadmitted),
+	)
+	waitReady(t, relay)
+
+	t.Run("health port: one request per connection", func(t *testing.T) {
+		c, err := net.Dial("tcp", relay.HTTPAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: keep-alive\r\n\r\n")
+		// Closed right after the answer; with keep-alives the connection
+		// would stay for the idle (or read) timeout, 10 s or more.
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if _, err := br.ReadByte(); err != io.EOF {
+			t.Errorf("health port after one answer: read = %v, want EOF (closed by the relay)", err)
+		}
+	})
+
+	t.Run("DERP port: oversized header", func(t *testing.T) {
+		c := tlsDial(t, netip.MustParseAddr("127.0.0.1"), derpAddr)
+		go fmt.Fprintf(c, "GET /derp HTTP/1.1\r\nHost: derp\r\nUpgrade: DERP\r\nX-Pad: %s", strings.Repeat("a", 64<<10))
+		// Before the relay's 5 s header timeout would end it silently.
+		c.SetReadDeadline(time.Now().Add(4 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("64 KiB header: %v, want 431", err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Errorf("64 KiB header: %s, want 431", resp.Status)
+		}
+	})
+
+	t.Run("DERP port: unadmitted cap", func(t *testing.T) {
+		held := make([]net.Conn, maxUnadmitted)
+		for i := range held {
+			c, err := dialFrom(netip.AddrFrom4([4]byte{127, 0, 1, byte(i + 1)}), derpAddr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			held[i] = c
+			err = tailnettest.WaitFor(t.Context(), 20*time.Millisecond, func() (bool, error) {
+				v, _ := tailnettest.MetricSum(relayMetrics(t, relay), "tsrelay_derp_unadmitted_connections")
+				return v == float64(i+1), nil
+			})
+			if err != nil {
+				t.Fatalf("held connection %d never counted: %v", i+1, err)
+			}
+		}
+		over, err := dialFrom(netip.AddrFrom4([4]byte{127, 0, 1, 100}), derpAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer over.Close()
+		// The oldest is closed at once to make room; without the cap, it
+		// would be held until the 5 s handshake timeout.
+		held[0].SetReadDeadline(time.Now().Add(4 * time.Second))
+		_, err = io.Copy(io.Discard, held[0])
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			t.Errorf("oldest connection with TS_DERP_MAX_UNADMITTED=%d reached: still open, want closed at once", maxUnadmitted)
+		}
+		if v, _ := tailnettest.MetricSum(relayMetrics(t, relay), "tsrelay_derp_connections_refused_total", "reason", "unadmitted_cap"); v < 1 {
+			t.Errorf("tsrelay_derp_connections_refused_total{reason=unadmitted_cap} = %v, want ≥ 1", v)
+		}
+	})
+}
+
+// dialFrom opens a TCP connection to addr from the loopback address src.
+func dialFrom(src netip.Addr, addr string) (net.Conn, error) {
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: src.AsSlice()}, Timeout: 10 * time.Second}
+	return d.Dial("tcp", addr)
+}
+
+// tlsDial is dialFrom with a TLS handshake (the relay's self-signed
+// certificate is not checked: the test is not a DERP client).
+func tlsDial(t *testing.T, src netip.Addr, addr string) *tls.Conn {
+	t.Helper()
+	c, err := dialFrom(src, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	tc := tls.Client(c, &tls.Config{InsecureSkipVerify: true})
+	tc.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := tc.Handshake(); err != nil {
+		t.Fatalf("TLS handshake: %v", err)
+	}
+	tc.SetDeadline(time.Time{})
+	return tc
+}
