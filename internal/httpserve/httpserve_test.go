@@ -40,10 +40,12 @@ func TestAbuse(t *testing.T) {
 	go func() { served <- Serve(ctx, ln, mux, nil) }()
 	addr := ln.Addr().String()
 
-	healthz := func(what string, within time.Duration) {
+	// healthz fetches /healthz and fails the test unless it is answered
+	// 200 before the deadline (a bound against hanging, not a timing
+	// claim: what must not happen is asserted by the callers).
+	healthz := func(what string, deadline time.Duration) {
 		t.Helper()
-		start := time.Now()
-		c := &http.Client{Timeout: within + 5*time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		c := &http.Client{Timeout: deadline, Transport: &http.Transport{DisableKeepAlives: true}}
 		resp, err := c.Get("http://" + addr + "/healthz")
 		if err != nil {
 			t.Fatalf("/healthz %s: %v", what, err)
@@ -52,11 +54,8 @@ func TestAbuse(t *testing.T) {
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("/healthz %s: %s", what, resp.Status)
 		}
-		if d := time.Since(start); d > within {
-			t.Errorf("/healthz %s took %v, want under %v", what, d, within)
-		}
 	}
-	healthz("before", time.Second)
+	healthz("before", 10*time.Second)
 	base := rss(t)
 	checkMemory := func(what string) {
 		t.Helper()
@@ -69,10 +68,16 @@ func TestAbuse(t *testing.T) {
 
 	// Held, under the cap: a header just under the limit, never finished.
 	under := MaxConns - 64
-	closeAll := hold(t, addr, under, MaxHeaderBytes-200)
-	healthz(fmt.Sprintf("with %d unfinished headers held", under), time.Second)
+	held := hold(t, addr, under, MaxHeaderBytes-200)
+	healthz(fmt.Sprintf("with %d unfinished headers held", under), 10*time.Second)
+	// Answered without waiting for a held connection to time out (the
+	// kubelet's probe gives it 1 s, less than ReadHeaderTimeout): every
+	// held one is still open.
+	if open := held.stillOpen(); open != under {
+		t.Errorf("/healthz with %d unfinished headers held was answered only after %d of them were closed: it waited for their slots", under, under-open)
+	}
 	checkMemory(fmt.Sprintf("with %d unfinished headers held", under))
-	closeAll()
+	held.closeAll()
 
 	// Oversized: 1 MB of header each, all at once; the server must refuse
 	// them (431) rather than buffer them.
@@ -102,7 +107,7 @@ func TestAbuse(t *testing.T) {
 			statuses <- strconv.Itoa(resp.StatusCode)
 		})
 	}
-	healthz(fmt.Sprintf("while %d connections send 1 MB headers", oversized), time.Second)
+	healthz(fmt.Sprintf("while %d connections send 1 MB headers", oversized), 10*time.Second)
 	wg.Wait()
 	close(statuses)
 	for s := range statuses {
@@ -116,10 +121,10 @@ func TestAbuse(t *testing.T) {
 	// Over the cap: twice MaxConns held. The ones past the cap wait in
 	// the accept queue and cost nothing; a probe queued behind them waits
 	// for a ReadHeaderTimeout per MaxConns connections ahead of it.
-	closeAll = hold(t, addr, 2*MaxConns, MaxHeaderBytes-200)
-	healthz(fmt.Sprintf("with %d unfinished headers, over the cap", 2*MaxConns), 2*ReadHeaderTimeout+time.Second)
+	held = hold(t, addr, 2*MaxConns, MaxHeaderBytes-200)
+	healthz(fmt.Sprintf("with %d unfinished headers, over the cap", 2*MaxConns), 10*ReadHeaderTimeout)
 	checkMemory(fmt.Sprintf("with %d unfinished headers, over the cap", 2*MaxConns))
-	closeAll()
+	held.closeAll()
 
 	cancel()
 	if err := <-served; err != context.Canceled {
@@ -127,30 +132,53 @@ func TestAbuse(t *testing.T) {
 	}
 }
 
+// held is a set of connections each holding an unfinished header.
+type held struct {
+	conns []net.Conn
+}
+
 // hold opens n connections to addr that each send pad bytes of an
-// unfinished header, and returns a function that closes them.
-func hold(t *testing.T, addr string, n, pad int) (closeAll func()) {
+// unfinished header; the test's cleanup closes them.
+func hold(t *testing.T, addr string, n, pad int) *held {
 	t.Helper()
 	header := "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + strings.Repeat("a", pad)
-	conns := make([]net.Conn, 0, n)
-	closeAll = func() {
-		for _, c := range conns {
-			c.Close()
-		}
-		conns = nil
-	}
-	t.Cleanup(closeAll)
+	h := &held{conns: make([]net.Conn, 0, n)}
+	t.Cleanup(h.closeAll)
 	for i := range n {
 		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			t.Fatalf("dial %d: %v", i, err)
 		}
-		conns = append(conns, c)
+		h.conns = append(h.conns, c)
 		if _, err := io.WriteString(c, header); err != nil {
 			t.Fatalf("write %d: %v", i, err)
 		}
 	}
-	return closeAll
+	return h
+}
+
+// stillOpen counts the connections the server has not closed: a read
+// that times out at once finds the connection open, EOF or a reset finds
+// it closed.
+func (h *held) stillOpen() int {
+	open := 0
+	for _, c := range h.conns {
+		c.SetReadDeadline(time.Now().Add(time.Millisecond))
+		var b [1]byte
+		_, err := c.Read(b[:])
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			open++
+		}
+	}
+	return open
+}
+
+// closeAll closes the connections.
+func (h *held) closeAll() {
+	for _, c := range h.conns {
+		c.Close()
+	}
+	h.conns = nil
 }
 
 // rss returns the process's resident set size: client and server side both,
