@@ -302,8 +302,9 @@ func TestRelayKeylessHostileControl(t *testing.T) {
 	}
 
 	before := contacted.Load()
-	relay := start("relay-placeholder", fmt.Sprintf("http://127.0.0.1:%d", port), jwt("tsrelay.invalid/set-the-credential-audience"))
-	waitUnready(t, relay, "keyless login: the ID token's audience is components/keyless's placeholder")
+	const keylessPlaceholderAudience = "tsrelay.invalid/set-the-credential-audience" // components/keyless's
+	relay := start("relay-placeholder", fmt.Sprintf("http://127.0.0.1:%d", port), jwt(keylessPlaceholderAudience))
+	waitUnready(t, relay, "keyless login: the ID token's audience "+keylessPlaceholderAudience+" is a placeholder")
 	if n := contacted.Load() - before; n != 0 {
 		t.Errorf("a token with the placeholder audience was sent to the control server (%d requests)", n)
 	}
