@@ -1,17 +1,12 @@
 package kubecluster
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/pem"
-	"fmt"
-	"math/big"
 	"os"
 	"path/filepath"
-	"time"
+
+	"github.com/tsrelay/tsrelay/internal/kubetest"
 )
 
 // kubeletClientPKI are the files through which the API server reaches the
@@ -28,47 +23,17 @@ func writeKubeletClientPKI(dir string) (kubeletClientPKI, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return p, err
 	}
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca, err := kubetest.NewCA("kubelet-client-ca")
 	if err != nil {
-		return p, fmt.Errorf("kubelet client CA key: %w", err)
+		return p, err
 	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "kubelet-client-ca"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	cert, key, err := ca.Issue(x509.Certificate{
+		Subject:     pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
 	if err != nil {
-		return p, fmt.Errorf("kubelet client CA: %w", err)
-	}
-	ca, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		return p, fmt.Errorf("kubelet client CA: %w", err)
-	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return p, fmt.Errorf("kubelet client key: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		return p, fmt.Errorf("kubelet client certificate: %w", err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return p, fmt.Errorf("kubelet client key: %w", err)
+		return p, err
 	}
 	p = kubeletClientPKI{
 		caFile:     filepath.Join(dir, "kubelet-client-ca.crt"),
@@ -76,9 +41,9 @@ func writeKubeletClientPKI(dir string) (kubeletClientPKI, error) {
 		clientKey:  filepath.Join(dir, "kubelet-client.key"),
 	}
 	for path, data := range map[string][]byte{
-		p.caFile:     pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
-		p.clientCert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		p.clientKey:  pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
+		p.caFile:     ca.PEM,
+		p.clientCert: cert,
+		p.clientKey:  key,
 	} {
 		if err := os.WriteFile(path, data, 0o600); err != nil {
 			return p, err
