@@ -651,7 +651,10 @@ func (e *testEnv) uninstall(t *testing.T, ex example, kustomization string) {
 	if t.Failed() {
 		out, _ := e.c.Kubectl(ctx, "-n", ns, "get", "all", "-o", "wide")
 		events, _ := e.c.Kubectl(ctx, "-n", ns, "get", "events", "--field-selector=type=Warning")
-		t.Logf("%s at failure:\n%s\nWarning events:\n%s", ns, out, events)
+		// The relays' own view: a path that never moved onto a relay is
+		// told apart from the laptops' side only here.
+		logs, _ := e.c.Kubectl(ctx, "-n", ns, "logs", "-l", "app.kubernetes.io/name=tsrelay", "--prefix", "--tail=40")
+		t.Logf("%s at failure:\n%s\nWarning events:\n%s\nRelay logs:\n%s", ns, out, events, logs)
 	}
 	if out, err := e.c.Kubectl(ctx, "delete", "-k", kustomization, "--wait=true", "--ignore-not-found"); err != nil {
 		t.Errorf("%v", err)
