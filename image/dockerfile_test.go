@@ -2,7 +2,6 @@ package image_test
 
 import (
 	"encoding/json"
-	"fmt"
 	"go/version"
 	"os"
 	"os/exec"
@@ -11,21 +10,15 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/tsrelay/tsrelay/internal/dockerfile"
 )
 
 // Debian 12 packages no Dockerfile linter (no hadolint), so these tests
 // read the Dockerfile for what the image promises instead.
 
-// instruction is one Dockerfile instruction, continuation lines joined.
-type instruction struct {
-	line int    // where it starts, 1-based
-	cmd  string // upper case: FROM, RUN, ...
-	args string
-}
-
-func (in instruction) String() string {
-	return fmt.Sprintf("%s %s (line %d)", in.cmd, in.args, in.line)
-}
+// instruction is one Dockerfile instruction.
+type instruction = dockerfile.Instruction
 
 // stage is one FROM and the instructions after it.
 type stage struct {
@@ -37,7 +30,7 @@ type stage struct {
 func (s stage) find(cmd string) []instruction {
 	var out []instruction
 	for _, in := range s.instr {
-		if in.cmd == cmd {
+		if in.Cmd == cmd {
 			out = append(out, in)
 		}
 	}
@@ -49,33 +42,19 @@ func (s stage) find(cmd string) []instruction {
 // directives and backslash continuations, which is all this Dockerfile uses.
 func parseDockerfile(t *testing.T, text string) (global []instruction, stages []stage) {
 	t.Helper()
-	var cur *instruction
-	for i, line := range strings.Split(text, "\n") {
-		trimmed := strings.TrimSpace(line)
-		if strings.HasPrefix(trimmed, "#") || (cur == nil && trimmed == "") {
-			continue
-		}
-		if cur == nil {
-			cmd, args, _ := strings.Cut(trimmed, " ")
-			cur = &instruction{line: i + 1, cmd: strings.ToUpper(cmd)}
-			trimmed = args
-		}
-		args, more := strings.CutSuffix(trimmed, `\`)
-		cur.args = strings.TrimSpace(cur.args + " " + strings.TrimSpace(args))
-		if more {
-			continue
-		}
-		if cur.cmd == "FROM" {
-			stages = append(stages, stage{from: *cur})
-		} else if len(stages) == 0 {
-			global = append(global, *cur)
-		} else {
-			stages[len(stages)-1].instr = append(stages[len(stages)-1].instr, *cur)
-		}
-		cur = nil
+	all, err := dockerfile.Parse(text)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if cur != nil {
-		t.Fatalf("Dockerfile line %d: instruction continues past the end", cur.line)
+	for _, in := range all {
+		switch {
+		case in.Cmd == "FROM":
+			stages = append(stages, stage{from: in})
+		case len(stages) == 0:
+			global = append(global, in)
+		default:
+			stages[len(stages)-1].instr = append(stages[len(stages)-1].instr, in)
+		}
 	}
 	return global, stages
 }
@@ -84,10 +63,10 @@ func parseDockerfile(t *testing.T, text string) (global []instruction, stages []
 func argNames(ins []instruction) map[string]string {
 	names := map[string]string{}
 	for _, in := range ins {
-		if in.cmd != "ARG" {
+		if in.Cmd != "ARG" {
 			continue
 		}
-		for f := range strings.FieldsSeq(in.args) {
+		for f := range strings.FieldsSeq(in.Args) {
 			name, def, _ := strings.Cut(f, "=")
 			names[name] = def
 		}
@@ -107,13 +86,13 @@ func TestDockerfile(t *testing.T) {
 	build, final := stages[0], stages[1]
 
 	// The build stage cross-compiles on the build machine's platform.
-	if !strings.HasPrefix(build.from.args, "--platform=$BUILDPLATFORM ") {
-		t.Errorf("line %d: FROM %s; want FROM --platform=$BUILDPLATFORM …, to cross-compile instead of emulating", build.from.line, build.from.args)
+	if !strings.HasPrefix(build.from.Args, "--platform=$BUILDPLATFORM ") {
+		t.Errorf("line %d: FROM %s; want FROM --platform=$BUILDPLATFORM …, to cross-compile instead of emulating", build.from.Line, build.from.Args)
 	}
 	// Its Go can build this module: the golang image sets GOTOOLCHAIN=local.
 	goVersion := argNames(global)["GO_VERSION"]
-	if !strings.Contains(build.from.args, "golang:${GO_VERSION}") || goVersion == "" {
-		t.Errorf("line %d: FROM %s; want golang:${GO_VERSION}-… with a global ARG GO_VERSION=…", build.from.line, build.from.args)
+	if !strings.Contains(build.from.Args, "golang:${GO_VERSION}") || goVersion == "" {
+		t.Errorf("line %d: FROM %s; want golang:${GO_VERSION}-… with a global ARG GO_VERSION=…", build.from.Line, build.from.Args)
 	}
 	if want := goModGo(t); version.Compare("go"+goVersion, "go"+want) < 0 {
 		t.Errorf("Dockerfile GO_VERSION=%s is older than go.mod's go %s; the build would refuse", goVersion, want)
@@ -126,8 +105,8 @@ func TestDockerfile(t *testing.T) {
 	}
 	var goBuild string
 	for _, in := range build.find("RUN") {
-		if strings.Contains(in.args, "go build") {
-			goBuild = in.args
+		if strings.Contains(in.Args, "go build") {
+			goBuild = in.Args
 		}
 	}
 	// The flags TestStaticBinary builds with, and the Makefile's LDFLAGS.
@@ -145,31 +124,31 @@ func TestDockerfile(t *testing.T) {
 
 	// The final image: an empty base, the binary and the CA bundle, a
 	// numeric non-root user, the binary as entrypoint.
-	if final.from.args != "scratch" {
-		t.Errorf("line %d: final FROM %s, want scratch", final.from.line, final.from.args)
+	if final.from.Args != "scratch" {
+		t.Errorf("line %d: final FROM %s, want scratch", final.from.Line, final.from.Args)
 	}
 	var copied []string
 	for _, in := range final.instr {
-		switch in.cmd {
+		switch in.Cmd {
 		case "COPY":
-			f := strings.Fields(in.args)
+			f := strings.Fields(in.Args)
 			if !slices.Contains(f, "--from=build") {
-				t.Errorf("line %d: COPY %s; the final image takes files from the build stage only", in.line, in.args)
+				t.Errorf("line %d: COPY %s; the final image takes files from the build stage only", in.Line, in.Args)
 			}
 			copied = append(copied, f[len(f)-1])
 		case "ARG", "LABEL", "USER", "EXPOSE", "ENTRYPOINT":
 		default:
-			t.Errorf("line %d: %s in the final image; scratch has no shell, and the image holds only the binary and the CA bundle", in.line, in.cmd)
+			t.Errorf("line %d: %s in the final image; scratch has no shell, and the image holds only the binary and the CA bundle", in.Line, in.Cmd)
 		}
 	}
 	slices.Sort(copied)
 	if want := []string{caBundle, "/relay"}; !slices.Equal(copied, want) {
 		t.Errorf("the final image gets %q, want %q", copied, want)
 	}
-	if u := final.find("USER"); len(u) != 1 || u[0].args != "65532:65532" {
+	if u := final.find("USER"); len(u) != 1 || u[0].Args != "65532:65532" {
 		t.Errorf("final image: %v, want one USER 65532:65532", u)
 	}
-	if e := final.find("ENTRYPOINT"); len(e) != 1 || !isExecForm(e[0].args, "/relay") {
+	if e := final.find("ENTRYPOINT"); len(e) != 1 || !isExecForm(e[0].Args, "/relay") {
 		t.Errorf(`final image: %v, want one ENTRYPOINT ["/relay"] (exec form: there is no shell)`, e)
 	}
 	if _, ok := argNames(final.instr)["VERSION"]; !ok {
@@ -177,7 +156,7 @@ func TestDockerfile(t *testing.T) {
 	}
 	labels := map[string]string{}
 	for _, in := range final.find("LABEL") {
-		for _, m := range regexp.MustCompile(`([\w.-]+)="([^"]*)"`).FindAllStringSubmatch(in.args, -1) {
+		for _, m := range regexp.MustCompile(`([\w.-]+)="([^"]*)"`).FindAllStringSubmatch(in.Args, -1) {
 			labels[m[1]] = m[2]
 		}
 	}

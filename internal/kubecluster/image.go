@@ -19,6 +19,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/tsrelay/tsrelay/internal/dockerfile"
 )
 
 // Image is a single-layer container image: what a Dockerfile that starts
@@ -192,16 +194,16 @@ func RelayImage(ctx context.Context, root, binDir, ref, version string) (Image, 
 	img := Image{Ref: ref, Labels: map[string]string{}}
 	vars := map[string]string{"VERSION": version}
 	for _, in := range final {
-		switch in.cmd {
+		switch in.Cmd {
 		case "ARG":
 		case "COPY":
-			f := strings.Fields(in.args)
+			f := strings.Fields(in.Args)
 			if len(f) != 3 || f[0] != "--from=build" {
-				return Image{}, fmt.Errorf("relay image: Dockerfile line %d: COPY %s; want COPY --from=build SRC DST", in.line, in.args)
+				return Image{}, fmt.Errorf("relay image: Dockerfile line %d: COPY %s; want COPY --from=build SRC DST", in.Line, in.Args)
 			}
 			src, ok := sources[f[1]]
 			if !ok {
-				return Image{}, fmt.Errorf("relay image: Dockerfile line %d copies %s, which this harness does not know how to make", in.line, f[1])
+				return Image{}, fmt.Errorf("relay image: Dockerfile line %d copies %s, which this harness does not know how to make", in.Line, f[1])
 			}
 			data, err := os.ReadFile(src)
 			if err != nil {
@@ -213,19 +215,19 @@ func RelayImage(ctx context.Context, root, binDir, ref, version string) (Image, 
 			}
 			img.Files = append(img.Files, ImageFile{Path: f[2], Mode: mode, Data: data})
 		case "USER":
-			img.User = in.args
+			img.User = in.Args
 		case "EXPOSE":
-			img.ExposedPorts = append(img.ExposedPorts, strings.Fields(in.args)...)
+			img.ExposedPorts = append(img.ExposedPorts, strings.Fields(in.Args)...)
 		case "ENTRYPOINT":
-			if err := json.Unmarshal([]byte(in.args), &img.Entrypoint); err != nil {
-				return Image{}, fmt.Errorf("relay image: Dockerfile line %d: ENTRYPOINT %s is not in exec form: %w", in.line, in.args, err)
+			if err := json.Unmarshal([]byte(in.Args), &img.Entrypoint); err != nil {
+				return Image{}, fmt.Errorf("relay image: Dockerfile line %d: ENTRYPOINT %s is not in exec form: %w", in.Line, in.Args, err)
 			}
 		case "LABEL":
-			for _, m := range labelRE.FindAllStringSubmatch(in.args, -1) {
+			for _, m := range labelRE.FindAllStringSubmatch(in.Args, -1) {
 				img.Labels[m[1]] = os.Expand(m[2], func(k string) string { return vars[k] })
 			}
 		default:
-			return Image{}, fmt.Errorf("relay image: Dockerfile line %d: %s in the final stage, which this harness does not model", in.line, in.cmd)
+			return Image{}, fmt.Errorf("relay image: Dockerfile line %d: %s in the final stage, which this harness does not model", in.Line, in.Cmd)
 		}
 	}
 	if len(img.Files) == 0 || len(img.Entrypoint) == 0 {
@@ -236,46 +238,24 @@ func RelayImage(ctx context.Context, root, binDir, ref, version string) (Image, 
 
 var labelRE = regexp.MustCompile(`([\w.-]+)="([^"]*)"`)
 
-// instruction is one Dockerfile instruction, continuation lines joined.
-type instruction struct {
-	line int    // where it starts, 1-based
-	cmd  string // upper case
-	args string
-}
-
 // finalStage returns the instructions after the Dockerfile's last FROM,
 // which must be FROM scratch.
-func finalStage(text string) ([]instruction, error) {
-	var all []instruction
-	var cur *instruction
-	for i, line := range strings.Split(text, "\n") {
-		trimmed := strings.TrimSpace(line)
-		if strings.HasPrefix(trimmed, "#") || (cur == nil && trimmed == "") {
-			continue
-		}
-		if cur == nil {
-			cmd, args, _ := strings.Cut(trimmed, " ")
-			cur = &instruction{line: i + 1, cmd: strings.ToUpper(cmd)}
-			trimmed = args
-		}
-		args, more := strings.CutSuffix(trimmed, `\`)
-		cur.args = strings.TrimSpace(cur.args + " " + strings.TrimSpace(args))
-		if !more {
-			all = append(all, *cur)
-			cur = nil
-		}
+func finalStage(text string) ([]dockerfile.Instruction, error) {
+	all, err := dockerfile.Parse(text)
+	if err != nil {
+		return nil, err
 	}
 	last := -1
 	for i, in := range all {
-		if in.cmd == "FROM" {
+		if in.Cmd == "FROM" {
 			last = i
 		}
 	}
 	if last < 0 {
 		return nil, errors.New("no FROM")
 	}
-	if all[last].args != "scratch" {
-		return nil, fmt.Errorf("line %d: the final stage is FROM %s; this harness builds images FROM scratch only", all[last].line, all[last].args)
+	if all[last].Args != "scratch" {
+		return nil, fmt.Errorf("line %d: the final stage is FROM %s; this harness builds images FROM scratch only", all[last].Line, all[last].Args)
 	}
 	return all[last+1:], nil
 }
