@@ -26,30 +26,16 @@ import (
 func TestRelayPortLimits(t *testing.T) {
 	bins := binaries(t)
 	control := tailnettest.StartControlForTest(t)
-	relayPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stunPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	derpAddr, err := tailnettest.FreeTCPAddr()
-	if err != nil {
-		t.Fatal(err)
-	}
+	ports := freeDERPRelayPorts(t)
+	derpAddr := ports.derpAddr
 	const maxUnadmitted = 4
-	relay := startRelay(t, bins, "relay",
+	relay := startRelay(t, bins, "relay", append(ports.env(),
 		"TS_CONTROL_URL="+control.URL,
 		"TS_AUTHKEY="+control.AuthKey,
 		"TS_STATE_DIR="+t.TempDir(),
 		"TS_HOSTNAME=relay",
-		"TS_RELAY_SERVER_PORT="+strconv.Itoa(relayPort),
-		"TS_RELAY_SERVER_STATIC_ENDPOINTS=127.0.0.1:"+strconv.Itoa(relayPort),
-		"TS_DERP_PORT="+strconv.Itoa(int(netip.MustParseAddrPort(derpAddr).Port())),
-		"TS_STUN_PORT="+strconv.Itoa(stunPort),
 		"TS_DERP_MAX_UNADMITTED="+strconv.Itoa(maxUnadmitted),
-	)
+	)...)
 	waitReady(t, relay)
 
 	t.Run("health port: one request per connection", func(t *testing.T) {

@@ -33,40 +33,11 @@ func TestRelayDERPRegion(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 
-	relayPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stunPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	derpAddr, err := tailnettest.FreeTCPAddr()
-	if err != nil {
-		t.Fatal(err)
-	}
-	derpPort := int(netip.MustParseAddrPort(derpAddr).Port())
-
-	// The relay's certificate, made where the relay keeps it
-	// (TS_STATE_DIR/tsrelay-derp.json), so that the test control's derpMap
-	// can pin it before the relay first starts.
+	ports := freeDERPRelayPorts(t)
+	// The relay's certificate, made where the relay keeps it, so that the
+	// test control's derpMap can pin it before the relay first starts.
 	stateDir := t.TempDir()
-	st, err := store.NewFileStore(t.Logf, filepath.Join(stateDir, "tsrelay-derp.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := derpregion.SelfSigned(st, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	region, err := derpregion.Region(derpregion.RegionOptions{
-		RegionID: derpregion.DefaultRegionID, RegionCode: derpregion.DefaultRegionCode, Cert: cert,
-		Addrs:    []netip.Addr{netip.MustParseAddr("127.0.0.1")},
-		DERPPort: derpPort, STUNPort: stunPort,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	region, _ := pinnedRegion(t, stateDir, ports)
 	control, err := tailnettest.StartControlWith(netip.MustParseAddr("127.0.0.1"), t.Logf, tailnettest.ControlOptions{
 		Delay:   25 * time.Millisecond,
 		Regions: []*tailcfg.DERPRegion{region},
@@ -76,16 +47,12 @@ func TestRelayDERPRegion(t *testing.T) {
 	}
 	t.Cleanup(control.Close)
 
-	relay := startRelay(t, bins, "relay",
+	relay := startRelay(t, bins, "relay", append(ports.env(),
 		"TS_CONTROL_URL="+control.URL,
 		"TS_AUTHKEY="+control.AuthKey,
 		"TS_STATE_DIR="+stateDir,
 		"TS_HOSTNAME=relay",
-		"TS_RELAY_SERVER_PORT="+strconv.Itoa(relayPort),
-		"TS_RELAY_SERVER_STATIC_ENDPOINTS=127.0.0.1:"+strconv.Itoa(relayPort),
-		"TS_DERP_PORT="+strconv.Itoa(derpPort),
-		"TS_STUN_PORT="+strconv.Itoa(stunPort),
-	)
+	)...)
 	waitReady(t, relay)
 	a, ipB := startLaptops(t, bins, control)
 
@@ -128,7 +95,7 @@ func TestRelayDERPRegion(t *testing.T) {
 	t.Logf("tailscale ping from a to b:\n%s", out)
 	// The relay may be reached on any address it discovered; its port says
 	// it is this relay.
-	if want := ":" + strconv.Itoa(relayPort) + ":vni:"; !strings.Contains(string(out), "via peer-relay(") || !strings.Contains(string(out), want) {
+	if want := ":" + strconv.Itoa(ports.relay) + ":vni:"; !strings.Contains(string(out), "via peer-relay(") || !strings.Contains(string(out), want) {
 		t.Errorf("no pong via peer-relay(…%s…) after the first", want)
 	}
 
@@ -168,4 +135,66 @@ func TestRelayDERPRegion(t *testing.T) {
 	if want := (tailcfg.DERPMap{Regions: map[int]*tailcfg.DERPRegion{region.RegionID: region}}); !reflect.DeepEqual(got, want) {
 		t.Errorf("relay derpmap printed\n%s\nwant the region control serves: %+v", printed, region.Nodes[0])
 	}
+}
+
+// derpRelayPorts are free ports on 127.0.0.1 for a relay with its DERP
+// region on.
+type derpRelayPorts struct {
+	relay, stun int    // UDP
+	derp        int    // TCP
+	derpAddr    string // 127.0.0.1:derp
+}
+
+// freeDERPRelayPorts picks the ports.
+func freeDERPRelayPorts(t *testing.T) derpRelayPorts {
+	t.Helper()
+	var p derpRelayPorts
+	var err error
+	if p.relay, err = tailnettest.FreeUDPPort(); err != nil {
+		t.Fatal(err)
+	}
+	if p.stun, err = tailnettest.FreeUDPPort(); err != nil {
+		t.Fatal(err)
+	}
+	if p.derpAddr, err = tailnettest.FreeTCPAddr(); err != nil {
+		t.Fatal(err)
+	}
+	p.derp = int(netip.MustParseAddrPort(p.derpAddr).Port())
+	return p
+}
+
+// env is the relay's settings for the ports: the relay port with its
+// static endpoint on 127.0.0.1, and the DERP and STUN ports.
+func (p derpRelayPorts) env() []string {
+	return []string{
+		"TS_RELAY_SERVER_PORT=" + strconv.Itoa(p.relay),
+		"TS_RELAY_SERVER_STATIC_ENDPOINTS=127.0.0.1:" + strconv.Itoa(p.relay),
+		"TS_DERP_PORT=" + strconv.Itoa(p.derp),
+		"TS_STUN_PORT=" + strconv.Itoa(p.stun),
+	}
+}
+
+// pinnedRegion makes the DERP region's self-signed certificate where a
+// relay with TS_STATE_DIR=stateDir keeps it (tsrelay-derp.json), and
+// returns the derpMap region that pins it at 127.0.0.1 on ports, with the
+// certificate.
+func pinnedRegion(t *testing.T, stateDir string, ports derpRelayPorts) (*tailcfg.DERPRegion, *derpregion.Cert) {
+	t.Helper()
+	st, err := store.NewFileStore(t.Logf, filepath.Join(stateDir, "tsrelay-derp.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := derpregion.SelfSigned(st, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	region, err := derpregion.Region(derpregion.RegionOptions{
+		RegionID: derpregion.DefaultRegionID, RegionCode: derpregion.DefaultRegionCode, Cert: cert,
+		Addrs:    []netip.Addr{netip.MustParseAddr("127.0.0.1")},
+		DERPPort: ports.derp, STUNPort: ports.stun,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return region, cert
 }

@@ -5,14 +5,11 @@ import (
 	"encoding/json"
 	"net/netip"
 	"os/exec"
-	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	"tailscale.com/ipn/store"
 	"tailscale.com/tailcfg"
 
 	"github.com/tsrelay/tsrelay/derpregion"
@@ -29,38 +26,10 @@ func TestRelayDERPPinChanged(t *testing.T) {
 	bins := binaries(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	relayPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stunPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	derpAddr, err := tailnettest.FreeTCPAddr()
-	if err != nil {
-		t.Fatal(err)
-	}
-	derpPort := int(netip.MustParseAddrPort(derpAddr).Port())
-
+	ports := freeDERPRelayPorts(t)
 	// The certificate of the relay's first life, which the policy pins;
 	// its state is then gone (the reset).
-	st, err := store.NewFileStore(t.Logf, filepath.Join(t.TempDir(), "tsrelay-derp.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	old, err := derpregion.SelfSigned(st, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	region, err := derpregion.Region(derpregion.RegionOptions{
-		RegionID: derpregion.DefaultRegionID, RegionCode: derpregion.DefaultRegionCode, Cert: old,
-		Addrs:    []netip.Addr{netip.MustParseAddr("127.0.0.1")},
-		DERPPort: derpPort, STUNPort: stunPort,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	region, old := pinnedRegion(t, t.TempDir(), ports)
 	control, err := tailnettest.StartControlWith(netip.MustParseAddr("127.0.0.1"), t.Logf, tailnettest.ControlOptions{
 		Regions: []*tailcfg.DERPRegion{region},
 	})
@@ -69,15 +38,11 @@ func TestRelayDERPPinChanged(t *testing.T) {
 	}
 	t.Cleanup(control.Close)
 
-	relay := startRelay(t, bins, "relay",
+	relay := startRelay(t, bins, "relay", append(ports.env(),
 		"TS_CONTROL_URL="+control.URL,
 		"TS_AUTHKEY="+control.AuthKey,
 		"TS_STATE_DIR="+t.TempDir(), // the reset: no old state, so a new certificate
-		"TS_RELAY_SERVER_PORT="+strconv.Itoa(relayPort),
-		"TS_RELAY_SERVER_STATIC_ENDPOINTS=127.0.0.1:"+strconv.Itoa(relayPort),
-		"TS_DERP_PORT="+strconv.Itoa(derpPort),
-		"TS_STUN_PORT="+strconv.Itoa(stunPort),
-	)
+	)...)
 	waitReady(t, relay)
 	var served, pinned string
 	var warnings []string
