@@ -190,17 +190,17 @@ func newStore(ctx context.Context, logger *slog.Logger, client dynamic.ResourceI
 
 	obj, created, err := s.getOrCreate(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("kube state secret %s: %w", s.ref(), err)
+		return nil, fmt.Errorf("kube state secret %s: %w", s.Ref(), err)
 	}
 	foreign, err := s.adopt(obj)
 	if err != nil {
-		return nil, fmt.Errorf("kube state secret %s: load: %w", s.ref(), err)
+		return nil, fmt.Errorf("kube state secret %s: load: %w", s.Ref(), err)
 	}
 	// Prove the update permission with an Update that changes nothing, so
 	// that a Role without it fails here and not at the first login, when
 	// losing the write would lose the new node key.
 	if err := s.commit(ctx, nil); err != nil {
-		return nil, fmt.Errorf("kube state secret %s: check update permission: %w", s.ref(), err)
+		return nil, fmt.Errorf("kube state secret %s: check update permission: %w", s.Ref(), err)
 	}
 	s.memMu.RLock()
 	keys, size := len(s.mem), 0
@@ -208,13 +208,17 @@ func newStore(ctx context.Context, logger *slog.Logger, client dynamic.ResourceI
 		size += len(v)
 	}
 	s.memMu.RUnlock()
-	s.logger.Info("kube state loaded", "secret", s.ref(), "created", created,
+	s.logger.Info("kube state loaded", "secret", s.Ref(), "created", created,
 		"keys", keys, "bytes", size, "foreign_keys", foreign)
 	return s, nil
 }
 
 // String returns "kube:<namespace>/<name>".
-func (s *Store) String() string { return "kube:" + s.ref() }
+func (s *Store) String() string { return "kube:" + s.Ref() }
+
+// Ref returns the Secret as "<namespace>/<name>", the form people read in
+// Events, logs, /readyz and metric labels.
+func (s *Store) Ref() string { return s.namespace + "/" + s.name }
 
 // Stats returns the Store's counters.
 func (s *Store) Stats() Stats {
@@ -258,8 +262,8 @@ func (s *Store) WriteState(id ipn.StateKey, bs []byte) error {
 	if err := s.writeState(id, bs); err != nil {
 		s.failures.Add(1)
 		// Only the key name and the size: values hold private keys.
-		s.logger.Warn("kube state write failed", "secret", s.ref(), "key", string(id), "bytes", len(bs), "err", err)
-		return fmt.Errorf("kube state secret %s: write key %q (%d bytes): %w", s.ref(), id, len(bs), err)
+		s.logger.Warn("kube state write failed", "secret", s.Ref(), "key", string(id), "bytes", len(bs), "err", err)
+		return fmt.Errorf("kube state secret %s: write key %q (%d bytes): %w", s.Ref(), id, len(bs), err)
 	}
 	return nil
 }
@@ -294,7 +298,7 @@ func (s *Store) writeState(id ipn.StateKey, bs []byte) error {
 		return fmt.Errorf("%w (kept in memory; written again in the background)", err)
 	}
 	s.writes.Add(1)
-	s.logger.Debug("kube state written", "secret", s.ref(), "key", string(id), "bytes", len(bs), "deleted", bs == nil)
+	s.logger.Debug("kube state written", "secret", s.Ref(), "key", string(id), "bytes", len(bs), "deleted", bs == nil)
 	return nil
 }
 
@@ -330,7 +334,7 @@ func (s *Store) commitPending(ctx context.Context) error {
 	if err == nil {
 		clear(s.pending)
 		if !s.since.IsZero() {
-			s.logger.Info("kube state caught up: the secret holds every write again", "secret", s.ref(),
+			s.logger.Info("kube state caught up: the secret holds every write again", "secret", s.Ref(),
 				"unpersisted_for", time.Since(s.since).Round(time.Millisecond))
 			s.since = time.Time{}
 		}
@@ -345,7 +349,7 @@ func (s *Store) markPending() {
 	if s.since.IsZero() {
 		s.since = time.Now()
 		s.logger.Warn("kube state not persisted; will write it again when the API server answers",
-			"secret", s.ref(), "keys", len(s.pending))
+			"secret", s.Ref(), "keys", len(s.pending))
 	}
 	s.syncMem()
 	select {
@@ -405,7 +409,7 @@ func (s *Store) Run(ctx context.Context) error {
 		}
 		if err := s.retryPending(ctx); err != nil {
 			s.retries.Add(1)
-			s.logger.Debug("kube state rewrite failed", "secret", s.ref(), "err", err, "next", pause)
+			s.logger.Debug("kube state rewrite failed", "secret", s.Ref(), "err", err, "next", pause)
 			pause = min(pause*2, retryMax)
 			continue
 		}
@@ -436,7 +440,7 @@ func (s *Store) Flush(ctx context.Context) error {
 		return nil
 	}
 	if err := s.commitPending(ctx); err != nil {
-		return fmt.Errorf("kube state secret %s: last write of %d pending keys failed; a restart now may lose the node identity: %w", s.ref(), n, err)
+		return fmt.Errorf("kube state secret %s: last write of %d pending keys failed; a restart now may lose the node identity: %w", s.Ref(), n, err)
 	}
 	return nil
 }
@@ -461,7 +465,7 @@ func (s *Store) getOrCreate(ctx context.Context) (obj *unstructured.Unstructured
 	if err != nil {
 		return nil, false, s.apiError("create", err)
 	}
-	s.logger.Info("kube state secret created", "secret", s.ref())
+	s.logger.Info("kube state secret created", "secret", s.Ref())
 	return obj, true, nil
 }
 
@@ -521,7 +525,7 @@ func (s *Store) commit(ctx context.Context, change func(data map[string][]byte))
 		if apierrors.IsConflict(err) {
 			s.conflicts.Add(1)
 			s.logger.Info("kube state secret changed by someone else; retrying on a fresh copy",
-				"secret", s.ref(), "attempt", attempt)
+				"secret", s.Ref(), "attempt", attempt)
 			return err
 		}
 		if apierrors.IsNotFound(err) {
@@ -590,8 +594,6 @@ func (s *Store) apiError(verb string, err error) error {
 func secretsResource() schema.GroupVersionResource {
 	return schema.GroupVersionResource{Version: "v1", Resource: "secrets"}
 }
-
-func (s *Store) ref() string { return s.namespace + "/" + s.name }
 
 // secretData returns the decoded data of a Secret, all keys included.
 func secretData(obj *unstructured.Unstructured) (map[string][]byte, error) {

@@ -256,6 +256,23 @@ func TestNewLoadsOrCreates(t *testing.T) {
 	}
 }
 
+// TestRef: Ref names the Secret the Store keeps the state in, as
+// namespace/name, and String is the same with tailscaled's "kube:" prefix.
+func TestRef(t *testing.T) {
+	f := newFakeAPI(t, nil)
+	s := f.newStore(t)
+	ns, name, ok := strings.Cut(s.Ref(), "/")
+	if !ok {
+		t.Fatalf("Ref() = %q, want namespace/name", s.Ref())
+	}
+	if _, err := f.client.Resource(secretsResource()).Namespace(ns).Get(t.Context(), name, metav1.GetOptions{}); err != nil {
+		t.Errorf("Ref() = %q, but no such Secret holds the state: %v", s.Ref(), err)
+	}
+	if got, want := s.String(), "kube:"+s.Ref(); got != want {
+		t.Errorf("String() = %q, want %q", got, want)
+	}
+}
+
 func TestNewForbidden(t *testing.T) {
 	tests := []struct {
 		verb     string

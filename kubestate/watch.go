@@ -66,9 +66,9 @@ func (s *Store) Watch(ctx context.Context) error {
 			polling = true
 			wait = checkInterval
 			s.logger.Warn("kube state: the Role does not allow watching the state secret; looking for a delete every 30s instead (grant \"watch\" on it)",
-				"secret", s.ref(), "err", err)
+				"secret", s.Ref(), "err", err)
 		case err != nil:
-			s.logger.Debug("kube state: watch of the state secret ended", "secret", s.ref(), "err", err, "next", pause)
+			s.logger.Debug("kube state: watch of the state secret ended", "secret", s.Ref(), "err", err, "next", pause)
 			pause = min(pause*2, retryMax)
 		default:
 			pause = s.retryMin
@@ -198,7 +198,7 @@ func (s *Store) recreate(ctx context.Context, how string) error {
 			keys++
 		}
 	}
-	s.logger.Warn("kube state secret was deleted; created it again from memory", "secret", s.ref(), "how", how, "keys", keys)
+	s.logger.Warn("kube state secret was deleted; created it again from memory", "secret", s.Ref(), "how", how, "keys", keys)
 	if s.onRecreated != nil {
 		s.onRecreated(keys)
 	}

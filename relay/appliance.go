@@ -185,8 +185,12 @@ func (a *appliance) startTailnet() (*local.Client, error) {
 	return lc, nil
 }
 
-// localClient returns the node's local client, or nil before it started.
+// localClient returns the node's local client, or nil before it started
+// (and before it exists: a nil a, while the identity is held elsewhere).
 func (a *appliance) localClient() *local.Client {
+	if a == nil {
+		return nil
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.lc

@@ -71,7 +71,7 @@ func TestDERPRegionInAppliance(t *testing.T) {
 		t.Fatal(err)
 	}
 	runForTest(t, a, region901.run)
-	h := (&handlers{cfg: cfg, status: a.status, node: a, derp: region901, logger: logger}).mux(nil)
+	h := nodeHandlers(cfg, a.status, nodeParts{node: a, derp: region901}, logger)
 	get := func(path string) *httptest.ResponseRecorder {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))

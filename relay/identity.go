@@ -5,18 +5,10 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
-	"sync/atomic"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-
-	"github.com/tsrelay/tsrelay/internal/httpserve"
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/kubestate"
@@ -29,119 +21,105 @@ const releaseTimeout = 5 * time.Second
 
 // identityGuard makes sure that no other process runs this node identity
 // while this one does: the Lease named after TS_KUBE_SECRET, or a lock on
-// TS_STATE_DIR.
+// TS_STATE_DIR. It writes the identity's part of the status: until this
+// process holds the identity, that it waits, and for whom.
 type identityGuard struct {
-	lease  *lease.Lease
-	dir    *lease.DirLock
+	lease  *lease.Lease   // with TS_KUBE_SECRET
+	dir    *lease.DirLock // without: the state directory's lock, once held
+	state  string         // the Secret as namespace/name, or TS_STATE_DIR
+	holder string         // this process, as the identity's holder
+	status *status
+	events *kubeevents.Recorder
 	logger *slog.Logger
 }
 
-// acquireIdentity waits until this process may run the node identity. It
-// returns before the node starts; while another process holds the identity
-// it logs who and until when, records a Warning Event once per holder, and
-// serves ln: /healthz 200, so the probes do not restart a pod that only
-// waits, and /readyz 503 saying who holds the identity.
-func acquireIdentity(ctx context.Context, cfg Config, kc *kubeclient.Client, ln net.Listener, events *kubeevents.Recorder, logger *slog.Logger) (*identityGuard, error) {
-	id := holderIdentity(cfg)
-	g := &identityGuard{logger: logger}
-	var waitingOn atomic.Pointer[string]
-	state := cfg.StateDir
+// newIdentityGuard returns the guard of the node identity cfg names; from
+// now until it holds the identity, st says that this process waits for it.
+func newIdentityGuard(cfg Config, kc *kubeclient.Client, st *status, events *kubeevents.Recorder, logger *slog.Logger) (*identityGuard, error) {
+	g := &identityGuard{state: cfg.StateDir, holder: holderIdentity(cfg), status: st, events: events, logger: logger}
 	if cfg.KubeSecret != "" {
-		state = kc.Namespace + "/" + cfg.KubeSecret
-	}
-	stop := serveWhileWaiting(ln, waitingIdentity{hostname: cfg.Hostname, state: state}, func() string {
-		if h := waitingOn.Load(); h != nil {
-			return *h
-		}
-		return "not yet known"
-	}, logger)
-	defer stop()
-	if cfg.KubeSecret == "" {
-		d, err := lease.LockDir(ctx, cfg.StateDir, id, logger, func(holder string) {
-			msg := "process " + holder + " (state directory lock)"
-			waitingOn.Store(&msg)
-			events.Warning("IdentityHeldElsewhere", fmt.Sprintf("state directory %s is locked by %s; waiting", cfg.StateDir, holder))
+		g.state = kc.Namespace + "/" + cfg.KubeSecret
+		l, err := lease.New(lease.Config{
+			Client:    kc.Dynamic,
+			Namespace: kc.Namespace,
+			Name:      cfg.KubeSecret,
+			Identity:  g.holder,
+			Duration:  cfg.LeaseDuration,
+			Logger:    logger,
+			OnChange: func(ls lease.Status) {
+				if !ls.Held && ls.Holder != "" && ls.Holder != g.holder {
+					renewed, expires := ls.RenewTime.Format(time.RFC3339), ls.Expires.Format(time.RFC3339)
+					g.heldElsewhere(fmt.Sprintf("%s (Lease %s), renewed %s; taken over at %s unless renewed or released", ls.Holder, g.state, renewed, expires),
+						fmt.Sprintf("the node identity in Secret %s is held by %s (Lease %s, renewed %s); waiting until it is released or expires at %s",
+							cfg.KubeSecret, ls.Holder, cfg.KubeSecret, renewed, expires))
+				}
+			},
 		})
 		if err != nil {
-			return nil, fmt.Errorf("lock TS_STATE_DIR=%s: %w", cfg.StateDir, err)
+			return nil, err
 		}
-		g.dir = d
-		return g, nil
+		g.lease = l
 	}
-	l, err := lease.New(lease.Config{
-		Client:    kc.Dynamic,
-		Namespace: kc.Namespace,
-		Name:      cfg.KubeSecret,
-		Identity:  id,
-		Duration:  cfg.LeaseDuration,
-		Logger:    logger,
-		OnChange: func(st lease.Status) {
-			if !st.Held && st.Holder != "" && st.Holder != id {
-				msg := fmt.Sprintf("%s (Lease %s/%s), renewed %s; taken over at %s unless renewed or released",
-					st.Holder, kc.Namespace, cfg.KubeSecret, st.RenewTime.Format(time.RFC3339), st.Expires.Format(time.RFC3339))
-				waitingOn.Store(&msg)
-				events.Warning("IdentityHeldElsewhere", fmt.Sprintf("the node identity in Secret %s is held by %s (Lease %s, renewed %s); waiting until it is released or expires at %s",
-					cfg.KubeSecret, st.Holder, cfg.KubeSecret, st.RenewTime.Format(time.RFC3339), st.Expires.Format(time.RFC3339)))
-			}
-		},
-	})
-	if err != nil {
-		return nil, err
-	}
-	g.lease = l
-	if err := l.Acquire(ctx); err != nil {
-		// Stopped while acquiring: a write whose answer the stop cut
-		// off may have made this process the holder all the same.
-		g.release()
-		return nil, err
-	}
+	st.setIdentity(identityView{state: g.state, waiting: true})
 	return g, nil
 }
 
-// waitingIdentity is the identity a waiting process reports in
-// tsrelay_identity_info.
-type waitingIdentity struct{ hostname, state string }
+// heldElsewhere says who holds the identity while this process waits: in
+// the status (/readyz) and, once per holder, in a Warning Event.
+func (g *identityGuard) heldElsewhere(holder, event string) {
+	g.status.setIdentityHolder(holder)
+	g.events.Warning("IdentityHeldElsewhere", event)
+}
 
-// serveWhileWaiting answers on ln until stop is called, on a duplicate of
-// its socket, so that stopping closes only the duplicate and ln serves on.
-// If the socket cannot be duplicated, nothing is served meanwhile.
-func serveWhileWaiting(ln net.Listener, id waitingIdentity, holder func() string, logger *slog.Logger) (stop func()) {
-	tl, ok := ln.(*net.TCPListener)
-	if !ok {
-		return func() {}
+// acquire waits until this process may run the node identity. It returns
+// before the node starts; while another process holds the identity, the
+// status says who and until when.
+func (g *identityGuard) acquire(ctx context.Context) error {
+	if g.lease == nil {
+		d, err := lease.LockDir(ctx, g.state, g.holder, g.logger, func(holder string) {
+			g.heldElsewhere("process "+holder+" (state directory lock)", fmt.Sprintf("state directory %s is locked by %s; waiting", g.state, holder))
+		})
+		if err != nil {
+			return fmt.Errorf("lock TS_STATE_DIR=%s: %w", g.state, err)
+		}
+		g.dir = d
+	} else if err := g.lease.Acquire(ctx); err != nil {
+		// Stopped while acquiring: a write whose answer the stop cut
+		// off may have made this process the holder all the same.
+		g.release()
+		return err
 	}
-	f, err := tl.File()
-	if err != nil {
-		logger.Warn("cannot serve /healthz while waiting for the identity", "err", err)
-		return func() {}
+	g.status.setIdentity(identityView{state: g.state})
+	return nil
+}
+
+// hold waits for the node identity, runs f while this process holds it,
+// and releases it once f has returned. A stop (ctx done) at any stage is a
+// clean exit; a lost Lease stops f and is the error.
+func (g *identityGuard) hold(ctx context.Context, f func(context.Context) error) error {
+	if err := g.acquire(ctx); err != nil {
+		if ctx.Err() != nil {
+			g.logger.Info("stopped while waiting for the node identity")
+			return nil
+		}
+		return err
 	}
-	dup, err := net.FileListener(f)
-	f.Close()
-	if err != nil {
-		logger.Warn("cannot serve /healthz while waiting for the identity", "err", err)
-		return func() {}
+	defer g.release() // whatever stage f reached: after the node stopped and the state was flushed
+	// Renew from now on, not once start-up is done: the renew deadline
+	// counts from the acquisition, and a Lease lost during start-up must
+	// stop it. Losing the Lease cancels ctx.
+	held, stopRenewing := g.renew(ctx)
+	err := f(held)
+	if lost := stopRenewing(); lost != nil {
+		return lost
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		http.Error(w, "waiting for the node identity, held by "+holder(), http.StatusServiceUnavailable)
-	})
-	// The same series the full /metrics has (metrics.go), so that a relay
-	// stuck waiting shows on a dashboard and in alerts.
-	reg := prometheus.NewRegistry()
-	gauge := func(name, help string, v float64, labels prometheus.Labels) {
-		g := prometheus.NewGauge(prometheus.GaugeOpts{Name: "tsrelay_" + name, Help: help, ConstLabels: labels})
-		g.Set(v)
-		reg.MustRegister(g)
+	if err != nil && ctx.Err() != nil {
+		// Stopped during start-up: whatever stage was cut short, a stop
+		// is a clean exit.
+		g.logger.Info("stopped during start-up", "stage", err)
+		return nil
 	}
-	gauge("ready", readyHelp, 0, nil)
-	gauge("identity_waiting", identityWaitingHelp, 1, nil)
-	gauge("identity_info", identityInfoHelp, 1, prometheus.Labels{"hostname": id.hostname, "state": id.state, "dns_name": ""})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { httpserve.Serve(ctx, dup, mux, logger); close(done) }()
-	return func() { cancel(); <-done }
+	return err
 }
 
 // renew renews the Lease in the background from now on, until stop is

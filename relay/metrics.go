@@ -19,10 +19,8 @@ import (
 	"tailscale.com/ipn"
 	tsversion "tailscale.com/version"
 
-	"github.com/tsrelay/tsrelay/derpregion"
 	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/internal/udpsock"
-	"github.com/tsrelay/tsrelay/kubestate"
 	"github.com/tsrelay/tsrelay/lbaddr"
 	"github.com/tsrelay/tsrelay/pathmtu"
 )
@@ -30,11 +28,11 @@ import (
 // backendStates are the values of tsrelay_backend_state's state label.
 var backendStates = []ipn.State{ipn.NoState, ipn.NeedsLogin, ipn.NeedsMachineAuth, ipn.Stopped, ipn.Starting, ipn.Running}
 
-// collector exposes tsrelay's own series, read from the appliance's status
-// at scrape time so that they always agree with /readyz.
+// collector exposes tsrelay's own series, read from the status at scrape
+// time so that they always agree with /readyz, while the identity is held
+// elsewhere too.
 type collector struct {
-	h     *handlers
-	store *kubestate.Store // nil when the state is in a directory
+	h *handlers
 
 	ready, waiting, backendState, bound, endpoints *prometheus.Desc
 	relayClient                                    *prometheus.Desc
@@ -46,15 +44,14 @@ type collector struct {
 	sockets, socketsSetting                        *prometheus.Desc
 }
 
-func newCollector(h *handlers, store *kubestate.Store) *collector {
+func newCollector(h *handlers) *collector {
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc("tsrelay_"+name, help, labels, nil)
 	}
 	return &collector{
 		h:              h,
-		store:          store,
-		ready:          d("ready", readyHelp),
-		waiting:        d("identity_waiting", identityWaitingHelp),
+		ready:          d("ready", "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."),
+		waiting:        d("identity_waiting", "1 while another process holds this node identity (its Lease or state directory lock) and this one waits."),
 		unpersisted:    d("state_unpersisted_seconds", "How long the state Secret has lacked writes the relay made (0 when it holds them all); a restart now would lose them, perhaps the node identity."),
 		dropped:        d("static_endpoints_dropped", "Endpoints found but not advertised: explicit plus Service-found addresses beyond the 16 a relay advertises (explicit ones are kept first)."),
 		backendState:   d("backend_state", "1 for the Tailscale backend's current state, 0 for the others.", "state"),
@@ -73,7 +70,7 @@ func newCollector(h *handlers, store *kubestate.Store) *collector {
 		sockets:        d("relay_sockets", "UDP sockets the peer relay has bound on its port, by IP family, counted in /proc; each can hold 8 MiB of receive buffers.", "family"),
 		socketsSetting: d("relay_sockets_setting", "TS_RELAY_SERVER_SOCKETS: the sockets per IP family the relay binds (GOMAXPROCS)."),
 		buildInfo:      d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
-		identity:       d("identity_info", identityInfoHelp, "hostname", "state", "dns_name"),
+		identity:       d("identity_info", "Always 1; the labels say which node identity this process runs or waits for (TS_HOSTNAME, the state Secret as namespace/name or TS_STATE_DIR, and the MagicDNS name once logged in), so that the series of several replicas tell which relay they are.", "hostname", "state", "dns_name"),
 	}
 }
 
@@ -89,8 +86,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
 	}
 	st := c.h.status.snapshot()
+	id := c.h.status.nodeIdentity()
+	p := c.h.parts()
 	gauge(c.ready, bit(st.Ready))
-	gauge(c.waiting, 0) // this collector exists once the identity is held
+	gauge(c.waiting, bit(id.waiting))
 	gauge(c.dropped, float64(len(st.Relay.DroppedEndpoints)))
 	for _, s := range backendStates {
 		gauge(c.backendState, bit(st.BackendState == s.String()), s.String())
@@ -108,18 +107,18 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	sessions := st.Relay.Sessions // as of the last reconcile pass
 	if st.Relay.Bound {
-		if table, ok := c.h.node.relaySessions(context.Background()); ok {
+		if table, ok := p.node.relaySessions(context.Background()); ok {
 			sessions = len(table)
 		}
 	}
 	gauge(c.sessions, float64(sessions))
-	if c.store != nil {
-		s := c.store.Stats()
+	if p.store != nil {
+		s := p.store.Stats()
 		counter(c.writes, s.Writes)
 		counter(c.failures, s.Failures)
 		counter(c.conflicts, s.Conflicts)
 		counter(c.recreated, s.Recreated)
-		since, _ := c.store.Unpersisted()
+		since, _ := p.store.Unpersisted()
 		gauge(c.unpersisted, secondsSince(since))
 	}
 	if mtu := st.PathMTU; mtu != nil {
@@ -140,20 +139,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	gauge(c.buildInfo, 1, c.h.cfg.Version, tsversion.Short(), runtime.Version())
-	state := c.h.cfg.StateDir
-	if c.store != nil {
-		state = stateJSON(c.store).Secret
-	}
-	gauge(c.identity, 1, c.h.cfg.Hostname, state, st.DNSName)
+	gauge(c.identity, 1, c.h.cfg.Hostname, id.state, st.DNSName)
 }
-
-// Help texts shared with the series served while the identity is held
-// elsewhere (identity.go).
-const (
-	readyHelp           = "1 when /readyz answers 200: logged in, relay settings applied, relay socket bound, an endpoint known."
-	identityWaitingHelp = "1 while another process holds this node identity (its Lease or state directory lock) and this one waits."
-	identityInfoHelp    = "Always 1; the labels say which node identity this process runs or waits for (TS_HOSTNAME, the state Secret as namespace/name or TS_STATE_DIR, and the MagicDNS name once logged in), so that the series of several replicas tell which relay they are."
-)
 
 // secondsSince is the time since t in seconds, 0 for the zero time.
 func secondsSince(t time.Time) float64 {
@@ -170,21 +157,17 @@ func bit(b bool) float64 {
 	return 0
 }
 
-// metricsHandler serves GET /metrics: tsrelay's series, Go and process
-// series, and Tailscale's user metrics for this node (among them
+// metrics serves GET /metrics: tsrelay's series, Go and process series,
+// and Tailscale's user metrics for this node (among them
 // tailscaled_peer_relay_forwarded_packets_total and _bytes_total), merged
-// into one exposition.
-func (h *handlers) metrics(store *kubestate.Store) http.Handler {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(
-		newCollector(h, store),
+// into one exposition. The DERP region's series join h.reg in serveNode.
+func (h *handlers) metrics() http.Handler {
+	h.reg.MustRegister(
+		newCollector(h),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
-	if h.derp != nil {
-		reg.MustRegister(derpregion.NewCollector(h.derp.srv, applianceNode{h.node}, h.derp.cfg.RegionCode, h.logger))
-	}
-	g := prometheus.Gatherers{reg, prometheus.GathererFunc(h.tailscaleMetrics)}
+	g := prometheus.Gatherers{h.reg, prometheus.GathererFunc(h.tailscaleMetrics)}
 	return promhttp.HandlerFor(g, promhttp.HandlerOpts{
 		// A failure to read Tailscale's metrics must not hide ours.
 		ErrorHandling: promhttp.ContinueOnError,
@@ -196,7 +179,7 @@ func (h *handlers) metrics(store *kubestate.Store) http.Handler {
 // and parses them, so that the Gatherers merge them with ours into one
 // valid exposition.
 func (h *handlers) tailscaleMetrics() ([]*dto.MetricFamily, error) {
-	lc := h.node.localClient()
+	lc := h.parts().node.localClient()
 	if lc == nil {
 		return nil, nil // not started yet
 	}

@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -53,41 +52,33 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 	events, flushEvents := startEvents(ctx, cfg, kc, logger)
 	defer flushEvents()
-	ln, err := listenHTTP(cfg) // first, so that probes answer while the identity is held elsewhere
+	st := newStatus(uint16(cfg.RelayServerPort), serviceRef(cfg, kc))
+	guard, err := newIdentityGuard(cfg, kc, st, events, logger) // st says this process waits for the identity, until it holds it
 	if err != nil {
 		return err
 	}
-	defer ln.Close()
-	guard, err := acquireIdentity(ctx, cfg, kc, ln, events, logger) // waits while another process runs this node
-	if err != nil && ctx.Err() != nil {
-		logger.Info("stopped while waiting for the node identity")
-		return nil // a clean stop, as at any later stage
-	}
+	web, err := newHTTPServer(cfg, st, logger)
 	if err != nil {
 		return err
 	}
-	defer guard.release() // last, whatever stage start-up reached: after the node stopped and the state was flushed
-	// Renew from now on, not once start-up is done: the renew deadline
-	// counts from the acquisition, and a Lease lost during start-up must
-	// stop it. Losing the Lease cancels ctx.
-	held, stopRenewing := guard.renew(ctx)
-	err = runNode(held, cfg, kc, ln, events, guard, logger)
-	if lost := stopRenewing(); lost != nil {
-		return lost
-	}
-	if err != nil && ctx.Err() != nil {
-		// Stopped during start-up: whatever stage was cut short, a stop
-		// is a clean exit.
-		logger.Info("stopped during start-up", "stage", err)
-		return nil
-	}
-	return err
+	// One HTTP server for the whole run, so that the probes answer while
+	// another process holds the identity; it stops once the node has.
+	g, gctx := errgroup.WithContext(ctx)
+	serving, stopServing := context.WithCancel(gctx)
+	g.Go(func() error { return web.run(serving) }) // /healthz, /readyz, /metrics
+	g.Go(func() error {
+		defer stopServing()
+		return guard.hold(gctx, func(held context.Context) error { // waits while another process runs this node
+			return runNode(held, cfg, kc, st, web, events, guard, logger)
+		})
+	})
+	return g.Wait()
 }
 
 // runNode runs the relay's components while this process holds the node
 // identity, until ctx is done or a component fails, and stops them all
-// before it returns.
-func runNode(ctx context.Context, cfg Config, kc *kubeclient.Client, ln net.Listener, events *kubeevents.Recorder, guard *identityGuard, logger *slog.Logger) error {
+// before it returns. web answers from them once they are built.
+func runNode(ctx context.Context, cfg Config, kc *kubeclient.Client, st *status, web *httpServer, events *kubeevents.Recorder, guard *identityGuard, logger *slog.Logger) error {
 	// The components, in the order data flows at start.
 	store, err := newStateStore(ctx, cfg, kc, events, logger)
 	if err != nil {
@@ -99,7 +90,6 @@ func runNode(ctx context.Context, cfg Config, kc *kubeclient.Client, ln net.List
 		store.SetWriteGuard(func() bool { return guard.writeWindow() > 0 })
 	}
 	defer flushState(store, guard, logger) // after the node stopped, before the identity is released
-	st := newStatus(uint16(cfg.RelayServerPort), serviceRef(cfg, kc))
 	mtu := newMTUWatcher(st, events, logger)
 	node := newAppliance(cfg, applianceDeps{store: asStateStore(store), status: st, events: events, onNetChange: mtu.poke}, logger)
 	service, err := newServiceWatch(ctx, cfg, kc, node.foundEndpoints, logger)
@@ -110,14 +100,13 @@ func runNode(ctx context.Context, cfg Config, kc *kubeclient.Client, ln net.List
 	if err != nil {
 		return err
 	}
-	web := newHTTPServer(ln, cfg, st, node, derp, store, logger)
+	web.serveNode(&nodeParts{node: node, derp: derp, store: store})
 	logger.Info("starting", "hostname", cfg.Hostname, "relayPort", uint16(cfg.RelayServerPort),
 		"staticEndpoints", cfg.RelayServerStaticEndpoints.String(), "service", cfg.RelayService,
-		"state", stateLocation(cfg), "http", ln.Addr().String())
-	mtu.check(ctx) // before /readyz and /metrics answer
+		"state", stateLocation(cfg), "http", web.ln.Addr().String())
+	mtu.check(ctx) // before the node starts
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return web.run(gctx) })                                                         // /healthz, /readyz, /metrics
 	g.Go(func() error { return persistState(gctx, store, persistCheckInterval, events, logger) })       // failed state writes, again until they land
 	g.Go(func() error { return keepStateSecret(gctx, store) })                                          // the state Secret, re-created if deleted
 	g.Go(func() error { return mtu.run(gctx) })                                                         // path MTU checks

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"strings"
 	"time"
 
 	"tailscale.com/ipn"
@@ -29,10 +28,10 @@ func newStateStore(ctx context.Context, cfg Config, kc *kubeclient.Client, event
 		}
 		return nil, err
 	}
-	events.Normal("StateLoaded", "node state loaded from Secret "+strings.TrimPrefix(s.String(), "kube:"))
+	events.Normal("StateLoaded", "node state loaded from Secret "+s.Ref())
 	s.OnRecreated(func(keys int) {
 		events.Warning("StateSecretRecreated", fmt.Sprintf("state Secret %s was deleted while the relay ran; created it again from memory (%d state keys), so the node keeps its identity",
-			strings.TrimPrefix(s.String(), "kube:"), keys))
+			s.Ref(), keys))
 	})
 	return s, nil
 }
@@ -91,11 +90,11 @@ func persistState(ctx context.Context, s *kubestate.Store, every time.Duration, 
 		switch {
 		case !since.IsZero() && reported.IsZero():
 			logger.Warn("node state not in the Secret yet; writing it again until the API server takes it", "secret", s.String(), "since", since, "pendingKeys", keys)
-			events.Warning("StateNotPersisted", fmt.Sprintf("state writes to Secret %s failing since %s; a restart now may lose the node identity", strings.TrimPrefix(s.String(), "kube:"), since.Format(time.RFC3339)))
+			events.Warning("StateNotPersisted", fmt.Sprintf("state writes to Secret %s failing since %s; a restart now may lose the node identity", s.Ref(), since.Format(time.RFC3339)))
 			reported = since
 		case since.IsZero() && !reported.IsZero():
 			logger.Info("node state in the Secret again", "secret", s.String(), "unpersistedFor", time.Since(reported).Round(time.Second))
-			events.Normal("StatePersisted", "state Secret "+strings.TrimPrefix(s.String(), "kube:")+" holds every write again")
+			events.Normal("StatePersisted", "state Secret "+s.Ref()+" holds every write again")
 			reported = time.Time{}
 		}
 	}
@@ -106,7 +105,7 @@ func stateJSON(s *kubestate.Store) *readyz.State {
 	if s == nil {
 		return nil
 	}
-	out := &readyz.State{Secret: strings.TrimPrefix(s.String(), "kube:")}
+	out := &readyz.State{Secret: s.Ref()}
 	if since, keys := s.Unpersisted(); !since.IsZero() {
 		out.UnpersistedSince, out.PendingKeys = &since, keys
 	}

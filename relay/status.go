@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -19,6 +20,7 @@ import (
 
 // status is what the relay knows about itself: observations only, each
 // part with one writer, read by the HTTP handlers and metrics.
+//   - identity: the identity guard, from before the node exists.
 //   - backend (state, last error): the IPN bus reader, appliance.onNotify.
 //   - node and relay: the reconcile loop, which also owns the desired relay
 //     settings and publishes what it applied here.
@@ -31,7 +33,8 @@ type status struct {
 	// (for the DERP region's derpMap, which lists their IPs).
 	advertisedChanged chan struct{}
 
-	mu sync.Mutex
+	mu       sync.Mutex
+	identity identityView
 	// backend is the IPN state as the bus announced it.
 	backend backendView
 	node    nodeView
@@ -41,6 +44,15 @@ type status struct {
 	// keyless is why keyless login has no auth key yet, or "": the
 	// control server's refusal, never the token.
 	keyless string
+}
+
+// identityView is the node identity this process runs or waits for.
+type identityView struct {
+	state string // where it lives: the state Secret as namespace/name, or TS_STATE_DIR
+	// waiting is true until this process holds the identity: another
+	// process may run the node, and this one must not start it.
+	waiting bool
+	heldBy  string // who holds it while this process waits, once known
 }
 
 // derpView is the DERP region's part of readiness; zero when it is off.
@@ -103,6 +115,31 @@ type mtuCheck struct {
 // Service ref ("namespace/name"; "" for none).
 func newStatus(port uint16, service string) *status {
 	return &status{port: port, service: service, advertisedChanged: make(chan struct{}, 1)}
+}
+
+// setIdentity records the node identity and whether this process waits
+// for it.
+func (s *status) setIdentity(v identityView) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.identity = v
+}
+
+// setIdentityHolder records who holds the node identity while this process
+// waits for it; once this process has held it, it changes nothing.
+func (s *status) setIdentityHolder(holder string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.identity.waiting {
+		s.identity.heldBy = holder
+	}
+}
+
+// nodeIdentity returns the node identity's part of the status.
+func (s *status) nodeIdentity() identityView {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.identity
 }
 
 // setBackendState records the IPN state and reports the previous one.
@@ -232,6 +269,9 @@ func (s *status) readinessLocked() (bool, string) {
 			return state + ": " + strings.Join(s.node.health, "; ")
 		}
 		return state
+	}
+	if s.identity.waiting {
+		return false, "waiting for the node identity, held by " + cmp.Or(s.identity.heldBy, "not yet known")
 	}
 	switch s.backend.state {
 	case ipn.NoState:

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"encoding/json"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -24,6 +25,14 @@ func testRelay(t *testing.T) *appliance {
 		RelayServerPort:            40000,
 		RelayServerStaticEndpoints: Endpoints{netip.MustParseAddrPort("192.0.2.7:61441")},
 	}, "")
+}
+
+// nodeHandlers returns the HTTP handlers as Run wires them once the node
+// (its parts p) runs, answering from st.
+func nodeHandlers(cfg Config, st *status, p nodeParts, logger *slog.Logger) *handlers {
+	h := newHandlers(cfg, st, logger)
+	h.serveNode(&p)
+	return h
 }
 
 // pass does what a reconcile pass does with what it found, the relay prefs
@@ -148,7 +157,7 @@ func TestReadiness(t *testing.T) {
 func TestReadyzHandler(t *testing.T) {
 	a := testRelay(t)
 	st := a.status
-	h := (&handlers{status: st, node: a}).mux(nil)
+	h := nodeHandlers(Config{}, st, nodeParts{node: a}, nil)
 	get := func(path string, hdr ...string) *httptest.ResponseRecorder {
 		t.Helper()
 		req := httptest.NewRequest("GET", path, nil)
@@ -203,9 +212,9 @@ func TestReadyzHandler(t *testing.T) {
 func TestDebugPprof(t *testing.T) {
 	for _, on := range []bool{false, true} {
 		a := testRelay(t)
-		h := &handlers{status: a.status, node: a, cfg: Config{DebugPprof: on}}
+		h := nodeHandlers(Config{DebugPprof: on}, a.status, nodeParts{node: a}, nil)
 		rec := httptest.NewRecorder()
-		h.mux(nil).ServeHTTP(rec, httptest.NewRequest("GET", "/debug/pprof/heap?debug=1", nil))
+		h.ServeHTTP(rec, httptest.NewRequest("GET", "/debug/pprof/heap?debug=1", nil))
 		switch {
 		case on && (rec.Code != http.StatusOK || !strings.Contains(rec.Body.String(), "heap profile")):
 			t.Errorf("TS_DEBUG_PPROF=true: GET /debug/pprof/heap = %d %.80q, want 200 and a heap profile", rec.Code, rec.Body)
@@ -241,7 +250,7 @@ func TestDroppedEndpointsShown(t *testing.T) {
 		t.Errorf("dropped endpoints = %+v, want 192.0.2.2 and 192.0.2.3 from the Service", d)
 	}
 	rec := httptest.NewRecorder()
-	(&handlers{status: a.status, node: a}).mux(nil).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	nodeHandlers(Config{}, a.status, nodeParts{node: a}, nil).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	if !strings.Contains(rec.Body.String(), "tsrelay_static_endpoints_dropped 2\n") {
 		t.Errorf("/metrics lacks tsrelay_static_endpoints_dropped 2")
 	}

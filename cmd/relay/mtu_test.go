@@ -107,8 +107,8 @@ func testRelayPathMTU(t *testing.T, mtu int) {
 		}
 	}
 
-	// The check runs before the HTTP server answers, so its log line is
-	// written by now.
+	// The check runs before the node starts, so its log line is written
+	// by the time the relay is ready.
 	log := readFile(t, relay.LogPath())
 	if got := strings.Contains(log, mtuWarnLine); got != bad {
 		t.Errorf("relay log has %q: %v, want %v", mtuWarnLine, got, bad)

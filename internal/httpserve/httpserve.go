@@ -40,12 +40,13 @@ const (
 
 	// MaxConns caps the connections served at once. Further connections
 	// wait in the kernel's accept queue, which costs the process nothing,
-	// until one closes. Measured on the relay (make bench, 2026-12): a
-	// connection holding an unfinished 3 KiB header costs about 25 KiB of
-	// RSS, one being refused a 1 MiB header about 60 KiB (goroutine stack,
-	// buffers, garbage not yet collected), so 512 keeps the port under
-	// about 32 MiB however many connections arrive; 1,024 measured 56 MiB
-	// at 1,000 connections sending 1 MiB headers.
+	// until one closes. A connection costs the relay a few tens of KiB of
+	// RSS at most (goroutine stack, buffers, garbage not yet collected),
+	// most when it is being refused a 1 MiB header, so 512 keeps the port
+	// under about 32 MiB however many connections arrive, where 1,024
+	// let 1,000 connections sending 1 MiB headers take 56 MiB. make
+	// bench's "HTTP port abuse" rows measure it against that goal
+	// (bench/results/reference.md).
 	MaxConns = 512
 
 	// ReadHeaderTimeout closes a connection that has not sent a whole
