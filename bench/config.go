@@ -119,3 +119,28 @@ func (c *Config) defaults() {
 		c.FailoverDrain = 65 * time.Second
 	}
 }
+
+// When a section runs (sections' when). FailoverOnly and AbuseOnly each
+// leave out every section but their own (and the sizes); Smoke and
+// FootprintOnly leave out the long sections; NoFailover the failover one.
+
+// always: every run.
+func (c *Config) always() bool { return true }
+
+// unlimited: every run that no -only flag limits to another section.
+func (c *Config) unlimited() bool { return !c.FailoverOnly && !c.AbuseOnly }
+
+// full: an unlimited run that is neither Smoke nor FootprintOnly.
+func (c *Config) full() bool { return c.unlimited() && !c.Smoke && !c.FootprintOnly }
+
+// notFootprint: an unlimited run, smoke included, that is not FootprintOnly.
+func (c *Config) notFootprint() bool { return c.unlimited() && !c.FootprintOnly }
+
+// failover: every run but NoFailover, FootprintOnly and AbuseOnly ones.
+func (c *Config) failover() bool { return !c.NoFailover && !c.FootprintOnly && !c.AbuseOnly }
+
+// abuse: an unlimited run or an AbuseOnly one.
+func (c *Config) abuse() bool { return c.unlimited() || c.AbuseOnly }
+
+// fullAbuse: an abuse run that is neither Smoke nor FootprintOnly.
+func (c *Config) fullAbuse() bool { return c.abuse() && !c.Smoke && !c.FootprintOnly }
