@@ -1,8 +1,31 @@
-// Package bench measures tsrelay against its baselines: the data path
-// between two laptops (direct UDP, DERP only, the tsrelay peer relay, a stock
-// tailscaled configured as a peer relay by hand), readiness time, memory
-// under load and binary size. cmd/bench runs it for `make bench` and `make
-// bench-smoke`; see README.md.
+// Package bench measures tsrelay against its baselines, in one run, and
+// reports each figure beside its baseline's from the same run. cmd/bench
+// runs it for `make bench` and `make bench-smoke`; see README.md.
+//
+// Run's sections (sections.go), in the order they run:
+//
+//   - paths: the data path between two laptops (ping RTT, iperf3
+//     throughput) directly over UDP, over DERP only, and through each relay
+//     variant: tsrelay over IPv4 and over IPv6, the stock tailscaled
+//     configured as a peer relay by hand, both sized for a 16-core node,
+//     and tsrelay with each Config.Levers setting. Their report sections:
+//     paths, sockets (throughput by relay socket count) and footprint (the
+//     relays' RSS idle, under k pairs at once and after the load);
+//   - MTU: tsrelay behind a pod link of Config.SmallMTU;
+//   - DERP: the first pong via an off-site and via tsrelay's in-cluster DERP
+//     region, and tsrelay's RSS and CPU with its DERP server on;
+//   - failover: the five cases of failover.go (CaseKill, CaseTerm,
+//     CaseNode, CaseDrain with one relay and with two; CaseMesh, the meshed
+//     DERP region losing a node);
+//   - readiness: tsrelay's and the stock relay's start, new and from state;
+//   - HTTP abuse: unfinished request headers held at tsrelay's HTTP port;
+//   - DERP abuse: strangers at the DERP port, admitted clients' cost, and a
+//     junk flood at the relay's UDP port and STUN;
+//   - sizes: the stripped relay binary against what the tailscale/tailscale
+//     image carries.
+//
+// Config's flags choose the sections (Config.Smoke, FootprintOnly,
+// FailoverOnly, AbuseOnly, NoFailover); each section's "when" says which.
 //
 // Everything runs on this machine, in network namespaces the bench creates
 // inside its own (RunIsolated): laptops are kernel-TUN tailscaled processes,

@@ -8,8 +8,10 @@ import (
 
 // Config says what to run.
 type Config struct {
-	// Smoke runs a seconds-long subset: the tsrelay path with one pair,
-	// tsrelay readiness and sizes, with 1 s transfers and 10 pings.
+	// Smoke runs a seconds-long subset: the tsrelay path with one pair and
+	// its RSS, tsrelay readiness, the HTTP port abuse at smaller counts,
+	// one failover trial (the first case but drain and mesh, two relays)
+	// and the sizes, with 1 s transfers and 10 pings.
 	Smoke bool
 	// BinDir holds the binaries Build made: relay, tailscaled, tailscale
 	// and, if it was built, containerboot.
@@ -22,13 +24,14 @@ type Config struct {
 	// default.
 	Transfer time.Duration
 	Pings    int
-	// Rounds is how many times each throughput transfer and each readiness
-	// measurement runs; the report shows the median. Zero means 3 (1 with
-	// Smoke).
+	// Rounds is how many times each throughput transfer, each readiness
+	// measurement and each DERP first pong (a fresh pair each) runs, and
+	// the flood's transfers; the report shows the median. Zero means 3 (1
+	// with Smoke).
 	Rounds int
 	// Pairs are the numbers of laptop pairs sending through a relay at
-	// once for the memory-under-load rows. Nil means 1, 4 and 8 (1 with
-	// Smoke).
+	// once for the memory-under-load rows; the DERP section's load run
+	// uses the first. Nil means 1, 4 and 8 (1 with Smoke).
 	Pairs []int
 	// SmallMTU is the pod link MTU of the MTU row (tsrelay behind a pod
 	// network that is itself a tunnel; see README's MTU section). Zero
@@ -43,21 +46,24 @@ type Config struct {
 	// default and compared with it in the same run.
 	Levers [][]string
 	// FootprintOnly runs only the relayed scenarios (paths through each
-	// relay variant, idle and loaded RSS) and sizes: no direct or DERP
-	// path, MTU row or readiness.
+	// relay variant but the IPv6 one, idle and loaded RSS), the HTTP port
+	// abuse and the sizes: no direct or DERP path, MTU row, DERP section,
+	// failover, readiness or DERP port abuse.
 	FootprintOnly bool
 	// NoFailover skips the failover section; FailoverOnly runs it alone
 	// (and the sizes).
 	NoFailover, FailoverOnly bool
 	// FailoverCases are the failover cases to run (CaseKill, CaseTerm,
-	// CaseNode, CaseDrain); nil means all. With Smoke only the first that
-	// is not CaseDrain runs, once, with two relays.
+	// CaseNode, CaseDrain, CaseMesh); nil means all. With Smoke only the
+	// first that is neither CaseDrain nor CaseMesh runs, once, with two
+	// relays.
 	FailoverCases []string
 	// FailoverReps is how many trials each failover case gets per
 	// topology; zero means 3.
 	FailoverReps int
 	// FailoverWindow is how long a failover trial waits for the pair to
-	// ride a relay again (after the drain, for CaseDrain); zero means 60 s.
+	// ride a relay again (after the drain, for CaseDrain; for CaseMesh, to
+	// be answered again after a node failure); zero means 60 s.
 	FailoverWindow time.Duration
 	// FailoverDrain is CaseDrain's delay between the event and the
 	// SIGTERM; zero means 65 s, longer than magicsock's
@@ -65,7 +71,8 @@ type Config struct {
 	// relay rediscover relay paths once during it.
 	FailoverDrain time.Duration
 	// AbuseOnly runs only the abuse sections (the HTTP port's and the
-	// DERP port's, with the UDP flood) and the sizes.
+	// DERP port's, with the UDP flood; with Smoke only the HTTP port's)
+	// and the sizes.
 	AbuseOnly bool
 	// AbuseEnv is extra relay settings for the DERP abuse section (e.g.
 	// TS_DERP_ACCEPT_RATE=100000, to measure what the other limits hold).

@@ -39,7 +39,7 @@ const (
 	CaseMesh = "mesh"
 )
 
-// FailoverCases are every case, in the order they run.
+// failoverCases are every case, in the order they run.
 var failoverCases = []string{CaseKill, CaseTerm, CaseNode, CaseDrain, CaseMesh}
 
 // ParseFailoverCases checks a comma-separated list of failover cases.

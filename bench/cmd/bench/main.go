@@ -25,24 +25,24 @@ import (
 )
 
 func main() {
-	smoke := flag.Bool("smoke", false, "run the seconds-long subset (tsrelay path with one pair, tsrelay readiness, sizes)")
+	smoke := flag.Bool("smoke", false, "run the seconds-long subset: tsrelay path with one pair and its RSS, tsrelay readiness, HTTP port abuse, one failover trial (two relays), sizes")
 	out := flag.String("out", "bench/results", "directory for <time>.md and <time>.json")
 	binDir := flag.String("bin", filepath.Join(os.TempDir(), "tsrelay-bench-bin"), "where to build relay, tailscaled, tailscale and containerboot")
 	transfer := flag.Duration("transfer", 0, "iperf3 transfer time per round, whole seconds (default 5s, 1s with -smoke)")
 	pings := flag.Int("pings", 0, "ICMP pings per path (default 200, 10 with -smoke)")
-	rounds := flag.Int("rounds", 0, "throughput transfers per path and readiness rounds; the median is reported (default 3, 1 with -smoke)")
-	pairs := flag.String("pairs", "", "comma-separated numbers of laptop pairs sending through a relay at once, for the memory rows (default 1,4,8; 1 with -smoke)")
+	rounds := flag.Int("rounds", 0, "throughput transfers per path, readiness rounds, DERP first-pong pairs and flood transfers; the median is reported (default 3, 1 with -smoke)")
+	pairs := flag.String("pairs", "", "comma-separated numbers of laptop pairs sending through a relay at once, for the memory rows; the DERP section's load uses the first (default 1,4,8; 1 with -smoke)")
 	mtu := flag.Int("mtu", 0, "pod link MTU of the small-MTU row (default 1230)")
 	levers := flag.String("levers", "", "semicolon-separated extra tsrelay configurations for the footprint rows, each space-separated NAME=VALUE settings (e.g. 'GOGC=50;TS_RELAY_SERVER_SOCKETS=1'), compared with the default in the same run")
-	footprint := flag.Bool("footprint", false, "run only the relayed scenarios and sizes (no direct or DERP path, MTU row or readiness)")
+	footprint := flag.Bool("footprint", false, "run only the relayed scenarios (paths and RSS through each relay variant), the HTTP port abuse and the sizes: no direct or DERP path, MTU row, DERP section, failover, readiness or DERP port abuse")
 	profile := flag.String("profile", "", "save tsrelay's heap and CPU profiles in this directory (go tool pprof reads them)")
-	failover := flag.Bool("failover", true, "run the failover section (one relay against two: kill -9, SIGTERM, node failure, SIGTERM after draining)")
+	failover := flag.Bool("failover", true, "run the failover section (one relay against two: kill -9, SIGTERM, node failure, SIGTERM after draining; the meshed DERP region losing a node)")
 	failoverOnly := flag.Bool("failover-only", false, "run only the failover section (and the sizes)")
 	failoverCases := flag.String("failover-cases", strings.Join(bench.FailoverCases(), ","), "comma-separated failover cases to run: kill, term, node, drain, mesh (the meshed DERP region)")
 	failoverReps := flag.Int("failover-reps", 3, "trials per failover case and topology")
-	failoverWindow := flag.Duration("failover-window", time.Minute, "how long a failover trial waits for pings to ride a relay again (after the drain, for drain)")
+	failoverWindow := flag.Duration("failover-window", time.Minute, "how long a failover trial waits for pings to ride a relay again (after the drain, for drain; for mesh, to be answered again after a node failure)")
 	failoverDrain := flag.Duration("failover-drain", 65*time.Second, "how long the drain case waits between the event and the SIGTERM")
-	abuseOnly := flag.Bool("abuse-only", false, "run only the abuse sections: the HTTP port's, the DERP port's and the UDP junk flood (and the sizes)")
+	abuseOnly := flag.Bool("abuse-only", false, "run only the abuse sections: the HTTP port's, the DERP port's and the UDP junk flood (and the sizes; with -smoke only the HTTP port's)")
 	abuseEnv := flag.String("abuse-env", "", "space-separated NAME=VALUE relay settings for the DERP abuse rows (e.g. 'TS_DERP_ACCEPT_RATE=100000' to see what the other limits hold)")
 	work := flag.String("work", "", "keep the nodes' state and logs in this directory (default: a temporary one, removed)")
 	flag.Parse()
@@ -104,7 +104,7 @@ func main() {
 		log.Fatalf("bench: -failover-cases: %v", err)
 	}
 	if len(fc) == 0 {
-		log.Fatalf("bench: -failover-cases: empty (want e.g. kill,term,node,drain; use -failover=false to skip the section)")
+		log.Fatalf("bench: -failover-cases: empty (want e.g. kill,term,node,drain,mesh; use -failover=false to skip the section)")
 	}
 	cfg.FailoverCases = fc
 	for _, l := range strings.Split(*levers, ";") {
