@@ -107,3 +107,24 @@ func (b *bench) runReadiness(ctx context.Context, dir string) (readiness, error)
 	}
 	return rd, nil
 }
+
+// addReadiness adds the readiness rows: tsrelay's against the stock
+// relay's, new and from state (a negative figure was not measured).
+func (r *Report) addReadiness(rd readiness, rounds int) {
+	const stock = "stock tailscaled relay"
+	note := fmt.Sprintf("median of %d", rounds)
+	if rd.RelayNew >= 0 {
+		r.add(Row{Section: "readiness", Scenario: "tsrelay", Metric: "start → /readyz 200, new identity", Unit: "s", Value: rd.RelayNew, Better: "lower", Note: note},
+			stock, rd.StockNew, rd.StockNew >= 0)
+	}
+	if rd.RelayRestart >= 0 {
+		r.add(Row{Section: "readiness", Scenario: "tsrelay", Metric: "start → /readyz 200, existing state", Unit: "s", Value: rd.RelayRestart, Better: "lower", Note: note},
+			stock, rd.StockRestart, rd.StockRestart >= 0)
+	}
+	if rd.StockNew >= 0 {
+		r.add(Row{Section: "readiness", Scenario: stock, Metric: "start → up → set --relay-server-port → socket bound", Unit: "s", Value: rd.StockNew, Better: "lower", Note: note}, "", 0, false)
+	}
+	if rd.StockRestart >= 0 {
+		r.add(Row{Section: "readiness", Scenario: stock, Metric: "start from state → socket bound", Unit: "s", Value: rd.StockRestart, Better: "lower", Note: note}, "", 0, false)
+	}
+}

@@ -7,6 +7,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+
+	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
 // buildContainerboot builds Tailscale's containerboot (the tailscale/tailscale
@@ -57,4 +59,36 @@ func binSize(path string) (int64, error) {
 		return 0, err
 	}
 	return fi.Size(), nil
+}
+
+// addSizes compares the relay binary with what the tailscale/tailscale
+// image carries: tailscaled, tailscale and containerboot (left out, with a
+// note, if it was not built).
+func (r *Report) addSizes(bins tailnettest.Binaries, containerboot string) error {
+	relay, err := binSize(bins.Relay)
+	if err != nil {
+		return err
+	}
+	tsd, err := binSize(bins.Tailscaled)
+	if err != nil {
+		return err
+	}
+	ts, err := binSize(bins.Tailscale)
+	if err != nil {
+		return err
+	}
+	const mb = 1e6
+	name, total := "tailscaled + tailscale", tsd+ts
+	note := fmt.Sprintf("tailscaled %.1f MB, tailscale %.1f MB", float64(tsd)/mb, float64(ts)/mb)
+	if cb, err := binSize(containerboot); err == nil {
+		name, total = "tailscaled + tailscale + containerboot", total+cb
+		note += fmt.Sprintf(", containerboot %.1f MB", float64(cb)/mb)
+	} else {
+		note += "; containerboot not built in this run"
+	}
+	r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "stripped binary size (relay)", Unit: "MB", Value: float64(relay) / mb, Better: "lower"},
+		name, float64(total)/mb, true)
+	r.add(Row{Section: "footprint", Scenario: "stock", Metric: "stripped binary size (" + name + ")", Unit: "MB", Value: float64(total) / mb, Better: "lower",
+		Note: note}, "", 0, false)
+	return nil
 }
