@@ -65,11 +65,12 @@ func Build(ctx context.Context, dir string, containerboot bool, logf logger.Logf
 }
 
 // Run runs the benchmark: every section whose "runs when" holds for cfg
-// (see sections), in order, until ctx is done; then every such section's
-// rows, and the binary sizes. It must run in the copy of the program that
-// RunIsolated started, with binaries Build made. It returns the report even
-// when a section failed (its error is in Report.Errors, and Run returns
-// them joined), so that what was measured is not lost.
+// (see sections), in order, until ctx is done; then the rows of every such
+// section, the sizes' included, so that a cancelled run has them. It must
+// run in the copy of the program that RunIsolated started, with binaries
+// Build made. It returns the report even when a section failed (its error
+// is in Report.Errors, and Run returns them joined), so that what was
+// measured is not lost.
 func Run(ctx context.Context, cfg Config) (*Report, error) {
 	cfg.defaults()
 	start := time.Now()

@@ -33,7 +33,7 @@ func sections() []section {
 	return []section{
 		{name: scDirect + ", " + scDERP, when: (*Config).full, run: (*runner).measureUnrelayed, rows: noRows},
 		{name: "relayed paths", when: (*Config).unlimited, run: (*runner).measureRelayed, rows: (*runner).pathRows},
-		{name: scRelay + ", small pod MTU", when: (*Config).full, run: (*runner).measureSmallMTU, rows: noRows},
+		{name: "small pod MTU", when: (*Config).full, run: (*runner).measureSmallMTU, rows: noRows},
 		{name: "DERP", when: (*Config).full, run: (*runner).measureDERP, rows: (*runner).derpRows},
 		{name: "failover", when: (*Config).failover, run: (*runner).measureFailover, rows: (*runner).failoverRows},
 		{name: "readiness", when: (*Config).notFootprint, run: (*runner).measureReadiness, rows: (*runner).readinessRows},

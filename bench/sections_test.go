@@ -1,7 +1,9 @@
 package bench
 
 import (
+	"os"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -11,7 +13,7 @@ func TestSectionsWhen(t *testing.T) {
 	const (
 		unrelayed = scDirect + ", " + scDERP
 		relayed   = "relayed paths"
-		mtu       = scRelay + ", small pod MTU"
+		mtu       = "small pod MTU"
 	)
 	for _, tc := range []struct {
 		mode string
@@ -34,6 +36,27 @@ func TestSectionsWhen(t *testing.T) {
 		}
 		if !slices.Equal(got, tc.want) {
 			t.Errorf("%s: sections %q, want %q", tc.mode, got, tc.want)
+		}
+	}
+}
+
+// TestREADMEListsSections checks that bench/README.md has a row for every
+// section in its sections table and for every failover case in its
+// failover table, so that the docs cannot fall behind the code again.
+func TestREADMEListsSections(t *testing.T) {
+	b, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := string(b)
+	for _, s := range sections() {
+		if row := "\n| " + s.name + " |"; !strings.Contains(readme, row) {
+			t.Errorf("README.md has no row %q in its sections table", row)
+		}
+	}
+	for _, c := range FailoverCases() {
+		if row := "\n| `" + c + "` |"; !strings.Contains(readme, row) {
+			t.Errorf("README.md has no row %q in its failover table", row)
 		}
 	}
 }
