@@ -31,7 +31,7 @@ demo: ## Run a relay between two laptops on a private loopback tailnet and show 
 	$(GO) run ./internal/demo
 
 .PHONY: bench
-bench: ## Benchmark tsrelay against direct UDP, DERP and a stock tailscaled relay and one relay against two on failover, in network namespaces (about 11 min, root); writes bench/results/<time>.{md,json}.
+bench: ## Benchmark tsrelay in network namespaces (root, about 14 min): paths against direct UDP, DERP and a stock tailscaled relay, MTU, DERP, failover, readiness, abuse, footprint; writes bench/results/<time>.{md,json}.
 	scripts/net-tools
 	$(GO) run ./bench/cmd/bench -out bench/results
 

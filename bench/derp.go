@@ -110,53 +110,16 @@ func (b *bench) runInClusterDERP(ctx context.Context, dir string, res *derpResul
 	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
 	defer cancel()
 	relayDir := filepath.Join(dir, "relay")
-	if err := os.MkdirAll(filepath.Join(relayDir, "state"), 0o700); err != nil {
+	cert, err := b.derpCert(relayDir)
+	if err != nil {
 		return err
 	}
-	// The relay's certificate, made where the relay keeps it
-	// (TS_STATE_DIR/tsrelay-derp.json), so that the derpMap can pin it
-	// before the relay starts.
-	st, err := store.NewFileStore(b.cfg.Logf, filepath.Join(relayDir, "state", "tsrelay-derp.json"))
-	if err != nil {
-		return fmt.Errorf("relay DERP certificate store: %w", err)
-	}
-	cert, err := derpregion.SelfSigned(st, time.Now())
-	if err != nil {
-		return fmt.Errorf("relay DERP certificate: %w", err)
-	}
-
-	// The pod's node address is only known once it exists, and the
-	// control must list the region from the start: make the pod first,
-	// on a tailnet whose control comes next.
 	tn := &tailnet{bench: b, dir: dir}
 	defer tn.close()
-	p, err := tn.pod(ctx, "derp-relay", podMTU)
+	p, err := tn.inClusterDERP(ctx, cert)
 	if err != nil {
 		return err
 	}
-	node := p.Netns + "-node"
-	if err := run(ctx,
-		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p tcp --dport %d -j DNAT --to-destination %v:%d", node, derpPort, p.Addr, derpPort),
-		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d -j DNAT --to-destination %v:%d", node, stunPort, p.Addr, stunPort),
-	); err != nil {
-		return err
-	}
-	region, err := derpregion.Region(derpregion.RegionOptions{
-		RegionID: derpregion.DefaultRegionID, RegionCode: derpregion.DefaultRegionCode, Cert: cert,
-		Addrs:    []netip.Addr{p.LB.Addr()},
-		DERPPort: derpPort, STUNPort: stunPort,
-	})
-	if err != nil {
-		return err
-	}
-	c, err := tailnettest.StartControlWith(worldGateway, nil, tailnettest.ControlOptions{
-		Delay: wanDelay, Regions: []*tailcfg.DERPRegion{region},
-	})
-	if err != nil {
-		return err
-	}
-	tn.control = c
-	tn.cleanup(c.Close)
 
 	// bigNode: the same GOMAXPROCS as the DERP-off relay it is compared
 	// with (the scRelay variant).
@@ -184,6 +147,75 @@ func (b *bench) runInClusterDERP(ctx context.Context, dir string, res *derpResul
 	if len(b.cfg.Pairs) == 0 || len(pairs) == 0 {
 		return nil
 	}
+	return tn.derpOnLoad(ctx, r.Pid(), pairs, res)
+}
+
+// derpCert makes the relay's DERP certificate where the relay keeps it
+// (TS_STATE_DIR/tsrelay-derp.json under relayDir), so that the derpMap can
+// pin it before the relay starts.
+func (b *bench) derpCert(relayDir string) (*derpregion.Cert, error) {
+	if err := os.MkdirAll(filepath.Join(relayDir, "state"), 0o700); err != nil {
+		return nil, err
+	}
+	st, err := store.NewFileStore(b.cfg.Logf, filepath.Join(relayDir, "state", "tsrelay-derp.json"))
+	if err != nil {
+		return nil, fmt.Errorf("relay DERP certificate store: %w", err)
+	}
+	cert, err := derpregion.SelfSigned(st, time.Now())
+	if err != nil {
+		return nil, fmt.Errorf("relay DERP certificate: %w", err)
+	}
+	return cert, nil
+}
+
+// inClusterDERP makes the in-cluster DERP relay's pod, its node forwarding
+// DERP and STUN too, and tn's control, whose derpMap lists that region
+// (cert pinned) beside the off-site one. The pod's node address is only
+// known once it exists, and the control must list the region from the
+// start: so the pod comes first, then the control.
+func (tn *tailnet) inClusterDERP(ctx context.Context, cert *derpregion.Cert) (pod, error) {
+	p, err := tn.pod(ctx, "derp-relay", podMTU)
+	if err != nil {
+		return p, err
+	}
+	if err := forwardDERP(ctx, p); err != nil {
+		return p, err
+	}
+	region, err := derpregion.Region(derpregion.RegionOptions{
+		RegionID: derpregion.DefaultRegionID, RegionCode: derpregion.DefaultRegionCode, Cert: cert,
+		Addrs:    []netip.Addr{p.LB.Addr()},
+		DERPPort: derpPort, STUNPort: stunPort,
+	})
+	if err != nil {
+		return p, err
+	}
+	c, err := tailnettest.StartControlWith(worldGateway, nil, tailnettest.ControlOptions{
+		Delay: wanDelay, Regions: []*tailcfg.DERPRegion{region},
+	})
+	if err != nil {
+		return p, err
+	}
+	tn.control = c
+	tn.cleanup(c.Close)
+	return p, nil
+}
+
+// forwardDERP has p's node forward the DERP (TCP) and STUN (UDP) ports to
+// the pod as well as the relay port, as a load balancer with those ports
+// does.
+func forwardDERP(ctx context.Context, p pod) error {
+	node := p.Netns + "-node"
+	return run(ctx,
+		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p tcp --dport %d -j DNAT --to-destination %v:%d", node, derpPort, p.Addr, derpPort),
+		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d -j DNAT --to-destination %v:%d", node, stunPort, p.Addr, stunPort),
+	)
+}
+
+// derpOnLoad has the first Config.Pairs count of pairs (the first-pong
+// pairs, and more if needed) send through the relay with its DERP server
+// on, pid, at once, as the footprint rows do.
+func (tn *tailnet) derpOnLoad(ctx context.Context, pid int, pairs []*pair, res *derpResult) error {
+	b := tn.bench
 	k := min(b.cfg.Pairs[0], len(pairs))
 	if k < b.cfg.Pairs[0] {
 		more, err := tn.pairs(ctx, b.cfg.Pairs[0]-k)
@@ -198,11 +230,12 @@ func (b *bench) runInClusterDERP(ctx context.Context, dir string, res *derpResul
 	// DERP server, which would count DERP's CPU as relaying: a run whose
 	// pairs are not all on the relay path afterwards is run again, once.
 	for attempt := 1; ; attempt++ {
-		if res.Load, err = b.loadRelay(ctx, r.Pid(), pairs[:res.LoadPairs]); err != nil {
+		var err error
+		if res.Load, err = b.loadRelay(ctx, pid, pairs[:res.LoadPairs]); err != nil {
 			return fmt.Errorf("%d pairs at once: %w", res.LoadPairs, err)
 		}
 		res.LoadAttempts = attempt
-		err := stillRelayed(ctx, pairs[:res.LoadPairs])
+		err = stillRelayed(ctx, pairs[:res.LoadPairs])
 		if err == nil {
 			break
 		}

@@ -67,6 +67,58 @@ type meshNode struct {
 func (b *bench) runMeshDERP(ctx context.Context, dir string) ([]MeshTrial, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
+	mn, err := b.newMeshNet(ctx, dir)
+	if err != nil {
+		return nil, err
+	}
+	defer mn.close()
+
+	var trials []MeshTrial
+	reps := b.cfg.FailoverReps
+	if b.cfg.Smoke {
+		reps = 1
+	}
+	// Every client dials the region's first node that answers, and stays
+	// there: at first both laptops are on 900a; once it is stopped they
+	// move to 900b, and stay when 900a is back. So the trials stop 900a,
+	// 900b, 900a, …: each time the node the pair is on. First reps kills,
+	// then reps node failures.
+	for i := range 2 * reps {
+		ev := meshKill
+		if i >= reps {
+			ev = meshFreeze
+		}
+		t, err := mn.trial(ctx, i, ev)
+		if err != nil {
+			return trials, err
+		}
+		b.cfg.Logf("%s trial %d: %s of %s; a reached b again after %.2f s via %s (%d pings unanswered); fresh laptop's first pong to b after %.3f s (across the mesh: %v)",
+			scMeshDERP, t.Trial, t.Event, t.Stopped, t.Seconds, t.Via, t.Timeouts, t.AcrossSeconds, t.Across)
+		trials = append(trials, t)
+	}
+	return trials, nil
+}
+
+// meshNet is the meshed-DERP tailnet: the region's two nodes, and the pair
+// homed on it with its path watcher.
+type meshNet struct {
+	*tailnet
+	nodes []*meshNode
+	pair  *pair
+	watch *pathWatch
+}
+
+// close stops the watcher and undoes the tailnet.
+func (mn *meshNet) close() {
+	mn.watch.stop()
+	mn.tailnet.close()
+}
+
+// newMeshNet starts the region's two nodes, each a relay in its own pod
+// whose node forwards DERP and STUN too, meshed through one shared file, on
+// a tailnet whose derpMap has only that region; then a pair of laptops
+// homed on it, answered via DERP, and the watcher of their path.
+func (b *bench) newMeshNet(ctx context.Context, dir string) (_ *meshNet, err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -77,24 +129,23 @@ func (b *bench) runMeshDERP(ctx context.Context, dir string) ([]MeshTrial, error
 	if err != nil {
 		return nil, fmt.Errorf("mesh shared state: %w", err)
 	}
-	tn := &tailnet{bench: b, dir: dir}
-	defer tn.close()
-	var nodes []*meshNode
+	mn := &meshNet{tailnet: &tailnet{bench: b, dir: dir}}
+	defer func() {
+		if err != nil {
+			mn.tailnet.close()
+		}
+	}()
 	var members []derpregion.Member
 	var peers []string
 	for i := range 2 {
 		n := &meshNode{name: fmt.Sprintf("%d%c", derpregion.DefaultRegionID, 'a'+i), dir: filepath.Join(dir, fmt.Sprintf("relay-%d", i))}
-		if n.pod, err = tn.pod(ctx, fmt.Sprintf("mesh-r%d", i), podMTU); err != nil {
+		if n.pod, err = mn.pod(ctx, fmt.Sprintf("mesh-r%d", i), podMTU); err != nil {
 			return nil, err
 		}
-		node := n.pod.Netns + "-node"
-		if err := run(ctx,
-			fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p tcp --dport %d -j DNAT --to-destination %v:%d", node, derpPort, n.pod.Addr, derpPort),
-			fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d -j DNAT --to-destination %v:%d", node, stunPort, n.pod.Addr, stunPort),
-		); err != nil {
+		if err := forwardDERP(ctx, n.pod); err != nil {
 			return nil, err
 		}
-		nodes = append(nodes, n)
+		mn.nodes = append(mn.nodes, n)
 		members = append(members, derpregion.Member{Addrs: []netip.Addr{n.pod.LB.Addr()}})
 		peers = append(peers, netip.AddrPortFrom(n.pod.LB.Addr(), derpPort).String())
 	}
@@ -113,127 +164,126 @@ func (b *bench) runMeshDERP(ctx context.Context, dir string) ([]MeshTrial, error
 	if err != nil {
 		return nil, err
 	}
-	tn.control = c
-	tn.cleanup(c.Close)
-	for i, n := range nodes {
+	mn.control = c
+	mn.cleanup(c.Close)
+	for i, n := range mn.nodes {
 		n.env = []string{
 			"TS_HOSTNAME=mesh-" + strconv.Itoa(i),
 			"TS_DERP_PORT=" + strconv.Itoa(derpPort), "TS_STUN_PORT=" + strconv.Itoa(stunPort),
 			"TS_DERP_MESH_FILE=" + sharedFile, "TS_DERP_MESH_PEERS=" + strings.Join(peers, ","),
 		}
-		if err := tn.startMeshNode(ctx, n, true); err != nil {
+		if err := mn.startMeshNode(ctx, n, true); err != nil {
 			return nil, err
 		}
 	}
-	for _, n := range nodes {
-		if err := waitMeshed(ctx, n); err != nil {
-			return nil, err
-		}
+	if err := mn.waitAllMeshed(ctx); err != nil {
+		return nil, err
 	}
 	c.AllowRegisterWithoutKey() // restarts come back from their state
-	p, err := tn.pair(ctx, "mesh", false)
-	if err != nil {
+	if mn.pair, err = mn.tailnet.pair(ctx, "mesh", false); err != nil {
 		return nil, err
 	}
-	if err := waitHome(ctx, p, derpregion.DefaultRegionCode); err != nil {
+	if err := waitHome(ctx, mn.pair, derpregion.DefaultRegionCode); err != nil {
 		return nil, err
 	}
-	if _, err := firstPongOf(ctx, p); err != nil {
+	if _, err := firstPongOf(ctx, mn.pair); err != nil {
 		return nil, err
 	}
-	w := startPathWatch(p)
-	defer w.stop()
+	mn.watch = startPathWatch(mn.pair)
+	return mn, nil
+}
 
-	var trials []MeshTrial
-	reps := b.cfg.FailoverReps
-	if b.cfg.Smoke {
-		reps = 1
+// waitAllMeshed waits until each node is meshed with the other.
+func (mn *meshNet) waitAllMeshed(ctx context.Context) error {
+	for _, n := range mn.nodes {
+		if err := waitMeshed(ctx, n); err != nil {
+			return err
+		}
 	}
-	// Every client dials the region's first node that answers, and stays
-	// there: at first both laptops are on 900a; once it is stopped they
-	// move to 900b, and stay when 900a is back. So the trials stop 900a,
-	// 900b, 900a, …: each time the node the pair is on. First reps kills,
-	// then reps node failures.
-	for i := range 2 * reps {
-		n := nodes[i%len(nodes)]
-		t := MeshTrial{Trial: i + 1, Event: meshKill, Stopped: n.name}
-		if i >= reps {
-			t.Event = meshFreeze
+	return nil
+}
+
+// trial is the meshed region's trial i (from 0): ev (meshKill or
+// meshFreeze) stops the node the pair is on, the time until a's pings to b
+// are answered again is taken, and the node comes back from its state;
+// after a kill a fresh laptop times its first pong to b.
+func (mn *meshNet) trial(ctx context.Context, i int, ev string) (MeshTrial, error) {
+	n := mn.nodes[i%len(mn.nodes)]
+	t := MeshTrial{Trial: i + 1, Event: ev, Stopped: n.name}
+	w, window := mn.watch, mn.cfg.FailoverWindow
+	// The pair is answered now, before the stop.
+	if _, err := w.waitUntil(ctx, time.Now(), time.Now().Add(10*time.Second), func(s pingSample) bool { return s.Kind == pathDERP }); err != nil {
+		return t, err
+	}
+	var t0 time.Time
+	if t.Event == meshKill {
+		n.r.Kill()
+		<-n.r.Done()
+		t0 = time.Now()
+	} else {
+		t0 = time.Now()
+		if err := freezeMeshNode(ctx, n); err != nil {
+			return t, err
 		}
-		// The pair is answered now, before the stop.
-		if _, err := w.waitUntil(ctx, time.Now(), time.Now().Add(10*time.Second), func(s pingSample) bool { return s.Kind == pathDERP }); err != nil {
-			return trials, err
+	}
+	s, err := w.waitUntil(ctx, t0, t0.Add(window), func(s pingSample) bool { return s.Kind != "" })
+	if err != nil {
+		return t, err
+	}
+	end := s.At
+	if s.Kind == "" {
+		t.Seconds, end = -1, t0.Add(window)
+	} else {
+		t.Seconds, t.Via = s.At.Sub(t0).Seconds(), s.describe()
+	}
+	t.WindowSeconds = window.Seconds()
+	for _, x := range w.between(t0, end) {
+		if x.Kind == "" {
+			t.Timeouts++
 		}
-		var t0 time.Time
-		if t.Event == meshKill {
-			n.r.Kill()
-			<-n.r.Done()
-			t0 = time.Now()
-		} else {
-			t0 = time.Now()
-			if err := freezeMeshNode(ctx, n); err != nil {
-				return trials, err
-			}
+	}
+	if t.Event == meshFreeze {
+		// The node comes back as a new pod would: the frozen process
+		// goes (thawed first, so that it can die), a new one starts.
+		if err := thawMeshNode(ctx, n); err != nil {
+			return t, err
 		}
-		s, err := w.waitUntil(ctx, t0, t0.Add(b.cfg.FailoverWindow), func(s pingSample) bool { return s.Kind != "" })
+		n.r.Kill()
+		<-n.r.Done()
+	}
+	// Back, and meshed with the other node again.
+	if err := mn.startMeshNode(ctx, n, false); err != nil {
+		return t, err
+	}
+	if err := mn.waitAllMeshed(ctx); err != nil {
+		return t, err
+	}
+	if t.Event == meshKill {
+		fp, err := mn.freshPong(ctx, i)
 		if err != nil {
-			return trials, err
+			return t, fmt.Errorf("trial %d: fresh laptop to b: %w", i+1, err)
 		}
-		end := s.At
-		if s.Kind == "" {
-			t.Seconds, end = -1, t0.Add(b.cfg.FailoverWindow)
-		} else {
-			t.Seconds, t.Via = s.At.Sub(t0).Seconds(), s.describe()
-		}
-		t.WindowSeconds = b.cfg.FailoverWindow.Seconds()
-		for _, x := range w.between(t0, end) {
-			if x.Kind == "" {
-				t.Timeouts++
-			}
-		}
-		if t.Event == meshFreeze {
-			// The node comes back as a new pod would: the frozen process
-			// goes (thawed first, so that it can die), a new one starts.
-			if err := thawMeshNode(ctx, n); err != nil {
-				return trials, err
-			}
-			n.r.Kill()
-			<-n.r.Done()
-		}
-		// Back, and meshed with the other node again.
-		if err := tn.startMeshNode(ctx, n, false); err != nil {
-			return trials, err
-		}
-		for _, m := range nodes {
-			if err := waitMeshed(ctx, m); err != nil {
-				return trials, err
-			}
-		}
-		if t.Event == meshKill {
-			// A fresh laptop connects to 900a; b is on the node not
-			// stopped.
-			cl, _, err := tn.laptop(ctx, fmt.Sprintf("meshc%d", i), false)
-			if err != nil {
-				return trials, err
-			}
-			cp := &pair{a: cl, b: p.b, ipB: p.ipB}
-			if err := cl.WaitForPeer(ctx, p.ipB); err != nil {
-				return trials, err
-			}
-			if err := waitHome(ctx, cp, derpregion.DefaultRegionCode); err != nil {
-				return trials, err
-			}
-			fp, err := firstPongOf(ctx, cp)
-			if err != nil {
-				return trials, fmt.Errorf("trial %d: fresh laptop to b: %w", i+1, err)
-			}
-			t.AcrossSeconds, t.Across = fp.Seconds, n == nodes[0]
-		}
-		b.cfg.Logf("%s trial %d: %s of %s; a reached b again after %.2f s via %s (%d pings unanswered); fresh laptop's first pong to b after %.3f s (across the mesh: %v)",
-			scMeshDERP, t.Trial, t.Event, t.Stopped, t.Seconds, t.Via, t.Timeouts, t.AcrossSeconds, t.Across)
-		trials = append(trials, t)
+		t.AcrossSeconds, t.Across = fp.Seconds, n == mn.nodes[0]
 	}
-	return trials, nil
+	return t, nil
+}
+
+// freshPong starts a fresh laptop, which connects to 900a, and times its
+// first pong from b, which is on the node trial i did not stop.
+func (mn *meshNet) freshPong(ctx context.Context, i int) (firstPong, error) {
+	p := mn.pair
+	cl, _, err := mn.laptop(ctx, fmt.Sprintf("meshc%d", i), false)
+	if err != nil {
+		return firstPong{}, err
+	}
+	cp := &pair{a: cl, b: p.b, ipB: p.ipB}
+	if err := cl.WaitForPeer(ctx, p.ipB); err != nil {
+		return firstPong{}, err
+	}
+	if err := waitHome(ctx, cp, derpregion.DefaultRegionCode); err != nil {
+		return firstPong{}, err
+	}
+	return firstPongOf(ctx, cp)
 }
 
 // Events of the meshed-DERP trials.

@@ -39,7 +39,7 @@ const (
 	CaseMesh = "mesh"
 )
 
-// FailoverCases are every case, in the order they run.
+// failoverCases are every case, in the order they run.
 var failoverCases = []string{CaseKill, CaseTerm, CaseNode, CaseDrain, CaseMesh}
 
 // ParseFailoverCases checks a comma-separated list of failover cases.
@@ -487,54 +487,9 @@ func (fn *failoverNet) trial(ctx context.Context, c string, n int) (FailoverTria
 	t.WindowSeconds = window.Seconds()
 
 	t0 := time.Now()
-	// after is when a pong via a relay starts to count as recovery: with a
-	// single relay, from the moment it was started again.
-	after := t0
-	switch c {
-	case CaseKill:
-		hit.r.Kill()
-	case CaseTerm:
-		if err := hit.r.Close(); err != nil {
-			return t, fmt.Errorf("SIGTERM %s: %w", hit.name, err)
-		}
-	case CaseNode:
-		if err := fn.freeze(ctx, hit); err != nil {
-			return t, err
-		}
-	case CaseDrain:
-		if other == nil {
-			return t, errors.New("draining needs two relays")
-		}
-		// Peers see a draining relay as one that keeps forwarding: do
-		// nothing for the drain, but watch whether they leave it.
-		moved, err := fn.watch.waitUntil(ctx, t0, t0.Add(cfg.FailoverDrain), func(s pingSample) bool { return fn.relayOf(s) == other })
-		if err != nil {
-			return t, err
-		}
-		if !moved.At.IsZero() {
-			t.MovedDuringDrain, t.MovedAtSeconds = true, moved.At.Sub(t0).Seconds()
-		}
-		// The drain ends, moved or not.
-		select {
-		case <-ctx.Done():
-			return t, context.Cause(ctx)
-		case <-time.After(time.Until(t0.Add(cfg.FailoverDrain))):
-		}
-		after = time.Now()
-		if s, ok := fn.watch.last(); ok && fn.relayOf(s) == other {
-			t.OnOtherAtTerm = true
-		}
-		if err := hit.r.Close(); err != nil {
-			return t, fmt.Errorf("SIGTERM %s after the drain: %w", hit.name, err)
-		}
-	}
-	if other == nil && (c == CaseKill || c == CaseTerm) {
-		// A kubelet or StatefulSet restarts the container at once, from
-		// the same state.
-		after = time.Now()
-		if err := fn.start(ctx, hit, false); err != nil {
-			return t, fmt.Errorf("restart %s: %w", hit.name, err)
-		}
+	after, err := fn.event(ctx, &t, hit, other, t0)
+	if err != nil {
+		return t, err
 	}
 	// Recovered: a pong via the other relay, or via the restarted one,
 	// sent after the relay in use stopped (for the drain, after its
@@ -560,17 +515,89 @@ func (fn *failoverNet) trial(ctx context.Context, c string, n int) (FailoverTria
 	t.ICMPGapSeconds = icmpGap(fn.icmp.LogPath(), t0, end)
 
 	// Back to the starting topology: every relay up and ready.
-	switch {
-	case c == CaseNode:
-		if err := fn.thaw(ctx, hit); err != nil {
-			return t, err
+	return t, fn.restore(ctx, t.Case, hit, other)
+}
+
+// event applies t's case to hit, the relay the pair rides, at t0 (other
+// is the second relay, nil with one), and returns when a pong via a relay
+// starts to count as recovery: with a single relay killed or stopped, from
+// the moment it was started again; for CaseDrain, from the SIGTERM after
+// the drain.
+func (fn *failoverNet) event(ctx context.Context, t *FailoverTrial, hit, other *failoverRelay, t0 time.Time) (after time.Time, err error) {
+	after = t0
+	switch t.Case {
+	case CaseKill:
+		hit.r.Kill()
+	case CaseTerm:
+		if err := hit.r.Close(); err != nil {
+			return after, fmt.Errorf("SIGTERM %s: %w", hit.name, err)
 		}
-	case other != nil:
-		if err := fn.start(ctx, hit, false); err != nil {
-			return t, fmt.Errorf("restart %s: %w", hit.name, err)
+	case CaseNode:
+		if err := fn.freeze(ctx, hit); err != nil {
+			return after, err
+		}
+	case CaseDrain:
+		if after, err = fn.drain(ctx, t, hit, other, t0); err != nil {
+			return after, err
 		}
 	}
-	return t, nil
+	if other == nil && (t.Case == CaseKill || t.Case == CaseTerm) {
+		// A kubelet or StatefulSet restarts the container at once, from
+		// the same state.
+		after = time.Now()
+		if err := fn.start(ctx, hit, false); err != nil {
+			return after, fmt.Errorf("restart %s: %w", hit.name, err)
+		}
+	}
+	return after, nil
+}
+
+// drain is CaseDrain's event: nothing for FailoverDrain, watching whether
+// the pair leaves hit for other, then SIGTERM of hit, whose time it
+// returns.
+func (fn *failoverNet) drain(ctx context.Context, t *FailoverTrial, hit, other *failoverRelay, t0 time.Time) (time.Time, error) {
+	drain := fn.cfg.FailoverDrain
+	if other == nil {
+		return t0, errors.New("draining needs two relays")
+	}
+	// Peers see a draining relay as one that keeps forwarding: do
+	// nothing for the drain, but watch whether they leave it.
+	moved, err := fn.watch.waitUntil(ctx, t0, t0.Add(drain), func(s pingSample) bool { return fn.relayOf(s) == other })
+	if err != nil {
+		return t0, err
+	}
+	if !moved.At.IsZero() {
+		t.MovedDuringDrain, t.MovedAtSeconds = true, moved.At.Sub(t0).Seconds()
+	}
+	// The drain ends, moved or not.
+	select {
+	case <-ctx.Done():
+		return t0, context.Cause(ctx)
+	case <-time.After(time.Until(t0.Add(drain))):
+	}
+	term := time.Now()
+	if s, ok := fn.watch.last(); ok && fn.relayOf(s) == other {
+		t.OnOtherAtTerm = true
+	}
+	if err := hit.r.Close(); err != nil {
+		return term, fmt.Errorf("SIGTERM %s after the drain: %w", hit.name, err)
+	}
+	return term, nil
+}
+
+// restore brings the topology back after case c hit a relay: a frozen
+// relay thawed, a stopped one of two started again (a lone one was
+// restarted by event).
+func (fn *failoverNet) restore(ctx context.Context, c string, hit, other *failoverRelay) error {
+	switch {
+	case c == CaseNode:
+		return fn.thaw(ctx, hit)
+	case other != nil:
+		if err := fn.start(ctx, hit, false); err != nil {
+			return fmt.Errorf("restart %s: %w", hit.name, err)
+		}
+	}
+	return nil
 }
 
 // pingSample is one disco ping of the path watcher.

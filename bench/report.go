@@ -11,8 +11,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
 // Row is one measurement with its baseline from the same run.
@@ -325,25 +323,6 @@ func loadNote(l load) string {
 	return fmt.Sprintf("%.0f Mbit/s in all; relay CPU %.2f s per GB relayed", l.Mbps, l.CPUPerGB)
 }
 
-func (r *Report) addReadiness(rd readiness, rounds int) {
-	const stock = "stock tailscaled relay"
-	note := fmt.Sprintf("median of %d", rounds)
-	if rd.RelayNew >= 0 {
-		r.add(Row{Section: "readiness", Scenario: "tsrelay", Metric: "start → /readyz 200, new identity", Unit: "s", Value: rd.RelayNew, Better: "lower", Note: note},
-			stock, rd.StockNew, rd.StockNew >= 0)
-	}
-	if rd.RelayRestart >= 0 {
-		r.add(Row{Section: "readiness", Scenario: "tsrelay", Metric: "start → /readyz 200, existing state", Unit: "s", Value: rd.RelayRestart, Better: "lower", Note: note},
-			stock, rd.StockRestart, rd.StockRestart >= 0)
-	}
-	if rd.StockNew >= 0 {
-		r.add(Row{Section: "readiness", Scenario: stock, Metric: "start → up → set --relay-server-port → socket bound", Unit: "s", Value: rd.StockNew, Better: "lower", Note: note}, "", 0, false)
-	}
-	if rd.StockRestart >= 0 {
-		r.add(Row{Section: "readiness", Scenario: stock, Metric: "start from state → socket bound", Unit: "s", Value: rd.StockRestart, Better: "lower", Note: note}, "", 0, false)
-	}
-}
-
 // addAbuse adds a footprint row per HTTP-abuse case: the relay's extra RSS
 // while the connections are open.
 func (r *Report) addAbuse(res []abuseResult) {
@@ -363,38 +342,6 @@ func (r *Report) addAbuse(res []abuseResult) {
 			Metric: fmt.Sprintf("HTTP port abuse: %d connections × %s unfinished header → extra RSS", a.Conns, size),
 			Value:  float64(a.PeakKiB-a.IdleKiB) / 1024})
 	}
-}
-
-// addSizes compares the relay binary with what the tailscale/tailscale
-// image carries: tailscaled, tailscale and containerboot (left out, with a
-// note, if it was not built).
-func (r *Report) addSizes(bins tailnettest.Binaries, containerboot string) error {
-	relay, err := binSize(bins.Relay)
-	if err != nil {
-		return err
-	}
-	tsd, err := binSize(bins.Tailscaled)
-	if err != nil {
-		return err
-	}
-	ts, err := binSize(bins.Tailscale)
-	if err != nil {
-		return err
-	}
-	const mb = 1e6
-	name, total := "tailscaled + tailscale", tsd+ts
-	note := fmt.Sprintf("tailscaled %.1f MB, tailscale %.1f MB", float64(tsd)/mb, float64(ts)/mb)
-	if cb, err := binSize(containerboot); err == nil {
-		name, total = "tailscaled + tailscale + containerboot", total+cb
-		note += fmt.Sprintf(", containerboot %.1f MB", float64(cb)/mb)
-	} else {
-		note += "; containerboot not built in this run"
-	}
-	r.add(Row{Section: "footprint", Scenario: "tsrelay", Metric: "stripped binary size (relay)", Unit: "MB", Value: float64(relay) / mb, Better: "lower"},
-		name, float64(total)/mb, true)
-	r.add(Row{Section: "footprint", Scenario: "stock", Metric: "stripped binary size (" + name + ")", Unit: "MB", Value: float64(total) / mb, Better: "lower",
-		Note: note}, "", 0, false)
-	return nil
 }
 
 // WriteMarkdown writes the report as Markdown tables.
