@@ -1,7 +1,7 @@
 // Package derpregion serves a DERP region from the relay: DERP over TLS on
 // a TCP port and STUN on a UDP port, with Tailscale's own derp/derpserver
 // and a STUN server (stun.go, net/stunserver's but for one fix). A region has one node, or several meshed with
-// Tailscale's DERP mesh (Config.MeshKey, Config.MeshPeers): each node
+// Tailscale's DERP mesh (ServerConfig.MeshKey, ServerConfig.MeshPeers): each node
 // dials the others with the region's shared mesh key, watches their
 // clients and forwards packets to them, so a client of one node reaches
 // clients of another, and the region stays up while one node restarts.
@@ -106,8 +106,8 @@ func defaultLimits() limits {
 	}
 }
 
-// Config says where the DERP and STUN servers listen and who may use them.
-type Config struct {
+// ServerConfig says where the DERP and STUN servers listen and who may use them.
+type ServerConfig struct {
 	// DERPAddr is the TCP address for DERP over TLS, e.g. ":8443".
 	DERPAddr string
 	// STUNAddr is the UDP address for STUN, e.g. ":3478".
@@ -139,7 +139,7 @@ type Config struct {
 	MeshPeers []MeshPeer
 }
 
-func (c Config) validate() error {
+func (c ServerConfig) validate() error {
 	var errs []error
 	if c.DERPAddr == "" {
 		errs = append(errs, errors.New("derpregion: no DERP address"))
@@ -176,7 +176,7 @@ func (c Config) validate() error {
 // Server is a DERP server and a STUN server, bound by Listen and serving
 // from Serve until its context ends.
 type Server struct {
-	cfg    Config
+	cfg    ServerConfig
 	logger *slog.Logger
 	derp   *derpserver.Server
 	stats  *derpStats
@@ -185,7 +185,7 @@ type Server struct {
 	admitLn net.Listener
 	token   string // in the admission URL's path
 	stun    *stunServer
-	mesh    []*meshLink // one per Config.MeshPeers
+	mesh    []*meshLink // one per ServerConfig.MeshPeers
 
 	// refused counts clients the admission check turned away;
 	// refusals, every connection refused or closed before admission.
@@ -200,7 +200,7 @@ type Server struct {
 // Listen binds the DERP (TCP), STUN (UDP) and in-process admission
 // (loopback TCP) sockets, so that a port in use is an error before anything
 // serves. Call Serve next, or Close to release the sockets.
-func Listen(cfg Config) (_ *Server, err error) {
+func Listen(cfg ServerConfig) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}

@@ -230,7 +230,7 @@ func newDERPRegion(ctx context.Context, cfg Config, kc *kubeclient.Client, state
 	if err != nil {
 		return nil, err
 	}
-	srv, err := derpregion.Listen(derpregion.Config{
+	srv, err := derpregion.Listen(derpregion.ServerConfig{
 		DERPAddr:  net.JoinHostPort("", strconv.Itoa(int(d.DERPPort))),
 		STUNAddr:  net.JoinHostPort("", strconv.Itoa(int(d.STUNPort))),
 		TLS:       cert,
