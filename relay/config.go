@@ -21,6 +21,7 @@ import (
 
 	"github.com/kelseyhightower/envconfig"
 
+	"github.com/tsrelay/tsrelay/internal/envvar"
 	"github.com/tsrelay/tsrelay/internal/memtune"
 	"github.com/tsrelay/tsrelay/lbaddr"
 )
@@ -85,26 +86,9 @@ type Config struct {
 	Version string `ignored:"true"`
 }
 
-// Port is a UDP port number read from the environment.
-type Port uint16
-
-// Decode implements envconfig.Decoder.
-func (p *Port) Decode(s string) error {
-	s = strings.TrimSpace(s)
-	if s == "" {
-		*p = 0 // set but empty, as manifests with a blank value do: unset
-		return nil
-	}
-	n, err := strconv.ParseUint(s, 10, 64)
-	if err != nil {
-		return errors.New("not a port number; want 0-65535")
-	}
-	if n > 65535 {
-		return fmt.Errorf("port %d out of range; want 0-65535", n)
-	}
-	*p = Port(n)
-	return nil
-}
+// Port is a port number read from the environment (shared with the DERP
+// region's settings).
+type Port = envvar.Port
 
 // ListenAddr is the ip:port of a TCP listener read from the environment.
 type ListenAddr netip.AddrPort
@@ -263,11 +247,7 @@ var tagRE = regexp.MustCompile(`^tag:[a-zA-Z][-a-zA-Z0-9]*$`)
 // Decode implements envconfig.Decoder.
 func (t *Tags) Decode(s string) error {
 	var out Tags
-	for f := range strings.SplitSeq(s, ",") {
-		f = strings.TrimSpace(f)
-		if f == "" {
-			continue
-		}
+	for _, f := range envvar.Fields(s) {
 		if !tagRE.MatchString(f) {
 			return fmt.Errorf("%q is not a tag; want comma-separated tag:name (a letter, then letters, digits or '-')", f)
 		}
