@@ -78,7 +78,8 @@ type Config struct {
 	BackendLogs     bool `envconfig:"TS_BACKEND_LOGS" default:"false" desc:"Include Tailscale's own verbose backend log in this process's log."`
 	DebugPprof      bool `envconfig:"TS_DEBUG_PPROF" default:"false" desc:"Serve Go's profiler at /debug/pprof/ on TS_LOCAL_ADDR_PORT, for performance investigations. Anyone who reaches that address can then read the process's memory profile: turn it on only where that address is private."`
 
-	// DERPConfig: the in-cluster DERP region (derp.go), off by default.
+	// DERPConfig: the in-cluster DERP region (package derpregion), off by
+	// default.
 	DERPConfig
 
 	// Version is tsrelay's version, set by main for build info; not read
@@ -460,7 +461,9 @@ func (c *Config) Validate() error {
 	if c.KubeSecret == "" && c.StateDir == "" && inKubernetes() {
 		bad("TS_KUBE_SECRET is empty inside Kubernetes: the node's identity would die with the pod; set TS_KUBE_SECRET to a Secret name (or TS_STATE_DIR to a persistent volume)")
 	}
-	errs = append(errs, c.DERPConfig.validate(c)...)
+	if err := c.DERPConfig.Validate(c.derpHost()); err != nil {
+		errs = append(errs, unjoin(err)...)
+	}
 	errs = append(errs, c.validateKeyless()...)
 	// Tailscale advertises at most lbaddr.MaxEndpoints; cutting the
 	// user's own list silently would hide which ones peers never hear of.

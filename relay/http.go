@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tsrelay/tsrelay/derpregion"
 	"github.com/tsrelay/tsrelay/internal/httpserve"
 	"github.com/tsrelay/tsrelay/kubestate"
 )
@@ -39,7 +40,7 @@ func listenHTTP(cfg Config) (net.Listener, error) {
 
 // newHTTPServer returns the server for ln; store is the Secret store whose
 // writes /metrics counts, nil for a directory.
-func newHTTPServer(ln net.Listener, cfg Config, st *status, a *appliance, derp *derpRegion, store *kubestate.Store, logger *slog.Logger) *httpServer {
+func newHTTPServer(ln net.Listener, cfg Config, st *status, a *appliance, derp *derpregion.Instance, store *kubestate.Store, logger *slog.Logger) *httpServer {
 	h := &handlers{cfg: cfg, status: st, node: a, derp: derp, store: store, logger: logger}
 	return &httpServer{ln: ln, handler: h.mux(store), logger: logger}
 }
@@ -57,8 +58,8 @@ type handlers struct {
 	cfg    Config
 	status *status
 	node   *appliance
-	derp   *derpRegion      // nil unless TS_DERP_PORT is set
-	store  *kubestate.Store // nil with a state directory
+	derp   *derpregion.Instance // nil unless TS_DERP_PORT is set
+	store  *kubestate.Store     // nil with a state directory
 	logger *slog.Logger
 }
 
@@ -77,7 +78,7 @@ func (h *handlers) mux(store *kubestate.Store) http.Handler {
 	mux.HandleFunc("GET /readyz", h.readyz)
 	mux.Handle("GET /metrics", h.metrics(store))
 	if h.derp != nil {
-		mux.HandleFunc("GET /derpmap", h.derp.serveDERPMap)
+		mux.Handle("GET /derpmap", h.derp)
 	}
 	if h.cfg.DebugPprof {
 		// Already linked (Tailscale's LocalAPI serves it too), so this
@@ -121,7 +122,7 @@ func (h *handlers) readyz(w http.ResponseWriter, r *http.Request) {
 			snap.Relay.Sessions = len(table)
 		}
 	}
-	snap.DERP = h.derp.statusJSON()
+	snap.DERP = h.derp.Status()
 	snap.State = stateJSON(h.store)
 	w.Header().Set("Content-Type", "application/json")
 	if !snap.Ready {

@@ -19,7 +19,6 @@ import (
 	"tailscale.com/ipn"
 	tsversion "tailscale.com/version"
 
-	"github.com/tsrelay/tsrelay/derpregion"
 	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/internal/udpsock"
 	"github.com/tsrelay/tsrelay/kubestate"
@@ -182,7 +181,7 @@ func (h *handlers) metrics(store *kubestate.Store) http.Handler {
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
 	if h.derp != nil {
-		reg.MustRegister(derpregion.NewCollector(h.derp.srv, applianceNode{h.node}, h.derp.cfg.RegionCode, h.logger))
+		reg.MustRegister(h.derp.Collector())
 	}
 	g := prometheus.Gatherers{reg, prometheus.GathererFunc(h.tailscaleMetrics)}
 	return promhttp.HandlerFor(g, promhttp.HandlerOpts{
