@@ -58,16 +58,16 @@ const (
 	refusalLogInterval = time.Minute
 )
 
-// Defaults for ServerConfig.MaxUnadmitted and ServerConfig.AcceptRate, chosen from
-// make bench's abuse rows (bench/README.md, 2026-12): with the cap full,
-// an unadmitted connection costs the relay 30-65 KiB (TCP without TLS the
-// least, an upgraded one waiting for its ClientInfo the most); 512 of
-// them measured 33.5 MiB, over the 32 MiB goal, so 256 (about 17 MiB at
-// most). A real client is unadmitted for a few round trips, so even a
-// region's reconnect storm at the accept rate needs a few dozen. 100
-// connections a second let a region's clients reconnect after a restart
-// at that rate (a burst of AcceptBurstSeconds worth at once) and cost a
-// small part of a core in TLS handshakes.
+// Defaults for ServerConfig.MaxUnadmitted and ServerConfig.AcceptRate,
+// chosen from make bench's DERP-port abuse rows (bench/README.md, results
+// in bench/results): with the cap full, an unadmitted connection costs the
+// relay 30-65 KiB (TCP without TLS the least, an upgraded one waiting for
+// its ClientInfo the most); 512 of them went over the 32 MiB goal, so 256
+// (about 17 MiB at most). A real client is unadmitted for a few round
+// trips, so even a region's reconnect storm at the accept rate needs a few
+// dozen. 100 connections a second let a region's clients reconnect after a
+// restart at that rate (a burst of AcceptBurstSeconds worth at once) and
+// cost a small part of a core in TLS handshakes.
 const (
 	DefaultMaxUnadmitted = 256
 	DefaultAcceptRate    = 100
