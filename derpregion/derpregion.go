@@ -32,6 +32,14 @@
 // tailnet policy, survive restarts; [FromFiles] serves a certificate the
 // user provides (a mounted kubernetes.io/tls Secret). [Region] builds the
 // derpMap entry for either.
+//
+// The relay runs the region as one component, as a CoreDNS plugin runs:
+// [Config] is its settings (embedded in the relay's, checked by
+// [Config.Validate]), and [Setup] builds the running [Instance] from them
+// and a few seams ([Deps]: the relay's own settings, its tailnet node, its
+// advertised endpoints, Events, the Kubernetes client and state store).
+// The relay runs [Instance.Run] in its errgroup, serves [Instance] at
+// /derpmap and folds [Instance.Status] into /readyz.
 package derpregion
 
 import (
