@@ -1,7 +1,7 @@
 // Package derpregion serves a DERP region from the relay: DERP over TLS on
 // a TCP port and STUN on a UDP port, with Tailscale's own derp/derpserver
 // and a STUN server (stun.go, net/stunserver's but for one fix). A region has one node, or several meshed with
-// Tailscale's DERP mesh (Config.MeshKey, Config.MeshPeers): each node
+// Tailscale's DERP mesh (ServerConfig.MeshKey, ServerConfig.MeshPeers): each node
 // dials the others with the region's shared mesh key, watches their
 // clients and forwards packets to them, so a client of one node reaches
 // clients of another, and the region stays up while one node restarts.
@@ -32,6 +32,14 @@
 // tailnet policy, survive restarts; [FromFiles] serves a certificate the
 // user provides (a mounted kubernetes.io/tls Secret). [Region] builds the
 // derpMap entry for either.
+//
+// The relay runs the region as one component, as a CoreDNS plugin runs:
+// [Config] is its settings (embedded in the relay's, checked by
+// [Config.Validate]), and [Setup] builds the running [Instance] from them
+// and a few seams ([Deps]: the relay's own settings, its tailnet node, its
+// advertised endpoints, Events, the Kubernetes client and state store).
+// The relay runs [Instance.Run] in its errgroup, serves [Instance] at
+// /derpmap and folds [Instance.Status] into /readyz.
 package derpregion
 
 import (
@@ -106,8 +114,8 @@ func defaultLimits() limits {
 	}
 }
 
-// Config says where the DERP and STUN servers listen and who may use them.
-type Config struct {
+// ServerConfig says where the DERP and STUN servers listen and who may use them.
+type ServerConfig struct {
 	// DERPAddr is the TCP address for DERP over TLS, e.g. ":8443".
 	DERPAddr string
 	// STUNAddr is the UDP address for STUN, e.g. ":3478".
@@ -139,7 +147,7 @@ type Config struct {
 	MeshPeers []MeshPeer
 }
 
-func (c Config) validate() error {
+func (c ServerConfig) validate() error {
 	var errs []error
 	if c.DERPAddr == "" {
 		errs = append(errs, errors.New("derpregion: no DERP address"))
@@ -176,7 +184,7 @@ func (c Config) validate() error {
 // Server is a DERP server and a STUN server, bound by Listen and serving
 // from Serve until its context ends.
 type Server struct {
-	cfg    Config
+	cfg    ServerConfig
 	logger *slog.Logger
 	derp   *derpserver.Server
 	stats  *derpStats
@@ -185,7 +193,7 @@ type Server struct {
 	admitLn net.Listener
 	token   string // in the admission URL's path
 	stun    *stunServer
-	mesh    []*meshLink // one per Config.MeshPeers
+	mesh    []*meshLink // one per ServerConfig.MeshPeers
 
 	// refused counts clients the admission check turned away;
 	// refusals, every connection refused or closed before admission.
@@ -200,7 +208,7 @@ type Server struct {
 // Listen binds the DERP (TCP), STUN (UDP) and in-process admission
 // (loopback TCP) sockets, so that a port in use is an error before anything
 // serves. Call Serve next, or Close to release the sockets.
-func Listen(cfg Config) (_ *Server, err error) {
+func Listen(cfg ServerConfig) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}

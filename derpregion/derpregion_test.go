@@ -69,7 +69,7 @@ func serveForTest(t *testing.T, node Node, dir string) (*Server, *Cert) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := Listen(Config{
+	s, err := Listen(ServerConfig{
 		DERPAddr: "127.0.0.1:0",
 		STUNAddr: "127.0.0.1:0",
 		TLS:      cert,
@@ -290,7 +290,7 @@ func metricValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
 }
 
 func TestListenErrors(t *testing.T) {
-	if _, err := Listen(Config{}); err == nil || !strings.Contains(err.Error(), "no DERP address") {
+	if _, err := Listen(ServerConfig{}); err == nil || !strings.Contains(err.Error(), "no DERP address") {
 		t.Errorf("Listen(empty config) = %v, want every missing field named", err)
 	}
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
@@ -306,7 +306,7 @@ func TestListenErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = Listen(Config{DERPAddr: busy.Addr().String(), STUNAddr: "127.0.0.1:0", TLS: cert, Node: &stubNode{}, Logger: slog.Default()})
+	_, err = Listen(ServerConfig{DERPAddr: busy.Addr().String(), STUNAddr: "127.0.0.1:0", TLS: cert, Node: &stubNode{}, Logger: slog.Default()})
 	if err == nil || !strings.Contains(err.Error(), "listen for DERP on tcp "+busy.Addr().String()) {
 		t.Errorf("Listen on a busy port = %v, want an error naming it", err)
 	}

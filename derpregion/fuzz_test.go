@@ -31,7 +31,7 @@ func FuzzServeAdmit(f *testing.F) {
 	f.Add([]byte(`[`))
 	f.Add([]byte{})
 	node := &stubNode{state: ipn.Running, known: map[key.NodePublic]bool{member: true}}
-	s := &Server{cfg: Config{Node: node}, logger: slog.New(slog.DiscardHandler)}
+	s := &Server{cfg: ServerConfig{Node: node}, logger: slog.New(slog.DiscardHandler)}
 	f.Fuzz(func(t *testing.T, body []byte) {
 		w := httptest.NewRecorder()
 		s.serveAdmit(w, httptest.NewRequest(http.MethodPost, "/admit", bytes.NewReader(body)))

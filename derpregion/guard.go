@@ -21,12 +21,12 @@ import (
 //   - connections not yet admitted (TLS handshake, HTTP request, DERP
 //     handshake and admission check) are capped per source address
 //     (maxUnadmittedPerSource: a connection over it is closed at once) and
-//     in total (Config.MaxUnadmitted): with the total reached, a new
+//     in total (ServerConfig.MaxUnadmitted): with the total reached, a new
 //     connection closes the oldest unadmitted one, which has had the
 //     longest to finish, so strangers holding every slot cannot keep a
 //     new member out (each connection still gets at least
 //     MaxUnadmitted/AcceptRate seconds, 2.56 s by default);
-//   - new connections are rate-limited before TLS (Config.AcceptRate), as
+//   - new connections are rate-limited before TLS (ServerConfig.AcceptRate), as
 //     Tailscale's cmd/derper does with --accept-connection-limit: over the
 //     rate, a connection is closed at once rather than left in the kernel's
 //     queue, so a client learns at once and retries with its backoff;
@@ -58,16 +58,16 @@ const (
 	refusalLogInterval = time.Minute
 )
 
-// Defaults for Config.MaxUnadmitted and Config.AcceptRate, chosen from
-// make bench's abuse rows (bench/README.md, 2026-12): with the cap full,
-// an unadmitted connection costs the relay 30-65 KiB (TCP without TLS the
-// least, an upgraded one waiting for its ClientInfo the most); 512 of
-// them measured 33.5 MiB, over the 32 MiB goal, so 256 (about 17 MiB at
-// most). A real client is unadmitted for a few round trips, so even a
-// region's reconnect storm at the accept rate needs a few dozen. 100
-// connections a second let a region's clients reconnect after a restart
-// at that rate (a burst of AcceptBurstSeconds worth at once) and cost a
-// small part of a core in TLS handshakes.
+// Defaults for ServerConfig.MaxUnadmitted and ServerConfig.AcceptRate,
+// chosen from make bench's DERP-port abuse rows (bench/README.md, results
+// in bench/results): with the cap full, an unadmitted connection costs the
+// relay 30-65 KiB (TCP without TLS the least, an upgraded one waiting for
+// its ClientInfo the most); 512 of them went over the 32 MiB goal, so 256
+// (about 17 MiB at most). A real client is unadmitted for a few round
+// trips, so even a region's reconnect storm at the accept rate needs a few
+// dozen. 100 connections a second let a region's clients reconnect after a
+// restart at that rate (a burst of AcceptBurstSeconds worth at once) and
+// cost a small part of a core in TLS handshakes.
 const (
 	DefaultMaxUnadmitted = 256
 	DefaultAcceptRate    = 100
@@ -79,8 +79,8 @@ const (
 // Reasons a connection was refused or closed before admission, the
 // "reason" label of tsrelay_derp_connections_refused_total.
 const (
-	reasonAcceptRate    = "accept_rate"    // over Config.AcceptRate
-	reasonUnadmittedCap = "unadmitted_cap" // the oldest waiting, closed for a new one over Config.MaxUnadmitted
+	reasonAcceptRate    = "accept_rate"    // over ServerConfig.AcceptRate
+	reasonUnadmittedCap = "unadmitted_cap" // the oldest waiting, closed for a new one over ServerConfig.MaxUnadmitted
 	reasonSourceCap     = "source_cap"     // maxUnadmittedPerSource from this source already waiting
 	reasonAdmitTimeout  = "admit_timeout"  // not admitted within admitWithin
 	reasonNotMember     = "not_member"     // refused by the tailnet admission check

@@ -45,7 +45,7 @@ type guarded struct {
 
 // serveGuarded starts a Server on 127.0.0.1 with cfg's limits and lim's
 // timeouts (zero fields: the defaults), and stops it in t.Cleanup.
-func serveGuarded(t *testing.T, node Node, cfg Config, lim limits) *guarded {
+func serveGuarded(t *testing.T, node Node, cfg ServerConfig, lim limits) *guarded {
 	t.Helper()
 	st, err := store.NewFileStore(t.Logf, filepath.Join(t.TempDir(), "state.json"))
 	if err != nil {
@@ -184,7 +184,7 @@ func closedWithin(t *testing.T, c net.Conn, d time.Duration, what string) {
 
 func TestOversizedHeaderRefused(t *testing.T) {
 	t.Parallel()
-	g := serveGuarded(t, &stubNode{state: ipn.Running}, Config{}, limits{})
+	g := serveGuarded(t, &stubNode{state: ipn.Running}, ServerConfig{}, limits{})
 	c := tlsFrom(t, src(0), g.s.DERPAddr())
 	// 64 KiB of header, never finished: with net/http's default 1 MiB
 	// limit the server keeps reading and answers nothing until the
@@ -206,7 +206,7 @@ func TestOversizedHeaderRefused(t *testing.T) {
 func TestTLSHandshakeDeadline(t *testing.T) {
 	t.Parallel()
 	lim := limits{readHeader: 3 * time.Second, admitWithin: 30 * time.Second}
-	g := serveGuarded(t, &stubNode{state: ipn.Running}, Config{}, lim)
+	g := serveGuarded(t, &stubNode{state: ipn.Running}, ServerConfig{}, lim)
 	// TCP that never starts TLS. Without ReadHeaderTimeout (which
 	// net/http also applies to the handshake) only admitWithin would
 	// close it, far later.
@@ -221,7 +221,7 @@ func TestTLSHandshakeDeadline(t *testing.T) {
 func TestIdleKeepAliveClosed(t *testing.T) {
 	t.Parallel()
 	lim := limits{idle: time.Second, admitWithin: 30 * time.Second}
-	g := serveGuarded(t, &stubNode{state: ipn.Running}, Config{}, lim)
+	g := serveGuarded(t, &stubNode{state: ipn.Running}, ServerConfig{}, lim)
 	c := tlsFrom(t, src(0), g.s.DERPAddr())
 	br := bufio.NewReader(c)
 	io.WriteString(c, "GET /generate_204 HTTP/1.1\r\nHost: derp\r\n\r\n")
@@ -240,7 +240,7 @@ func TestIdleKeepAliveClosed(t *testing.T) {
 func TestKeepAlivesCannotHoldASlot(t *testing.T) {
 	t.Parallel()
 	lim := limits{idle: 5 * time.Second, admitWithin: 4 * time.Second}
-	g := serveGuarded(t, &stubNode{state: ipn.Running}, Config{}, lim)
+	g := serveGuarded(t, &stubNode{state: ipn.Running}, ServerConfig{}, lim)
 	c := tlsFrom(t, src(0), g.s.DERPAddr())
 	br := bufio.NewReader(c)
 	// A request every 200 ms, each within the idle timeout: only
@@ -269,7 +269,7 @@ func TestKeepAlivesCannotHoldASlot(t *testing.T) {
 func TestUpgradedWithoutClientInfo(t *testing.T) {
 	t.Parallel()
 	lim := limits{admitWithin: 4 * time.Second}
-	g := serveGuarded(t, &stubNode{state: ipn.Running}, Config{}, lim)
+	g := serveGuarded(t, &stubNode{state: ipn.Running}, ServerConfig{}, lim)
 	c := tlsFrom(t, src(0), g.s.DERPAddr())
 	br := bufio.NewReader(c)
 	io.WriteString(c, "GET /derp HTTP/1.1\r\nHost: derp\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
@@ -357,7 +357,7 @@ func TestAdmittedOutliveTimeouts(t *testing.T) {
 	a, b := key.NewNode(), key.NewNode()
 	node := &stubNode{state: ipn.Running, known: map[key.NodePublic]bool{a.Public(): true, b.Public(): true}}
 	lim := limits{readHeader: 2 * time.Second, idle: 2 * time.Second, admitWithin: 4 * time.Second}
-	g := serveGuarded(t, node, Config{}, lim)
+	g := serveGuarded(t, node, ServerConfig{}, lim)
 	ca, cb := memberClient(t, g, a), memberClient(t, g, b)
 	// Past every timeout of the port: admitted connections are exempt
 	// (hijacked, so net/http's timeouts are gone; admission stopped
@@ -379,7 +379,7 @@ func TestUnadmittedCapReservesRoomForAdmitted(t *testing.T) {
 		members[i] = key.NewNode()
 		known[members[i].Public()] = true
 	}
-	g := serveGuarded(t, &stubNode{state: ipn.Running, known: known}, Config{MaxUnadmitted: capN}, limits{})
+	g := serveGuarded(t, &stubNode{state: ipn.Running, known: known}, ServerConfig{MaxUnadmitted: capN}, limits{})
 
 	// More members than the cap, one after another, all stay connected,
 	// and none counts as unadmitted once in (without the release on
@@ -414,7 +414,7 @@ func TestUnadmittedCapReservesRoomForAdmitted(t *testing.T) {
 
 func TestSourceCap(t *testing.T) {
 	t.Parallel()
-	g := serveGuarded(t, &stubNode{state: ipn.Running}, Config{}, limits{})
+	g := serveGuarded(t, &stubNode{state: ipn.Running}, ServerConfig{}, limits{})
 	for range maxUnadmittedPerSource {
 		dialFrom(t, src(0), g.s.DERPAddr())
 	}
@@ -433,7 +433,7 @@ func TestSourceCap(t *testing.T) {
 func TestAcceptRate(t *testing.T) {
 	t.Parallel()
 	// 0.1 a second: a burst of 1, the next token in 10 s.
-	g := serveGuarded(t, &stubNode{state: ipn.Running}, Config{AcceptRate: 0.1}, limits{})
+	g := serveGuarded(t, &stubNode{state: ipn.Running}, ServerConfig{AcceptRate: 0.1}, limits{})
 	tlsFrom(t, src(0), g.s.DERPAddr())
 	// Without the limit this one would complete its handshake.
 	over := dialFrom(t, src(1), g.s.DERPAddr())
@@ -446,7 +446,7 @@ func TestAcceptRate(t *testing.T) {
 func TestRefusalsLoggedOncePerInterval(t *testing.T) {
 	t.Parallel()
 	const interval = 500 * time.Millisecond
-	g := serveGuarded(t, &stubNode{state: ipn.Running}, Config{}, limits{logInterval: interval})
+	g := serveGuarded(t, &stubNode{state: ipn.Running}, ServerConfig{}, limits{logInterval: interval})
 	r := regionFor(g.s, g.cert, g.cert.CertName())
 	const strangers = 20
 	start := time.Now()

@@ -196,7 +196,7 @@ func (l *meshLink) status() MeshPeerStatus {
 }
 
 // MeshPeers returns the state of the links to the region's other nodes, in
-// Config.MeshPeers order; nil without a mesh.
+// ServerConfig.MeshPeers order; nil without a mesh.
 func (s *Server) MeshPeers() []MeshPeerStatus {
 	var out []MeshPeerStatus
 	for _, l := range s.mesh {

@@ -45,7 +45,7 @@ func (a *addrVar) get() (netip.AddrPort, bool) {
 // peers, stopped by the returned stop (also in t.Cleanup).
 func startMeshNode(t *testing.T, name string, node Node, cert *Cert, mk key.DERPMesh, peers []MeshPeer) *meshNode {
 	t.Helper()
-	s, err := Listen(Config{
+	s, err := Listen(ServerConfig{
 		DERPAddr: "127.0.0.1:0", STUNAddr: "127.0.0.1:0",
 		TLS: cert, Node: node, MeshKey: mk, MeshPeers: peers,
 		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).With("node", name),

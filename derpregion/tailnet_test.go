@@ -55,7 +55,7 @@ func startRegion(t *testing.T, statePath, derpAddr, stunAddr string, node interf
 		t.Fatal(err)
 	}
 	logger := slog.New(slog.NewTextHandler(testWriter{t}, nil))
-	srv, err := Listen(Config{DERPAddr: derpAddr, STUNAddr: stunAddr, TLS: cert, Node: node, Logger: logger})
+	srv, err := Listen(ServerConfig{DERPAddr: derpAddr, STUNAddr: stunAddr, TLS: cert, Node: node, Logger: logger})
 	if err != nil {
 		t.Fatal(err)
 	}

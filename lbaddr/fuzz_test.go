@@ -30,3 +30,28 @@ func FuzzParseService(f *testing.F) {
 		}
 	})
 }
+
+// FuzzServicePort reads mesh members' Services as the API server may send
+// them: ServicePort must never panic, and what it returns must be usable
+// (a port in range, addresses without zones).
+func FuzzServicePort(f *testing.F) {
+	f.Add([]byte(`{"apiVersion":"v1","kind":"Service","metadata":{"name":"m"},"spec":{"clusterIP":"10.0.0.7","ports":[{"name":"derp","port":8443}]},"status":{"loadBalancer":{"ingress":[{"ip":"203.0.113.9"}]}}}`))
+	f.Add([]byte(`{"apiVersion":"v1","kind":"Service","metadata":{"name":"m"},"spec":{"clusterIP":"None","ports":[{"name":"derp","port":70000},{"name":"derp","port":-1.5}]},"status":{"loadBalancer":{"ingress":[{"ip":"fe80::1%eth0"},{"ip":"::ffff:10.0.0.1"}]}}}`))
+	f.Add([]byte(`{"apiVersion":"v1","kind":"Service","metadata":{"name":"m"},"spec":{"clusterIP":"fe80::1%eth0","ports":[{"name":"derp","port":8443}]}}`))
+	f.Add([]byte(`{"apiVersion":"v1","kind":"Service","metadata":{"name":"m"},"spec":{"ports":"x"},"status":[]}`))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		var svc unstructured.Unstructured
+		if err := svc.UnmarshalJSON(body); err != nil {
+			return
+		}
+		p := ServicePort(&svc, "derp")
+		for _, a := range p.LoadBalancer {
+			if !a.IsValid() || a.Zone() != "" || a.Is4In6() {
+				t.Fatalf("load-balancer address %v from %s", a, body)
+			}
+		}
+		if p.ClusterIP.IsValid() && (p.ClusterIP.Port() == 0 || p.ClusterIP.Port() != p.Port || p.ClusterIP.Addr().Zone() != "") {
+			t.Fatalf("cluster address %v (port %d) from %s", p.ClusterIP, p.Port, body)
+		}
+	})
+}

@@ -74,26 +74,16 @@ func parseService(svc *unstructured.Unstructured, want relayTarget) serviceInfo 
 	}
 	slices.Sort(numbers)
 	numbers = slices.Compact(numbers)
-	// A malformed status reads as no ingress; the why text then says so.
-	ingress := slice(svc, "status", "loadBalancer", "ingress")
-	for _, in := range ingress {
-		entry, _ := in.(map[string]any)
-		ip, _ := entry["ip"].(string)
-		host, _ := entry["hostname"].(string)
-		switch {
-		case ip != "":
-			addr, err := netip.ParseAddr(ip)
-			if err != nil || addr.Zone() != "" {
-				info.badIPs = append(info.badIPs, ip)
-				continue
-			}
-			for _, p := range numbers {
-				info.ips = append(info.ips, netip.AddrPortFrom(addr.Unmap(), p))
-			}
-		case host != "":
-			for _, p := range numbers {
-				info.hosts = append(info.hosts, HostPort{Host: host, Port: p})
-			}
+	in := parseIngress(svc)
+	info.badIPs = in.badIPs
+	for _, addr := range in.ips {
+		for _, p := range numbers {
+			info.ips = append(info.ips, netip.AddrPortFrom(addr, p))
+		}
+	}
+	for _, host := range in.hosts {
+		for _, p := range numbers {
+			info.hosts = append(info.hosts, HostPort{Host: host, Port: p})
 		}
 	}
 	slices.SortFunc(info.ips, netip.AddrPort.Compare)
@@ -115,6 +105,82 @@ func parseService(svc *unstructured.Unstructured, want relayTarget) serviceInfo 
 		}
 	}
 	return info
+}
+
+// ingress is what a Service's status.loadBalancer.ingress holds.
+type ingress struct {
+	// ips are the entries' IPs in order, IPv4-mapped ones unmapped,
+	// each once.
+	ips []netip.Addr
+	// hosts are the hostnames of entries without an IP, in order.
+	hosts []string
+	// badIPs are IPs that did not parse (or carry a zone).
+	badIPs []string
+}
+
+// parseIngress reads a Service's load-balancer status. An entry with both
+// an IP and a hostname counts as its IP. A malformed status reads as no
+// ingress.
+func parseIngress(svc *unstructured.Unstructured) ingress {
+	var out ingress
+	for _, in := range slice(svc, "status", "loadBalancer", "ingress") {
+		entry, _ := in.(map[string]any)
+		ip, _ := entry["ip"].(string)
+		host, _ := entry["hostname"].(string)
+		switch {
+		case ip != "":
+			addr, err := netip.ParseAddr(ip)
+			if err != nil || addr.Zone() != "" {
+				out.badIPs = append(out.badIPs, ip)
+				continue
+			}
+			if addr = addr.Unmap(); !slices.Contains(out.ips, addr) {
+				out.ips = append(out.ips, addr)
+			}
+		case host != "":
+			out.hosts = append(out.hosts, host)
+		}
+	}
+	return out
+}
+
+// NamedPort is what a Service says about reaching its port of one name:
+// through the load balancer from outside, or at the cluster IP from inside
+// the cluster. Both listen on the Service port's number.
+type NamedPort struct {
+	// LoadBalancer are the IPs in status.loadBalancer.ingress, in order,
+	// IPv4-mapped ones unmapped, each once; hostnames are not resolved.
+	LoadBalancer []netip.Addr
+	// Port is the number of the Service port with the name; 0 when there
+	// is none.
+	Port uint16
+	// ClusterIP is spec.clusterIP with Port; invalid when the Service has
+	// no cluster IP (headless) or no port with the name.
+	ClusterIP netip.AddrPort
+}
+
+// ServicePort reads how Service svc's port named name is reached (the DERP
+// mesh's members: their port named derp). It reads the ports and the
+// load-balancer status as the relay's own Service is read; a nil Service
+// gives the zero NamedPort.
+func ServicePort(svc *unstructured.Unstructured, name string) NamedPort {
+	var out NamedPort
+	if svc == nil {
+		return out
+	}
+	for _, p := range servicePorts(svc) {
+		if p.name == name {
+			out.Port = p.port
+			break
+		}
+	}
+	out.LoadBalancer = parseIngress(svc).ips
+	v, _, _ := unstructured.NestedFieldNoCopy(svc.Object, "spec", "clusterIP")
+	cip, _ := v.(string)
+	if a, err := netip.ParseAddr(cip); err == nil && a.Zone() == "" && !a.IsUnspecified() && out.Port != 0 {
+		out.ClusterIP = netip.AddrPortFrom(a.Unmap(), out.Port)
+	}
+	return out
 }
 
 // slice returns the list at path in obj, or nil if there is none. Unlike

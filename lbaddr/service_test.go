@@ -311,3 +311,46 @@ func TestRelayPortRules(t *testing.T) {
 		})
 	}
 }
+
+func TestServicePort(t *testing.T) {
+	named := func(name string, number any) map[string]any {
+		return map[string]any{"name": name, "port": number, "protocol": "TCP"}
+	}
+	withClusterIP := func(svc *unstructured.Unstructured, ip string) *unstructured.Unstructured {
+		svc.Object["spec"].(map[string]any)["clusterIP"] = ip
+		return svc
+	}
+	for _, tc := range []struct {
+		name string
+		svc  *unstructured.Unstructured
+		want string // LoadBalancer|Port|ClusterIP
+	}{
+		{"nil Service", nil, "[]|0|invalid AddrPort"},
+		{"a member", withClusterIP(newService([]any{port("UDP", 41000, int64(40000)), named("derp", int64(18443))},
+			[]any{map[string]any{"ip": "192.0.2.20"}, map[string]any{"ip": "2001:db8::20"}}), "10.96.0.7"),
+			"[192.0.2.20 2001:db8::20]|18443|10.96.0.7:18443"},
+		{"no load balancer yet", withClusterIP(newService([]any{named("derp", int64(18443))}, nil), "10.96.0.7"),
+			"[]|18443|10.96.0.7:18443"},
+		{"no port named derp", withClusterIP(newService([]any{port("UDP", 41000, nil)},
+			[]any{map[string]any{"ip": "192.0.2.20"}}), "10.96.0.7"),
+			"[192.0.2.20]|0|invalid AddrPort"},
+		{"headless", withClusterIP(newService([]any{named("derp", int64(18443))}, nil), "None"),
+			"[]|18443|invalid AddrPort"},
+		{"JSON numbers", withClusterIP(newService([]any{named("derp", float64(18443))}, nil), "::ffff:10.96.0.7"),
+			"[]|18443|10.96.0.7:18443"},
+		{"port out of range or not whole", newService([]any{named("derp", int64(70000)), named("derp", 1.5)}, nil),
+			"[]|0|invalid AddrPort"},
+		{"ingress: mapped, repeated, zoned, hostname", newService([]any{named("derp", int64(8443))}, []any{
+			map[string]any{"ip": "::ffff:192.0.2.20"}, map[string]any{"ip": "192.0.2.20"},
+			map[string]any{"ip": "fe80::1%eth0"}, map[string]any{"hostname": "lb.example.com"},
+		}), "[192.0.2.20]|8443|invalid AddrPort"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := ServicePort(tc.svc, "derp")
+			got := fmt.Sprintf("%v|%d|%v", p.LoadBalancer, p.Port, p.ClusterIP)
+			if got != tc.want {
+				t.Errorf("ServicePort = %s, want %s", got, tc.want)
+			}
+		})
+	}
+}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/kelseyhightower/envconfig"
 
+	"github.com/tsrelay/tsrelay/internal/envvar"
 	"github.com/tsrelay/tsrelay/internal/memtune"
 	"github.com/tsrelay/tsrelay/lbaddr"
 )
@@ -77,7 +78,8 @@ type Config struct {
 	BackendLogs     bool `envconfig:"TS_BACKEND_LOGS" default:"false" desc:"Include Tailscale's own verbose backend log in this process's log."`
 	DebugPprof      bool `envconfig:"TS_DEBUG_PPROF" default:"false" desc:"Serve Go's profiler at /debug/pprof/ on TS_LOCAL_ADDR_PORT, for performance investigations. Anyone who reaches that address can then read the process's memory profile: turn it on only where that address is private."`
 
-	// DERPConfig: the in-cluster DERP region (derp.go), off by default.
+	// DERPConfig: the in-cluster DERP region (package derpregion), off by
+	// default.
 	DERPConfig
 
 	// Version is tsrelay's version, set by main for build info; not read
@@ -85,26 +87,9 @@ type Config struct {
 	Version string `ignored:"true"`
 }
 
-// Port is a UDP port number read from the environment.
-type Port uint16
-
-// Decode implements envconfig.Decoder.
-func (p *Port) Decode(s string) error {
-	s = strings.TrimSpace(s)
-	if s == "" {
-		*p = 0 // set but empty, as manifests with a blank value do: unset
-		return nil
-	}
-	n, err := strconv.ParseUint(s, 10, 64)
-	if err != nil {
-		return errors.New("not a port number; want 0-65535")
-	}
-	if n > 65535 {
-		return fmt.Errorf("port %d out of range; want 0-65535", n)
-	}
-	*p = Port(n)
-	return nil
-}
+// Port is a port number read from the environment (shared with the DERP
+// region's settings).
+type Port = envvar.Port
 
 // ListenAddr is the ip:port of a TCP listener read from the environment.
 type ListenAddr netip.AddrPort
@@ -263,11 +248,7 @@ var tagRE = regexp.MustCompile(`^tag:[a-zA-Z][-a-zA-Z0-9]*$`)
 // Decode implements envconfig.Decoder.
 func (t *Tags) Decode(s string) error {
 	var out Tags
-	for f := range strings.SplitSeq(s, ",") {
-		f = strings.TrimSpace(f)
-		if f == "" {
-			continue
-		}
+	for _, f := range envvar.Fields(s) {
 		if !tagRE.MatchString(f) {
 			return fmt.Errorf("%q is not a tag; want comma-separated tag:name (a letter, then letters, digits or '-')", f)
 		}
@@ -480,7 +461,9 @@ func (c *Config) Validate() error {
 	if c.KubeSecret == "" && c.StateDir == "" && inKubernetes() {
 		bad("TS_KUBE_SECRET is empty inside Kubernetes: the node's identity would die with the pod; set TS_KUBE_SECRET to a Secret name (or TS_STATE_DIR to a persistent volume)")
 	}
-	errs = append(errs, c.DERPConfig.validate(c)...)
+	if err := c.DERPConfig.Validate(c.derpHost()); err != nil {
+		errs = append(errs, unjoin(err)...)
+	}
 	errs = append(errs, c.validateKeyless()...)
 	// Tailscale advertises at most lbaddr.MaxEndpoints; cutting the
 	// user's own list silently would hide which ones peers never hear of.

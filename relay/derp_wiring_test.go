@@ -16,10 +16,12 @@ import (
 	"go.yaml.in/yaml/v3"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
+	"tailscale.com/ipn/store"
 	"tailscale.com/net/netmon"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
+	"github.com/tsrelay/tsrelay/derpregion"
 	"github.com/tsrelay/tsrelay/internal/readyz"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 	"github.com/tsrelay/tsrelay/lease"
@@ -66,11 +68,22 @@ func TestDERPRegionInAppliance(t *testing.T) {
 	logger := slog.New(slog.NewTextHandler(t.Output(), nil))
 	// The same wiring as Run.
 	a := testAppliance(t, cfg, "")
-	region901, err := newDERPRegion(t.Context(), cfg, nil, nil, a.status, a, nil, logger)
+	region901, err := derpregion.Setup(t.Context(), cfg.DERPConfig, a.derpDeps(nil))
 	if err != nil {
 		t.Fatal(err)
 	}
-	runForTest(t, a, region901.run)
+	a.status.setDERP(region901)
+	runForTest(t, a, region901.Run)
+	// The certificate the region serves and pins, read back from where it
+	// is kept.
+	certStore, err := store.NewFileStore(t.Logf, filepath.Join(cfg.StateDir, derpregion.CertStateFile))
+	if err != nil {
+		t.Fatalf("self-signed certificate not kept in TS_STATE_DIR: %v", err)
+	}
+	cert, err := derpregion.SelfSigned(certStore, time.Now())
+	if err != nil || cert.Created() {
+		t.Fatalf("self-signed certificate not kept in TS_STATE_DIR (made anew: %v): %v", cert != nil && cert.Created(), err)
+	}
 	h := nodeHandlers(cfg, a.status, nodeParts{node: a, derp: region901}, logger)
 	get := func(path string) *httptest.ResponseRecorder {
 		rec := httptest.NewRecorder()
@@ -96,8 +109,8 @@ func TestDERPRegionInAppliance(t *testing.T) {
 		t.Fatalf("/derpmap has no region 901 with one node:\n%s", rec.Body)
 	}
 	n := r.Nodes[0]
-	if n.IPv4 != "127.0.0.1" || n.DERPPort != int(derpPort) || n.STUNPort != stunPort || n.CertName != region901.cert.CertName() || r.RegionCode != "home" {
-		t.Errorf("/derpmap node = %+v, want 127.0.0.1, DERP port %d, STUN port %d, %s", n, derpPort, stunPort, region901.cert.CertName())
+	if n.IPv4 != "127.0.0.1" || n.DERPPort != int(derpPort) || n.STUNPort != stunPort || n.CertName != cert.CertName() || r.RegionCode != "home" {
+		t.Errorf("/derpmap node = %+v, want 127.0.0.1, DERP port %d, STUN port %d, %s", n, derpPort, stunPort, cert.CertName())
 	}
 	var hs tailcfg.DERPMap
 	if rec := get("/derpmap?format=headscale"); rec.Code != 200 || yaml.Unmarshal(rec.Body.Bytes(), &hs) != nil || hs.Regions[901] == nil {
@@ -110,10 +123,10 @@ func TestDERPRegionInAppliance(t *testing.T) {
 	if err := json.Unmarshal(get("/readyz?verbose").Body.Bytes(), &verbose); err != nil || verbose.DERP == nil {
 		t.Fatalf("/readyz?verbose has no derp section: %v", err)
 	}
-	if d := verbose.DERP; !d.Serving || d.CertName != region901.cert.CertName() || d.DERPMap == nil || d.DERPMap.Regions[901].Nodes[0].IPv4 != "127.0.0.1" {
+	if d := verbose.DERP; !d.Serving || d.CertName != cert.CertName() || d.DERPMap == nil || d.DERPMap.Regions[901].Nodes[0].IPv4 != "127.0.0.1" {
 		t.Errorf("/readyz?verbose derp = %+v, want serving, the pin and the derpMap", d)
 	}
-	if _, err := os.Stat(filepath.Join(cfg.StateDir, derpCertStateFile)); err != nil {
+	if _, err := os.Stat(filepath.Join(cfg.StateDir, derpregion.CertStateFile)); err != nil {
 		t.Errorf("self-signed certificate not kept in TS_STATE_DIR: %v", err)
 	}
 

@@ -71,8 +71,8 @@ type handlers struct {
 // nodeParts are the parts of a running node the handlers ask.
 type nodeParts struct {
 	node  *appliance
-	derp  *derpRegion      // nil unless TS_DERP_PORT is set
-	store *kubestate.Store // nil with a state directory
+	derp  *derpregion.Instance // nil unless TS_DERP_PORT is set
+	store *kubestate.Store     // nil with a state directory
 }
 
 // newHandlers routes the probes:
@@ -103,8 +103,8 @@ func newHandlers(cfg Config, st *status, logger *slog.Logger) *handlers {
 // holds the identity and the node is built; call it once.
 func (h *handlers) serveNode(p *nodeParts) {
 	if p.derp != nil {
-		h.reg.MustRegister(derpregion.NewCollector(p.derp.srv, applianceNode{p.node}, p.derp.cfg.RegionCode, h.logger))
-		h.mux.HandleFunc("GET /derpmap", p.derp.serveDERPMap)
+		h.reg.MustRegister(p.derp.Collector())
+		h.mux.Handle("GET /derpmap", p.derp)
 	}
 	h.node.Store(p)
 }
@@ -154,7 +154,7 @@ func (h *handlers) readyz(w http.ResponseWriter, r *http.Request) {
 			snap.Relay.Sessions = len(table)
 		}
 	}
-	snap.DERP = p.derp.statusJSON()
+	snap.DERP = p.derp.Status()
 	snap.State = stateJSON(p.store)
 	w.Header().Set("Content-Type", "application/json")
 	if !snap.Ready {

@@ -2,7 +2,6 @@ package relay
 
 import (
 	"context"
-	"log/slog"
 	"net/netip"
 	"strconv"
 	"testing"
@@ -13,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/tsrelay/tsrelay/derpregion"
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
@@ -87,21 +87,20 @@ func TestDERPMeshServices(t *testing.T) {
 		DERPConfig: DERPConfig{
 			DERPPort: Port(netip.MustParseAddrPort(derpAddr).Port()), STUNPort: Port(stunPort),
 			RegionID: 900, RegionCode: "tsrelay", MaxUnadmitted: 256, AcceptRate: 100,
-			MeshSecret: "tsrelay-derp-mesh", MeshPeers: MeshMembers{"tsrelay-0", "tsrelay-1"},
+			MeshSecret: "tsrelay-derp-mesh", MeshPeers: derpregion.MeshMembers{"tsrelay-0", "tsrelay-1"},
 		},
 	}
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	logger := slog.New(slog.NewTextHandler(t.Output(), nil))
 	a := testAppliance(t, cfg, "")
-	region, err := newDERPRegion(ctx, cfg, kc, nil, a.status, a, nil, logger)
+	region, err := derpregion.Setup(ctx, cfg.DERPConfig, a.derpDeps(kc))
 	if err != nil {
 		t.Fatal(err)
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
-	go func() { done <- region.run(rctx) }()
+	go func() { done <- region.Run(rctx) }()
 	t.Cleanup(func() { cancel(); <-done })
 
 	mesh, err := admin.CoreV1().Secrets(ns).Get(ctx, "tsrelay-derp-mesh", metav1.GetOptions{})
@@ -111,12 +110,17 @@ func TestDERPMeshServices(t *testing.T) {
 	if len(mesh.Data["mesh-key"]) != 64 || len(mesh.Data["tls.crt"]) == 0 || len(mesh.Data["tls.key"]) == 0 {
 		t.Errorf("mesh Secret has keys %v, want mesh-key (64 hex digits), tls.crt and tls.key", keysOf(mesh.Data))
 	}
+	shared, err := derpregion.ParseShared(mesh.Data, time.Now())
+	if err != nil {
+		t.Fatalf("mesh Secret: %v", err)
+	}
+	certName := shared.Cert.CertName() // the region's shared certificate
 
 	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
 	defer wcancel()
 	var st string
 	err = tailnettest.WaitFor(wctx, 20*time.Millisecond, func() (bool, error) {
-		s := region.statusJSON()
+		s := region.Status()
 		if s.DERPMap == nil {
 			st = s.NoDERPMap
 			return false, nil
@@ -128,7 +132,7 @@ func TestDERPMeshServices(t *testing.T) {
 		}
 		return len(r.Nodes) == 2 && r.Nodes[0].IPv4 == lbIPs["tsrelay-0"] && r.Nodes[1].IPv4 == lbIPs["tsrelay-1"] &&
 			r.Nodes[0].DERPPort == servicePort && r.Nodes[1].DERPPort == servicePort &&
-			r.Nodes[0].CertName == region.cert.CertName() && r.Nodes[1].CertName == region.cert.CertName(), nil
+			r.Nodes[0].CertName == certName && r.Nodes[1].CertName == certName, nil
 	})
 	if err != nil {
 		t.Fatalf("derpMap nodes %q, want tsrelay-0 at %s:%d and tsrelay-1 at %s:%d with the shared cert: %v",
@@ -136,11 +140,11 @@ func TestDERPMeshServices(t *testing.T) {
 	}
 	want := netip.AddrPortFrom(netip.MustParseAddr(clusterIPs["tsrelay-1"]), servicePort).String()
 	err = tailnettest.WaitFor(wctx, 20*time.Millisecond, func() (bool, error) {
-		p := region.statusJSON().MeshPeers
+		p := region.Status().MeshPeers
 		return len(p) == 1 && p[0].Name == "tsrelay-1" && p[0].Addr == want, nil
 	})
 	if err != nil {
-		t.Errorf("mesh peers %+v, want only tsrelay-1 dialled at its cluster IP %s: %v", region.statusJSON().MeshPeers, want, err)
+		t.Errorf("mesh peers %+v, want only tsrelay-1 dialled at its cluster IP %s: %v", region.Status().MeshPeers, want, err)
 	}
 }
 

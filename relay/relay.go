@@ -14,6 +14,7 @@ import (
 	"tailscale.com/envknob"
 	"tailscale.com/feature"
 
+	"github.com/tsrelay/tsrelay/derpregion"
 	"github.com/tsrelay/tsrelay/internal/kubeclient"
 	"github.com/tsrelay/tsrelay/internal/memtune"
 	"github.com/tsrelay/tsrelay/kubeevents"
@@ -96,10 +97,11 @@ func runNode(ctx context.Context, cfg Config, kc *kubeclient.Client, st *status,
 	if err != nil {
 		return err
 	}
-	derp, err := newDERPRegion(ctx, cfg, kc, asStateStore(store), st, node, events, logger)
+	derp, err := derpregion.Setup(ctx, cfg.DERPConfig, node.derpDeps(kc))
 	if err != nil {
 		return err
 	}
+	st.setDERP(derp) // its readiness is part of the relay's
 	web.serveNode(&nodeParts{node: node, derp: derp, store: store})
 	logger.Info("starting", "hostname", cfg.Hostname, "relayPort", uint16(cfg.RelayServerPort),
 		"staticEndpoints", cfg.RelayServerStaticEndpoints.String(), "service", cfg.RelayService,
@@ -112,7 +114,7 @@ func runNode(ctx context.Context, cfg Config, kc *kubeclient.Client, st *status,
 	g.Go(func() error { return mtu.run(gctx) })                                                         // path MTU checks
 	g.Go(func() error { return node.run(gctx) })                                                        // tailnet node + reconcile loop
 	g.Go(func() error { return service.run(gctx) })                                                     // endpoints from the Service
-	g.Go(func() error { return derp.run(gctx) })                                                        // in-cluster DERP region (TS_DERP_PORT)
+	g.Go(func() error { return derp.Run(gctx) })                                                        // in-cluster DERP region (TS_DERP_PORT)
 	g.Go(func() error { return memtune.ReturnFreeMemory(gctx, memtune.DefaultReturnMemory(), logger) }) // the heap's garbage back to the OS once quiet
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {

@@ -55,14 +55,14 @@ type identityView struct {
 	heldBy  string // who holds it while this process waits, once known
 }
 
-// derpView is the DERP region's part of readiness; zero when it is off.
-type derpView struct {
-	code    string      // the region's code, for the readiness reason
-	serving func() bool // reports whether DERP and STUN both serve
-	// pinWarning says, when the tailnet's derpMap pins another
-	// certificate for the region than the one served, what to do; "" when
-	// it does not.
-	pinWarning func() string
+// derpView is the DERP region's part of readiness (a
+// *derpregion.Instance); nil when it is off.
+type derpView interface {
+	// Readiness reports whether the region serves, and if not, why.
+	Readiness() (ready bool, reason string)
+	// Warning says what to do when the tailnet's derpMap pins another
+	// certificate than the one served; "" when it does not.
+	Warning() string
 }
 
 // backendView is what the IPN bus announced last.
@@ -224,7 +224,8 @@ func (s *status) setKeyless(why string) {
 	s.keyless = why
 }
 
-// setDERP records how to tell whether the DERP region serves.
+// setDERP records the DERP region, whose readiness becomes part of the
+// relay's.
 func (s *status) setDERP(d derpView) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -302,8 +303,11 @@ func (s *status) readinessLocked() (bool, string) {
 		return false, "relay prefs not applied yet"
 	case !s.relay.bound:
 		return false, fmt.Sprintf("relay not bound on UDP port %d", s.port)
-	case s.derp.serving != nil && !s.derp.serving():
-		return false, "DERP region " + s.derp.code + " not serving"
+	}
+	if s.derp != nil {
+		if ok, why := s.derp.Readiness(); !ok {
+			return false, why
+		}
 	}
 	return true, "ok"
 }
@@ -343,8 +347,8 @@ func (s *status) warningsLocked() []string {
 	if w := s.mtu.report.Summary(); w != "" {
 		out = append(out, w)
 	}
-	if s.derp.pinWarning != nil {
-		if w := s.derp.pinWarning(); w != "" {
+	if s.derp != nil {
+		if w := s.derp.Warning(); w != "" {
 			out = append(out, w)
 		}
 	}

@@ -44,7 +44,7 @@ func serveRegion(t *testing.T, id int, code string) *tailcfg.DERPRegion {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := derpregion.Listen(derpregion.Config{DERPAddr: "127.0.0.1:0", STUNAddr: "127.0.0.1:0", TLS: cert, Node: nobody{}, Logger: slog.New(slog.DiscardHandler)})
+	s, err := derpregion.Listen(derpregion.ServerConfig{DERPAddr: "127.0.0.1:0", STUNAddr: "127.0.0.1:0", TLS: cert, Node: nobody{}, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
