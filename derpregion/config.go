@@ -126,7 +126,7 @@ func (c Config) check(h Host) (*meshPlan, error) {
 	if c.meshEnabled() {
 		p, err := c.planMesh(h)
 		if err != nil {
-			errs = append(errs, unjoin(err)...)
+			errs = append(errs, envvar.Unjoin(err)...)
 		}
 		plan = p
 	}
@@ -143,7 +143,7 @@ func (c Config) check(h Host) (*meshPlan, error) {
 		bad("TS_DERP_PORT=%d: must differ from the port of TS_LOCAL_ADDR_PORT=%s, both are TCP listeners of this process", c.DERPPort, h.HTTPAddr)
 	}
 	if err := ValidateRegion(c.RegionID, c.RegionCode, "TS_DERP_REGION_ID", "TS_DERP_REGION_CODE"); err != nil {
-		errs = append(errs, unjoin(err)...)
+		errs = append(errs, envvar.Unjoin(err)...)
 	}
 	if c.MaxUnadmitted < 1 || c.MaxUnadmitted > 100_000 {
 		bad("TS_DERP_MAX_UNADMITTED=%d: want a number of connections from 1 to 100000 (default 256)", c.MaxUnadmitted)
@@ -182,15 +182,6 @@ func (c Config) dialIPs(endpoints []netip.AddrPort) []netip.Addr {
 		}
 	}
 	return out
-}
-
-// unjoin returns the errors errors.Join joined, or err alone, so that the
-// relay's list of problems has one entry per problem.
-func unjoin(err error) []error {
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		return j.Unwrap()
-	}
-	return []error{err}
 }
 
 // isObjectName and isServiceName check Kubernetes names as the API server

@@ -5,21 +5,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
-	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"syscall"
-	"text/tabwriter"
 	"time"
-
-	"github.com/kelseyhightower/envconfig"
 
 	"github.com/tsrelay/tsrelay/internal/envvar"
 	"github.com/tsrelay/tsrelay/internal/memtune"
@@ -302,14 +297,14 @@ var serviceNameRE = regexp.MustCompile(`^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$`)
 // not also reported as missing).
 func LoadConfig() (Config, error) {
 	var c Config
-	errs, failed := decodeEnv(&c)
+	errs, failed := envvar.Decode(&c)
 	if c.AuthKey == "" {
 		c.AuthKey = c.AuthKeyAlias
 	}
 	c.AuthKeyAlias = ""
 	if verr := c.Validate(); verr != nil {
-		for _, e := range unjoin(verr) {
-			if !slices.ContainsFunc(failed, func(k string) bool { return namesVariable(e.Error(), k) }) {
+		for _, e := range envvar.Unjoin(verr) {
+			if !slices.ContainsFunc(failed, func(k string) bool { return envvar.NamesVariable(e.Error(), k) }) {
 				errs = append(errs, e)
 			}
 		}
@@ -321,102 +316,6 @@ func LoadConfig() (Config, error) {
 		return c, err
 	}
 	return c, nil
-}
-
-// envFields calls fn for every field of the struct v that is read from the
-// environment, in field order, descending into embedded structs
-// (DERPConfig) as envconfig does. It is the one walk over Config that
-// decoding and --help share, so neither can miss a variable the other sees.
-func envFields(v reflect.Value, fn func(f reflect.StructField, val reflect.Value)) {
-	t := v.Type()
-	for i := range t.NumField() {
-		f := t.Field(i)
-		if f.Anonymous && f.Type.Kind() == reflect.Struct {
-			envFields(v.Field(i), fn)
-			continue
-		}
-		if f.Tag.Get("envconfig") == "" || f.Tag.Get("ignored") == "true" {
-			continue
-		}
-		fn(f, v.Field(i))
-	}
-}
-
-// decodeEnv sets every field of c from its variable, or from its default
-// when the variable is unset, and returns an error for each variable that
-// does not parse, with the names of those variables.
-func decodeEnv(c *Config) (errs []error, failed []string) {
-	envFields(reflect.ValueOf(c).Elem(), func(f reflect.StructField, v reflect.Value) {
-		key := f.Tag.Get("envconfig")
-		s, ok := os.LookupEnv(key)
-		if !ok {
-			if s, ok = f.Tag.Lookup("default"); !ok {
-				return
-			}
-		}
-		if err := decodeValue(v, s); err != nil {
-			errs = append(errs, fmt.Errorf("%s=%s: %w", key, s, err))
-			failed = append(failed, key)
-		}
-	})
-	return errs, failed
-}
-
-// namesVariable reports whether msg is about variable key: it starts with
-// key followed by '=' or ' '.
-func namesVariable(msg, key string) bool {
-	rest, ok := strings.CutPrefix(msg, key)
-	return ok && (strings.HasPrefix(rest, "=") || strings.HasPrefix(rest, " "))
-}
-
-// unjoin returns the errors errors.Join joined, or err alone.
-func unjoin(err error) []error {
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		return j.Unwrap()
-	}
-	return []error{err}
-}
-
-// decodeValue decodes s into v: through its envconfig.Decoder if it has
-// one, else as a duration, string, bool, integer or number.
-func decodeValue(v reflect.Value, s string) error {
-	if d, ok := v.Addr().Interface().(envconfig.Decoder); ok {
-		return d.Decode(s)
-	}
-	if v.Type() == reflect.TypeFor[time.Duration]() {
-		d, err := time.ParseDuration(s)
-		if err != nil {
-			return errors.New("not a duration; want e.g. 90s")
-		}
-		v.SetInt(int64(d))
-		return nil
-	}
-	switch v.Kind() {
-	case reflect.String:
-		v.SetString(s)
-	case reflect.Bool:
-		b, err := strconv.ParseBool(s)
-		if err != nil {
-			return errors.New("not a boolean; want true or false")
-		}
-		v.SetBool(b)
-	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
-		n, err := strconv.ParseInt(strings.TrimSpace(s), 10, v.Type().Bits())
-		if err != nil {
-			return errors.New("not a whole number")
-		}
-		v.SetInt(n)
-	case reflect.Float32, reflect.Float64:
-		f, err := strconv.ParseFloat(strings.TrimSpace(s), v.Type().Bits())
-		if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
-			return errors.New("not a number")
-		}
-		v.SetFloat(f)
-	default:
-		// A programming error, caught by TestEveryVariableDecodes.
-		return fmt.Errorf("cannot read a %s from the environment", v.Type())
-	}
-	return nil
 }
 
 // inKubernetes reports whether this process runs in a Kubernetes pod.
@@ -462,7 +361,7 @@ func (c *Config) Validate() error {
 		bad("TS_KUBE_SECRET is empty inside Kubernetes: the node's identity would die with the pod; set TS_KUBE_SECRET to a Secret name (or TS_STATE_DIR to a persistent volume)")
 	}
 	if err := c.DERPConfig.Validate(c.derpHost()); err != nil {
-		errs = append(errs, unjoin(err)...)
+		errs = append(errs, envvar.Unjoin(err)...)
 	}
 	errs = append(errs, c.validateKeyless()...)
 	// Tailscale advertises at most lbaddr.MaxEndpoints; cutting the
@@ -525,18 +424,5 @@ func (c *Config) setDefaults() error {
 }
 
 // PrintUsage writes every environment variable with its default and
-// meaning, read from Config's struct tags. It walks the tags itself rather
-// than through envconfig's template-based usage: text/template makes the
-// linker keep every exported method in the program, megabytes of them.
-func PrintUsage(w io.Writer) error {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "VARIABLE\tDEFAULT\tMEANING")
-	envFields(reflect.New(reflect.TypeFor[Config]()).Elem(), func(f reflect.StructField, _ reflect.Value) {
-		def := f.Tag.Get("default")
-		if def == "" {
-			def = "-"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", f.Tag.Get("envconfig"), def, f.Tag.Get("desc"))
-	})
-	return tw.Flush()
-}
+// meaning, read from Config's struct tags (the DERP region's included).
+func PrintUsage(w io.Writer) error { return envvar.Usage[Config](w) }

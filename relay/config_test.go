@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/tsrelay/tsrelay/internal/envvar"
 )
 
 // setEnv clears every variable the relay reads, then sets env, so that the
@@ -482,13 +484,13 @@ func TestEveryVariableDecodes(t *testing.T) {
 	}
 	var c Config
 	n := 0
-	envFields(reflect.ValueOf(&c).Elem(), func(f reflect.StructField, v reflect.Value) {
+	envvar.Walk(reflect.ValueOf(&c).Elem(), func(f reflect.StructField, v reflect.Value) {
 		n++
 		key := f.Tag.Get("envconfig")
 		if !strings.Contains(help.String(), "\n"+key+" ") {
 			t.Errorf("relay --help does not list %s", key)
 		}
-		if err := decodeValue(v, f.Tag.Get("default")); err != nil && strings.Contains(err.Error(), "cannot read") {
+		if err := envvar.DecodeValue(v, f.Tag.Get("default")); err != nil && strings.Contains(err.Error(), "cannot read") {
 			t.Errorf("%s (%s): %v", key, v.Type(), err)
 		}
 	})

@@ -1,6 +1,8 @@
-// Package envvar holds the types of settings read from the environment
-// that the configuration of more than one package uses (the relay's own and
-// the DERP region's), so that each is parsed one way.
+// Package envvar reads settings from the environment: the one decoder that
+// parsing, validation and --help share (Walk, Decode, Usage), which descends
+// into embedded structs and reports every bad variable in one run, and the
+// value types that more than one package's configuration uses (the relay's
+// own and the DERP region's), so that each is parsed one way.
 package envvar
 
 import (
