@@ -32,27 +32,13 @@ func TestAbuse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
 	ctx, cancel := context.WithCancel(t.Context())
 	served := make(chan error, 1)
-	go func() { served <- Serve(ctx, ln, mux, nil) }()
+	go func() { served <- Serve(ctx, ln, healthzMux(), nil) }()
 	addr := ln.Addr().String()
-
-	// healthz fetches /healthz and fails the test unless it is answered
-	// 200 before the deadline (a bound against hanging, not a timing
-	// claim: what must not happen is asserted by the callers).
 	healthz := func(what string, deadline time.Duration) {
 		t.Helper()
-		c := &http.Client{Timeout: deadline, Transport: &http.Transport{DisableKeepAlives: true}}
-		resp, err := c.Get("http://" + addr + "/healthz")
-		if err != nil {
-			t.Fatalf("/healthz %s: %v", what, err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			t.Fatalf("/healthz %s: %s", what, resp.Status)
-		}
+		getHealthz(t, addr, what, deadline)
 	}
 	healthz("before", 10*time.Second)
 	base := rss(t)
@@ -128,6 +114,29 @@ func TestAbuse(t *testing.T) {
 	cancel()
 	if err := <-served; err != context.Canceled {
 		t.Errorf("Serve after cancel = %v, want context.Canceled", err)
+	}
+}
+
+// healthzMux serves /healthz.
+func healthzMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+	return mux
+}
+
+// getHealthz fetches /healthz from addr and fails the test unless it is
+// answered 200 before the deadline (a bound against hanging, not a timing
+// claim: what must not happen is asserted by the callers).
+func getHealthz(t *testing.T, addr, what string, deadline time.Duration) {
+	t.Helper()
+	c := &http.Client{Timeout: deadline, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get("http://" + addr + "/healthz")
+	if err != nil {
+		t.Fatalf("/healthz %s: %v", what, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("/healthz %s: %s", what, resp.Status)
 	}
 }
 
@@ -220,9 +229,7 @@ func TestEvictsUnfinished(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
-	srv := New(mux, slog.New(slog.DiscardHandler))
+	srv := New(healthzMux(), slog.New(slog.DiscardHandler))
 	srv.ReadHeaderTimeout = time.Minute
 	lim := newListener(ln, MaxConns)
 	go srv.Serve(lim)
@@ -244,15 +251,7 @@ func TestEvictsUnfinished(t *testing.T) {
 		}
 	}
 
-	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Get("http://" + addr + "/healthz")
-	if err != nil {
-		t.Fatalf("/healthz behind %d unfinished headers (cap %d): %v", MaxConns+extra, MaxConns, err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("/healthz: %s", resp.Status)
-	}
+	getHealthz(t, addr, fmt.Sprintf("behind %d unfinished headers (cap %d)", MaxConns+extra, MaxConns), 10*time.Second)
 	// The probe took one held connection's place; the rest are open.
 	if open := held.stillOpen(); open != MaxConns-1 {
 		t.Errorf("after /healthz: %d held connections open, want %d (one evicted for the probe)", open, MaxConns-1)
@@ -272,9 +271,7 @@ func TestNoKeepAlive(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
-	go Serve(t.Context(), ln, mux, nil)
+	go Serve(t.Context(), ln, healthzMux(), nil)
 
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
