@@ -107,8 +107,13 @@ type udpFloodResult struct {
 	// during the full-speed flooded transfers (median).
 	PPS float64
 	// CPUPerPacket is the relay's CPU time per junk packet, in µs, over a
-	// flood with no transfer.
-	CPUPerPacket float64
+	// full-speed flood of both ports with no transfer; CPUPerPacketRelay
+	// and CPUPerPacketSTUN the same over a paced flood of one port alone.
+	CPUPerPacket, CPUPerPacketRelay, CPUPerPacketSTUN float64
+	// PacedRatio and FullRatio are the median of each round's flooded
+	// transfer over the same round's unflooded one (paired, so that the
+	// machine's drift between rounds cancels).
+	PacedRatio, FullRatio float64
 	// STUNAmp is bytes STUN answered / bytes sent to it, for well-formed
 	// binding requests, the most of the paced floods; STUNAmpAll the same
 	// over everything the full-speed flood with no transfer sent to STUN. RelayBytesBack is what the relay port sent back to the
@@ -555,22 +560,21 @@ func (s *derpAbuseSetup) flood(ctx context.Context, b *bench) (*udpFloodResult, 
 	relayAddr := s.p.LB
 	stunAddr := netip.AddrPortFrom(s.p.LB.Addr(), stunPort)
 
-	// Flood with no transfer: the relay's CPU per junk packet.
-	cpu0, err := cpuSeconds(r.Pid())
+	// Floods with no transfer: the relay's CPU per junk packet, at full
+	// speed at both ports, then paced at each port alone (the relay port
+	// is Tailscale's udprelay.Server, STUN is ours).
+	fs, cpu, err := cpuPerJunkPacket(ctx, r.Pid(), relayAddr, stunAddr, 0)
 	if err != nil {
 		return res, err
 	}
-	fs, err := startFlood(ctx, relayAddr, stunAddr, 0)
-	if err != nil {
-		return res, err
-	}
-	time.Sleep(3 * time.Second) // the flood's length
-	fs.stop()
-	cpu1, _ := cpuSeconds(r.Pid())
-	if fs.sent > 0 {
-		res.CPUPerPacket = (cpu1 - cpu0) / float64(fs.sent) * 1e6
-	}
+	res.CPUPerPacket = cpu
 	res.STUNAmpAll, res.RelayBytesBack = fs.stunAmpAll(), fs.relayBack.Load()
+	if _, res.CPUPerPacketRelay, err = cpuPerJunkPacket(ctx, r.Pid(), relayAddr, netip.AddrPort{}, pacedFloodPPS); err != nil {
+		return res, err
+	}
+	if _, res.CPUPerPacketSTUN, err = cpuPerJunkPacket(ctx, r.Pid(), netip.AddrPort{}, stunAddr, pacedFloodPPS); err != nil {
+		return res, err
+	}
 
 	// Transfers without a flood, under a full-speed one and under a paced
 	// one, interleaved over Config.Rounds rounds (this machine's other
@@ -608,12 +612,45 @@ func (s *derpAbuseSetup) flood(ctx context.Context, b *bench) (*udpFloodResult, 
 		}
 	}
 	res.Mbps, res.FloodedMbps, res.PacedMbps = percentile(plain, 50), percentile(full, 50), percentile(paced, 50)
+	res.FullRatio, res.PacedRatio = medianRatio(full, plain), medianRatio(paced, plain)
 	res.PPS, res.PacedPPS = percentile(fullPPS, 50), percentile(pacedPPS, 50)
 	res.Runs = fmt.Sprintf("none %s, full speed %s, paced %s", fmtRuns(plain), fmtRuns(full), fmtRuns(paced))
 	res.StillRelayed = stillRelayed(ctx, []*pair{p}) == nil
-	b.cfg.Logf("UDP flood: %.0f Mbit/s unflooded, %.0f flooded (%.0f junk packets/s), %.0f under %.0f packets/s; %.2f µs relay CPU per junk packet; STUN amplification %.2f (requests), %.2f (all); relay port sent back %d bytes",
-		res.Mbps, res.FloodedMbps, res.PPS, res.PacedMbps, res.PacedPPS, res.CPUPerPacket, res.STUNAmp, res.STUNAmpAll, res.RelayBytesBack)
+	b.cfg.Logf("UDP flood: %.0f Mbit/s unflooded, %.0f flooded (%.0f junk packets/s, %.2f× paired), %.0f under %.0f packets/s (%.2f× paired); %.2f µs relay CPU per junk packet (paced: %.2f relay port, %.2f STUN); STUN amplification %.2f (requests), %.2f (all); relay port sent back %d bytes",
+		res.Mbps, res.FloodedMbps, res.PPS, res.FullRatio, res.PacedMbps, res.PacedPPS, res.PacedRatio, res.CPUPerPacket, res.CPUPerPacketRelay, res.CPUPerPacketSTUN, res.STUNAmp, res.STUNAmpAll, res.RelayBytesBack)
 	return res, nil
+}
+
+// medianRatio is the median of xs[i]/base[i].
+func medianRatio(xs, base []float64) float64 {
+	var r []float64
+	for i := range min(len(xs), len(base)) {
+		if base[i] > 0 {
+			r = append(r, xs[i]/base[i])
+		}
+	}
+	return percentile(r, 50)
+}
+
+// cpuPerJunkPacket floods relay and stunAddr (a zero address: not that
+// one) with junk for 3 s at pps per port (0: full speed) and returns the
+// stopped flood and the relay process's CPU time per packet sent, in µs.
+func cpuPerJunkPacket(ctx context.Context, pid int, relay, stunAddr netip.AddrPort, pps int) (*floodState, float64, error) {
+	cpu0, err := cpuSeconds(pid)
+	if err != nil {
+		return nil, 0, err
+	}
+	fs, err := startFlood(ctx, relay, stunAddr, pps)
+	if err != nil {
+		return nil, 0, err
+	}
+	time.Sleep(3 * time.Second) // the flood's length
+	fs.stop()
+	cpu1, err := cpuSeconds(pid)
+	if err != nil || fs.sent == 0 {
+		return fs, 0, err
+	}
+	return fs, (cpu1 - cpu0) / float64(fs.sent) * 1e6, nil
 }
 
 // pacedFloodPPS is the per-port rate of the paced flood.
@@ -633,19 +670,29 @@ type floodState struct {
 
 // startFlood sends junk to the relay port and to STUN from one socket
 // each, pps packets a second per socket or (0) as fast as one goroutine
-// per socket can, and counts what comes back.
+// per socket can, and counts what comes back. A zero address is not
+// flooded.
 func startFlood(ctx context.Context, relay, stunAddr netip.AddrPort, pps int) (*floodState, error) {
 	fs := &floodState{}
-	var err error
-	if fs.relayConn, err = net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(relay)); err != nil {
-		return nil, err
-	}
-	if fs.stunConn, err = net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(stunAddr)); err != nil {
-		fs.relayConn.Close()
-		return nil, err
+	for _, to := range []struct {
+		addr netip.AddrPort
+		c    **net.UDPConn
+	}{{relay, &fs.relayConn}, {stunAddr, &fs.stunConn}} {
+		if !to.addr.IsValid() {
+			continue
+		}
+		c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(to.addr))
+		if err != nil {
+			fs.closeConns()
+			return nil, err
+		}
+		*to.c = c
 	}
 	ctx, fs.cancel = context.WithCancel(ctx)
 	for _, c := range []*net.UDPConn{fs.relayConn, fs.stunConn} {
+		if c == nil {
+			continue
+		}
 		isSTUN := c == fs.stunConn
 		fs.wg.Go(func() { // receiver: count what comes back
 			buf := make([]byte, 64<<10)
@@ -739,10 +786,18 @@ func (fs *floodState) stop() {
 	fs.cancel()
 	// Let replies in flight arrive, then unblock the readers.
 	time.Sleep(200 * time.Millisecond)
-	fs.relayConn.Close()
-	fs.stunConn.Close()
+	fs.closeConns()
 	fs.wg.Wait()
 	fs.sent = fs.sentN.Load()
+}
+
+// closeConns closes the flood's sockets, which ends its readers.
+func (fs *floodState) closeConns() {
+	for _, c := range []*net.UDPConn{fs.relayConn, fs.stunConn} {
+		if c != nil {
+			c.Close()
+		}
+	}
 }
 
 // stunAmp is STUN's answer bytes per byte of well-formed request (every
@@ -805,15 +860,26 @@ func (r *Report) addDERPAbuse(res []derpAbuseResult, fl *udpFloodResult, env []s
 		relayed = "the pair was NOT on the relay afterwards"
 	}
 	r.add(Row{Section: "abuse", Scenario: sc, Metric: "TCP throughput a→b through the relay", Unit: "Mbit/s", Value: fl.FloodedMbps, Better: "higher",
-		Note: fmt.Sprintf("%.0f junk packets/s, one sender per port as fast as it can, on the same 2 cores as the pair and the relay (random bytes, truncated and malformed Geneve, STUN with garbage attributes, well-formed STUN requests): the senders take about a core of their own; %s; goal ≥ 0.8× %s", fl.PPS, relayed, metOrNot(fl.FloodedMbps >= 0.8*fl.Mbps))},
+		Note: fmt.Sprintf("%.0f junk packets/s, one sender per port as fast as it can, on the same 2 cores as the pair and the relay (random bytes, truncated and malformed Geneve, STUN with garbage attributes, well-formed STUN requests): the senders take about a core of their own; %s; each round's flooded transfer over the same round's unflooded one: median %.2f×; goal ≥ 0.8× (on that) %s", fl.PPS, relayed, fl.FullRatio, metOrNot(fl.FullRatio >= 0.8))},
 		"tsrelay, no flood", fl.Mbps, true)
 	if fl.PacedMbps > 0 {
 		r.add(Row{Section: "abuse", Scenario: "tsrelay, paced junk flood at relay port + STUN", Metric: "TCP throughput a→b through the relay", Unit: "Mbit/s", Value: fl.PacedMbps, Better: "higher",
-			Note: fmt.Sprintf("the same junk at %.0f packets/s in all (%d per port), so that the senders take little CPU: the relay's own cost; goal ≥ 0.8× %s", fl.PacedPPS, pacedFloodPPS, metOrNot(fl.PacedMbps >= 0.8*fl.Mbps))},
+			Note: fmt.Sprintf("the same junk at %.0f packets/s in all (%d per port), so that the senders take little CPU: the relay's own cost; each round's flooded transfer over the same round's unflooded one: median %.2f×; goal ≥ 0.8× (on that) %s", fl.PacedPPS, pacedFloodPPS, fl.PacedRatio, metOrNot(fl.PacedRatio >= 0.8))},
 			"tsrelay, no flood", fl.Mbps, true)
 	}
 	r.add(Row{Section: "abuse", Scenario: sc, Metric: "relay CPU per junk packet", Unit: "µs", Value: fl.CPUPerPacket, Better: "lower",
 		Note: "relay process CPU time (user + system) over a 3 s flood with no transfer, per packet sent"}, "", 0, false)
+	for _, p := range []struct {
+		port string
+		cpu  float64
+		why  string
+	}{
+		{"the relay port", fl.CPUPerPacketRelay, "Tailscale's udprelay.Server reads it: its cost"},
+		{"STUN", fl.CPUPerPacketSTUN, "ours; the kernel drops what cannot be a binding request before it wakes the relay"},
+	} {
+		r.add(Row{Section: "abuse", Scenario: "tsrelay, paced junk flood at " + p.port + " alone", Metric: "relay CPU per junk packet", Unit: "µs", Value: p.cpu, Better: "lower",
+			Note: fmt.Sprintf("relay process CPU time over a 3 s flood of %d packets/s with no transfer, per packet sent; %s", pacedFloodPPS, p.why)}, "", 0, false)
+	}
 	r.add(Row{Section: "abuse", Scenario: sc, Metric: "STUN amplification (answer bytes / request bytes)", Unit: "×", Value: fl.STUNAmp, Better: "lower",
 		Note: fmt.Sprintf("over IPv4, well-formed binding requests in the paced floods (the most of the rounds); %.2f× over everything a full-speed flood sent to STUN; the relay port sent back %d bytes in all; goal ≤ 1× %s (over IPv6 an answer is 44 bytes to a 40-byte request: 1.1×)", fl.STUNAmpAll, fl.RelayBytesBack, metOrNot(fl.STUNAmp <= 1))}, "", 0, false)
 }

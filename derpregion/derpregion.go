@@ -226,6 +226,9 @@ func Listen(cfg ServerConfig) (_ *Server, err error) {
 	if s.stun, err = listenSTUN(cfg.STUNAddr); err != nil {
 		return nil, fmt.Errorf("derpregion: listen for STUN on udp %s: %w", cfg.STUNAddr, err)
 	}
+	if s.stun.filterErr != nil {
+		s.logger.Warn("STUN serves unfiltered: junk sent to it costs more CPU", "err", s.stun.filterErr)
+	}
 	// derpserver asks an admission URL with http.DefaultClient; nothing
 	// more direct exists at v1.102.5 (SetVerifyClient needs a tailscaled
 	// unix socket, which tsnet does not have). Loopback only, and the path

@@ -1,7 +1,6 @@
 package derpregion
 
 import (
-	"container/list"
 	"context"
 	"log/slog"
 	"net"
@@ -12,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/tsrelay/tsrelay/internal/admitq"
 )
 
 // The DERP port is on a public address: anyone reaches it before the
@@ -144,26 +145,24 @@ func (r *refusals) logEvery(ctx context.Context, interval time.Duration, logger 
 // under TLS: net/http's server needs to see the *tls.Conn.
 type guardListener struct {
 	net.Listener
-	lim           *rate.Limiter
-	maxUnadmitted int
-	refused       *refusals
-	limits        *limits // admitWithin
+	lim        *rate.Limiter
+	refused    *refusals
+	limits     *limits       // admitWithin
+	unadmitted *admitq.Queue // connections not admitted, oldest first
 
-	mu         sync.Mutex
-	unadmitted int
-	bySource   map[netip.Prefix]int
-	queue      list.List // of *guardConn not admitted, oldest first
+	mu       sync.Mutex
+	bySource map[netip.Prefix]int // unadmitted connections by source
 }
 
 func newGuardListener(ln net.Listener, maxUnadmitted int, acceptRate float64, refused *refusals, lim *limits) *guardListener {
 	burst := max(1, int(acceptRate*AcceptBurstSeconds))
 	return &guardListener{
-		Listener:      ln,
-		lim:           rate.NewLimiter(rate.Limit(acceptRate), burst),
-		maxUnadmitted: maxUnadmitted,
-		refused:       refused,
-		limits:        lim,
-		bySource:      map[netip.Prefix]int{},
+		Listener:   ln,
+		lim:        rate.NewLimiter(rate.Limit(acceptRate), burst),
+		refused:    refused,
+		limits:     lim,
+		unadmitted: admitq.New(maxUnadmitted),
+		bySource:   map[netip.Prefix]int{},
 	}
 }
 
@@ -215,47 +214,34 @@ func (g *guardListener) take(c net.Conn) *guardConn {
 		g.refused.add(reasonAcceptRate)
 		return nil
 	}
-	var oldest *guardConn
-	if g.unadmitted >= g.maxUnadmitted {
-		oldest = g.queue.Front().Value.(*guardConn)
-		g.releaseLocked(oldest)
-	}
-	gc := &guardConn{Conn: c, g: g, src: src}
-	gc.elem = g.queue.PushBack(gc)
-	g.unadmitted++
 	g.bySource[src]++
-	gc.timer = time.AfterFunc(g.limits.admitWithin, gc.expire)
 	g.mu.Unlock()
-	if oldest != nil {
-		oldest.evict()
-	}
+	gc := &guardConn{Conn: c, g: g, src: src}
+	// Only a later take can evict gc, so its timer is set by then.
+	gc.ticket = g.unadmitted.Join(gc.evict)
+	gc.timer = time.AfterFunc(g.limits.admitWithin, gc.expire)
 	return gc
 }
 
 // release returns c's unadmitted slot, if it still holds one.
 func (g *guardListener) release(c *guardConn) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	g.releaseLocked(c)
+	if c.ticket.Leave() {
+		g.dropSource(c.src)
+	}
 }
 
-func (g *guardListener) releaseLocked(c *guardConn) {
-	if c.elem == nil {
-		return // released already: admitted, closed or evicted
-	}
-	g.queue.Remove(c.elem)
-	c.elem = nil
-	g.unadmitted--
-	if g.bySource[c.src]--; g.bySource[c.src] <= 0 {
-		delete(g.bySource, c.src)
+// dropSource takes one unadmitted connection off src's count.
+func (g *guardListener) dropSource(src netip.Prefix) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.bySource[src]--; g.bySource[src] <= 0 {
+		delete(g.bySource, src)
 	}
 }
 
 // unadmittedNow is the number of connections not yet admitted.
 func (g *guardListener) unadmittedNow() int {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.unadmitted
+	return g.unadmitted.Len()
 }
 
 // guardConn states: a connection is unadmitted until derpserver trusts
@@ -279,10 +265,10 @@ const (
 // slot until admitted or closed.
 type guardConn struct {
 	net.Conn
-	g     *guardListener
-	src   netip.Prefix
-	timer *time.Timer
-	elem  *list.Element // in g.queue while it holds a slot; guarded by g.mu
+	g      *guardListener
+	src    netip.Prefix
+	timer  *time.Timer
+	ticket *admitq.Ticket // its place among the unadmitted
 
 	mu    sync.Mutex
 	state int32
@@ -328,8 +314,9 @@ func (c *guardConn) expire() {
 }
 
 // evict closes the connection, unless admitted meanwhile, to make room
-// for a newer one; take has released its slot.
+// for a newer one; the queue has taken its slot.
 func (c *guardConn) evict() {
+	c.g.dropSource(c.src)
 	c.mu.Lock()
 	evicted := c.state != stateAdmitted && c.state != stateClosed
 	if evicted {

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/net/bpf"
+	"golang.org/x/net/ipv6"
 	"tailscale.com/net/stun"
 )
 
@@ -22,17 +24,27 @@ import (
 // only its software attribute and fingerprint), and refusing it would
 // break their IPv6 netcheck.
 //
+// No request shape gets more: stun.ParseBindingRequest accepts nothing
+// shorter than 40 bytes (a 20-byte header, the 12-byte software
+// attribute and the 8-byte fingerprint it requires), and every answer is
+// 32 bytes (IPv4) or 44 (IPv6), whatever the request carried.
+//
 // Only well-formed binding requests with Tailscale's software attribute
 // and a valid fingerprint are answered (stun.ParseBindingRequest); all
-// else is dropped and counted.
+// else is dropped and counted. What cannot be one (bindingRequestFilter)
+// is dropped by the kernel before it wakes the process, uncounted.
 type stunServer struct {
-	pc *net.UDPConn
+	pc        *net.UDPConn
+	filterErr error // why bindingRequestFilter is not attached, if it is not
 
 	success, notSTUN, readError, writeError atomic.Uint64
 }
 
 // listenSTUN binds the STUN socket on addr (udp, dual-stack for a
-// wildcard address).
+// wildcard address) and attaches bindingRequestFilter. A kernel that
+// refuses the filter (a sandbox such as gVisor may) leaves the socket
+// unfiltered and the error in the server's filterErr: the server works
+// without it, at a higher cost per junk packet.
 func listenSTUN(addr string) (*stunServer, error) {
 	ua, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
@@ -42,7 +54,45 @@ func listenSTUN(addr string) (*stunServer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &stunServer{pc: pc}, nil
+	// SO_ATTACH_FILTER is SOL_SOCKET: the ipv6 package's setter serves an
+	// IPv4 socket too.
+	filter, err := bindingRequestFilter()
+	if err == nil {
+		err = ipv6.NewPacketConn(pc).SetBPF(filter)
+	}
+	s := &stunServer{pc: pc}
+	if err != nil {
+		s.filterErr = fmt.Errorf("attach a socket filter to the STUN socket: %w", err)
+	}
+	return s, nil
+}
+
+// minBindingRequest is the shortest datagram stun.ParseBindingRequest
+// accepts: the header, the software attribute ("tailnode") and the
+// fingerprint, both of which it requires (Tailscale's netcheck sends
+// exactly this, stun.Request, over IPv4 and IPv6 alike).
+const minBindingRequest = 20 + 4 + 8 + 8
+
+// bindingRequestFilter returns a socket filter that passes only datagrams that
+// could be binding requests stun.ParseBindingRequest accepts: at least
+// minBindingRequest bytes, the binding request type (0x0001) and the
+// magic cookie, which it checks first (stun.Is). Everything else (random
+// bytes, Geneve, STUN of another type) is dropped in the kernel: a junk
+// flood at the STUN port then costs the process nothing for most of it
+// (issue 27: a paced flood of the bench's junk took a third less CPU).
+// A socket filter sees a UDP datagram from its UDP header (8 bytes) on,
+// over IPv4 and IPv6 alike.
+func bindingRequestFilter() ([]bpf.RawInstruction, error) {
+	return bpf.Assemble([]bpf.Instruction{
+		bpf.LoadExtension{Num: bpf.ExtLen},
+		bpf.JumpIf{Cond: bpf.JumpLessThan, Val: 8 + minBindingRequest, SkipTrue: 5},
+		bpf.LoadAbsolute{Off: 8, Size: 2}, // message type
+		bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: 0x0001, SkipTrue: 3},
+		bpf.LoadAbsolute{Off: 8 + 4, Size: 4}, // magic cookie
+		bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: 0x2112A442, SkipTrue: 1},
+		bpf.RetConstant{Val: 1 << 16}, // pass, whole
+		bpf.RetConstant{Val: 0},       // drop
+	})
 }
 
 // localAddr is the address the socket is bound to.

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tsrelay/tsrelay/internal/httpserve"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
@@ -21,7 +22,8 @@ import (
 // its DERP region on (issue 27): the DERP port answers an oversized header
 // with 431, closes the oldest unadmitted connection when one more than
 // TS_DERP_MAX_UNADMITTED arrives and counts it by reason; the health port closes a connection once its one
-// request is answered. derpregion's and httpserve's tests check each limit
+// request is answered, and at its cap closes the oldest connection without
+// a whole header for a new one. derpregion's and httpserve's tests check each limit
 // in depth; this one checks the binary applies them, settings included.
 func TestRelayPortLimits(t *testing.T) {
 	bins := binaries(t)
@@ -57,6 +59,43 @@ func TestRelayPortLimits(t *testing.T) {
 		resp.Body.Close()
 		if _, err := br.ReadByte(); err != io.EOF {
 			t.Errorf("health port after one answer: read = %v, want EOF (closed by the relay)", err)
+		}
+	})
+
+	t.Run("health port: held headers do not keep a probe out", func(t *testing.T) {
+		// More unfinished headers than the cap, then a probe: it must be
+		// answered before any held connection's header timeout could have
+		// freed a slot (1.9 s behind 1,000 before, issue 27). Eviction and
+		// timeouts both close the oldest first, so only that time tells
+		// them apart; opening the connections takes about 0.1 s.
+		n := httpserve.MaxConns + 64
+		held := make([]net.Conn, 0, n)
+		start := time.Now()
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for i := range n {
+			c, err := net.Dial("tcp", relay.HTTPAddr)
+			if err != nil {
+				t.Fatalf("dial %d: %v", i, err)
+			}
+			held = append(held, c)
+			if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: relay\r\nX-Pad: aaaa"); err != nil {
+				t.Fatalf("write %d: %v", i, err)
+			}
+		}
+		resp, err := (&http.Client{Timeout: 10 * time.Second}).Get("http://" + relay.HTTPAddr + "/healthz")
+		if err != nil {
+			t.Fatalf("/healthz behind %d unfinished headers: %v", n, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("/healthz behind %d unfinished headers: %s", n, resp.Status)
+		}
+		if took := time.Since(start); took >= httpserve.ReadHeaderTimeout {
+			t.Errorf("/healthz behind %d unfinished headers answered %.1f s after the first was opened, not before their %v header timeout: it waited for held connections to time out instead of evicting the oldest", n, took.Seconds(), httpserve.ReadHeaderTimeout)
 		}
 	})
 

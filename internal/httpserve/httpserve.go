@@ -10,12 +10,13 @@
 // that does not finish its header in ReadHeaderTimeout is closed, as is
 // every connection once its one request is answered.
 //
-// The limit on connections trades availability for memory: while more than
-// MaxConns connections are held open, a new one (the kubelet's probe
-// included) waits in the accept queue until held ones time out: a
-// ReadHeaderTimeout for each MaxConns connections ahead of it (4 s behind
-// 1,000 held connections). Without the cap, memory would grow with the number of
-// connections an attacker opens, and the pod would be OOM-killed instead.
+// At the cap, a new connection closes the oldest one that has not yet sent
+// a whole request (internal/admitq) and is served at once. An earlier
+// version made it wait in the accept queue, as netutil.LimitListener does,
+// so 1,000 held headers kept the kubelet's probe waiting until held ones
+// timed out (/healthz took 1.9 s, over the probe's 1 s; issue 27). Only
+// when every connection is being answered does a new one wait, for
+// handlers that take milliseconds.
 package httpserve
 
 import (
@@ -25,9 +26,10 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
-	"golang.org/x/net/netutil"
+	"github.com/tsrelay/tsrelay/internal/admitq"
 )
 
 const (
@@ -38,21 +40,20 @@ const (
 	// answers a bigger header with 431 and closes the connection.
 	MaxHeaderBytes = 4 << 10
 
-	// MaxConns caps the connections served at once. Further connections
-	// wait in the kernel's accept queue, which costs the process nothing,
-	// until one closes. A connection costs the relay a few tens of KiB of
-	// RSS at most (goroutine stack, buffers, garbage not yet collected),
-	// most when it is being refused a 1 MiB header, so 512 keeps the port
-	// under about 32 MiB however many connections arrive, where 1,024
-	// let 1,000 connections sending 1 MiB headers take 56 MiB. make
+	// MaxConns caps the connections open at once; at the cap a new one
+	// closes the oldest that has not sent a whole request, so a probe never
+	// waits behind held headers. A connection costs the relay a few tens of
+	// KiB of RSS at most (goroutine stack, buffers, garbage not yet
+	// collected), most when it is being refused a 1 MiB header, so 512 keeps
+	// the port under about 32 MiB however many connections arrive, where
+	// 1,024 let 1,000 connections sending 1 MiB headers take 56 MiB. make
 	// bench's "HTTP port abuse" rows measure it against that goal
 	// (bench/results/reference.md).
 	MaxConns = 512
 
 	// ReadHeaderTimeout closes a connection that has not sent a whole
-	// header in time; with MaxConns it bounds how long abusers can hold
-	// the slots, and so how long a probe waits behind them. The kubelet
-	// and Prometheus send their few hundred bytes in one segment.
+	// header in time, cap or no cap. The kubelet and Prometheus send
+	// their few hundred bytes in one segment.
 	ReadHeaderTimeout = 2 * time.Second
 	// ReadTimeout and WriteTimeout bound the rest: these endpoints take
 	// no bodies and answer in milliseconds.
@@ -74,7 +75,7 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Lo
 	}
 	srv := New(h, logger)
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(netutil.LimitListener(ln, MaxConns)) }()
+	go func() { errc <- srv.Serve(newListener(ln, MaxConns)) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serve HTTP on %s: %w", ln.Addr(), err)
@@ -96,7 +97,8 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Lo
 }
 
 // New returns an http.Server for h with the limits above; Serve wraps its
-// listener with the connection cap.
+// listener with the connection cap, and a connection leaves the ones that
+// may be closed for a new one when h is called (its header is whole).
 //
 // Keep-alives are off: a connection serves one request and closes. With
 // them, a client that finished one request kept its slot for the idle
@@ -106,7 +108,8 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Lo
 // Prometheus pays one TCP handshake per scrape.
 func New(h http.Handler, logger *slog.Logger) *http.Server {
 	srv := &http.Server{
-		Handler:           h,
+		Handler:           admitting(h),
+		ConnContext:       withConn,
 		MaxHeaderBytes:    MaxHeaderBytes,
 		ReadHeaderTimeout: ReadHeaderTimeout,
 		ReadTimeout:       ReadTimeout,
@@ -115,4 +118,102 @@ func New(h http.Handler, logger *slog.Logger) *http.Server {
 	}
 	srv.SetKeepAlivesEnabled(false)
 	return srv
+}
+
+// listener caps the connections open at once. At the cap, a new connection
+// closes the oldest one still waiting for its whole request header (see
+// the package comment); with none waiting (every connection is being
+// answered) it waits for one to close.
+type listener struct {
+	net.Listener
+	slots   chan struct{} // one per open connection
+	waiting *admitq.Queue // connections without a whole request yet
+
+	closeOnce sync.Once
+	done      chan struct{} // closed by Close: stop waiting for a slot
+}
+
+func newListener(ln net.Listener, maxConns int) *listener {
+	return &listener{
+		Listener: ln,
+		slots:    make(chan struct{}, maxConns),
+		waiting:  admitq.New(maxConns),
+		done:     make(chan struct{}),
+	}
+}
+
+// Accept accepts a connection and gives it a slot, evicting the oldest
+// waiting connection if there is none free. The connection being accepted
+// is the one open beyond the cap while it waits.
+func (l *listener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case l.slots <- struct{}{}:
+	default:
+		// The evicted connection's Close frees its slot before
+		// EvictOldest returns.
+		l.waiting.EvictOldest()
+		select {
+		case l.slots <- struct{}{}:
+		case <-l.done:
+			c.Close()
+			return nil, net.ErrClosed
+		}
+	}
+	lc := &conn{Conn: c, l: l}
+	lc.ticket = l.waiting.Join(func() { lc.Close() })
+	return lc, nil
+}
+
+// Close closes the listener and stops Accept waiting for a slot.
+func (l *listener) Close() error {
+	l.closeOnce.Do(func() { close(l.done) })
+	return l.Listener.Close()
+}
+
+// conn holds a slot of its listener until closed, and a place among the
+// waiting until its request header is whole.
+type conn struct {
+	net.Conn
+	l         *listener
+	ticket    *admitq.Ticket
+	closeOnce sync.Once
+}
+
+// Close closes the connection and frees its slot (once, however often
+// it is closed: by the server, and by an eviction).
+func (c *conn) Close() error {
+	err := c.Conn.Close()
+	c.closeOnce.Do(func() {
+		c.ticket.Leave()
+		<-c.l.slots
+	})
+	return err
+}
+
+// connKey is the request context key for the request's *conn.
+type connKey struct{}
+
+// withConn is the http.Server's ConnContext: it puts the connection in
+// its requests' context for admitting.
+func withConn(ctx context.Context, c net.Conn) context.Context {
+	if lc, ok := c.(*conn); ok {
+		return context.WithValue(ctx, connKey{}, lc)
+	}
+	return ctx
+}
+
+// admitting takes a request's connection out of those a new connection may
+// evict before h answers it: its header is whole, and the answer takes
+// milliseconds (WriteTimeout at most).
+func admitting(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if lc, ok := r.Context().Value(connKey{}).(*conn); ok {
+			lc.ticket.Leave()
+		}
+		h.ServeHTTP(w, r)
+	})
 }
