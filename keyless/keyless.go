@@ -23,6 +23,15 @@
 // redirects are refused (a redirected POST could carry the token
 // elsewhere), each call has a deadline, and what a server says in an error
 // is cut short, stripped of control characters and of any secret it echoes.
+//
+// Client is the two calls; the rest of the package (login.go) is the
+// feature as the relay runs it. The relay reads the Settings from its
+// environment and checks them with Settings.Validate along with its own;
+// before it starts the node it calls Login, which does nothing when the
+// node state already holds a node key, and otherwise reads the token (a
+// file at most 64 KiB, re-read at every try), refuses to send one whose
+// audience is a placeholder, and retries a refused login with backoff,
+// telling the relay's readiness why it has no key yet.
 package keyless
 
 import (

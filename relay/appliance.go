@@ -23,6 +23,7 @@ import (
 
 	"github.com/tsrelay/tsrelay/internal/chans"
 	"github.com/tsrelay/tsrelay/internal/readyz"
+	"github.com/tsrelay/tsrelay/keyless"
 	"github.com/tsrelay/tsrelay/kubeevents"
 	"github.com/tsrelay/tsrelay/lbaddr"
 	"github.com/tsrelay/tsrelay/relayserver"
@@ -116,13 +117,16 @@ func (a *appliance) foundEndpoints(eps []lbaddr.Endpoint, why string) {
 // the node before it returns.
 func (a *appliance) run(ctx context.Context) error {
 	defer a.closeTailnet()
-	key, err := a.keylessLogin(ctx) // before start: tsnet takes the key only then
+	// Before start: tsnet takes the key, and the store the login read, only then.
+	key, st, err := keyless.Login(ctx, a.cfg.keylessSettings(), keyless.Node{Store: a.ts.Store, StateDir: a.cfg.StateDir,
+		Logf: a.ts.Logf, SetStatus: a.status.setKeyless, Events: a.events, Logger: a.logger})
 	if err != nil {
 		return err
 	}
 	if key != "" {
 		a.ts.AuthKey = key
 	}
+	a.ts.Store = st
 	lc, err := a.startTailnet()
 	if err != nil {
 		return err

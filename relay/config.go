@@ -18,6 +18,7 @@ import (
 
 	"github.com/tsrelay/tsrelay/internal/envvar"
 	"github.com/tsrelay/tsrelay/internal/memtune"
+	"github.com/tsrelay/tsrelay/keyless"
 	"github.com/tsrelay/tsrelay/lbaddr"
 )
 
@@ -44,7 +45,7 @@ type Config struct {
 	Hostname      string `envconfig:"TS_HOSTNAME" default:"tsrelay" desc:"Name of this node in the tailnet."`
 	ControlURL    string `envconfig:"TS_CONTROL_URL" desc:"Coordination server URL; empty means Tailscale's (use it for Headscale or tests)."`
 
-	// Keyless login (keyless.go): workload identity federation.
+	// Keyless login (package keyless): workload identity federation.
 	ClientID    string `envconfig:"TS_CLIENT_ID" desc:"Keyless login: client ID of a federated identity (trusted credential) in the admin console. At first login the relay trades its ID token for a one-off auth key: a node that is not ephemeral and is preauthorized, unless the ID ends in ?ephemeral=true or ?preauthorized=false. Requires TS_ADVERTISE_TAGS and TS_ID_TOKEN_FILE or TS_ID_TOKEN (README: Keyless login)."`
 	IDToken     string `envconfig:"TS_ID_TOKEN" desc:"Keyless login: the ID token (a JWT) itself. Prefer TS_ID_TOKEN_FILE, which the kubelet keeps fresh."`
 	IDTokenFile string `envconfig:"TS_ID_TOKEN_FILE" desc:"Keyless login: path of the ID token, the pod's projected ServiceAccount token (components/keyless mounts it). Read only at first login, when the node state has no node key."`
@@ -363,7 +364,7 @@ func (c *Config) Validate() error {
 	if err := c.DERPConfig.Validate(c.derpHost()); err != nil {
 		errs = append(errs, envvar.Unjoin(err)...)
 	}
-	errs = append(errs, c.validateKeyless()...)
+	errs = append(errs, c.keylessSettings().Validate()...)
 	// Tailscale advertises at most lbaddr.MaxEndpoints; cutting the
 	// user's own list silently would hide which ones peers never hear of.
 	if n := len(c.RelayServerStaticEndpoints); n > lbaddr.MaxEndpoints {
@@ -378,6 +379,15 @@ func (c *Config) Validate() error {
 		bad("TS_STATE_DIR=%s: %v; want a directory this process can create or write", c.StateDir, err)
 	}
 	return errors.Join(errs...)
+}
+
+// keylessSettings returns keyless login's settings, for package keyless.
+func (c *Config) keylessSettings() keyless.Settings {
+	return keyless.Settings{
+		ClientID: c.ClientID, IDToken: c.IDToken, IDTokenFile: c.IDTokenFile,
+		Tags: c.AdvertiseTags, ControlURL: c.ControlURL,
+		AuthKeySet: c.AuthKey != "", ClientSecretSet: c.ClientSecret != "",
+	}
 }
 
 // checkStateDir checks that dir (if set) is a directory or could be made

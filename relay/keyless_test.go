@@ -5,11 +5,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-
-	"tailscale.com/ipn"
-	"tailscale.com/ipn/store/mem"
-	"tailscale.com/types/key"
-	"tailscale.com/types/persist"
 )
 
 // setKeylessEnv is setEnv with the keyless-login variables cleared too.
@@ -142,50 +137,6 @@ func TestPrintUsageListsKeyless(t *testing.T) {
 	}
 }
 
-// TestHasNodeKey checks the test keyless login uses to decide whether the
-// token is needed, on state written by Tailscale's own serializer.
-func TestHasNodeKey(t *testing.T) {
-	write := func(s ipn.StateStore, nodeKey key.NodePrivate) {
-		t.Helper()
-		p := ipn.NewPrefs()
-		p.Persist = &persist.Persist{PrivateNodeKey: nodeKey}
-		if err := s.WriteState("profile-1a2b", p.ToBytes()); err != nil {
-			t.Fatal(err)
-		}
-		if err := s.WriteState(ipn.CurrentProfileStateKey, []byte("profile-1a2b")); err != nil {
-			t.Fatal(err)
-		}
-	}
-	empty := new(mem.Store)
-	noKey := new(mem.Store)
-	write(noKey, key.NodePrivate{})
-	withKey := new(mem.Store)
-	write(withKey, key.NewNode())
-	danglingProfile := new(mem.Store)
-	danglingProfile.WriteState(ipn.CurrentProfileStateKey, []byte("profile-gone"))
-	corrupt := new(mem.Store)
-	corrupt.WriteState(ipn.CurrentProfileStateKey, []byte("profile-1"))
-	corrupt.WriteState("profile-1", []byte("{not json"))
-
-	for _, tt := range []struct {
-		name    string
-		s       ipn.StateStore
-		want    bool
-		wantErr bool
-	}{
-		{"empty", empty, false, false},
-		{"profile without node key", noKey, false, false},
-		{"logged in", withKey, true, false},
-		{"current profile missing", danglingProfile, false, false},
-		{"corrupt profile", corrupt, false, true},
-	} {
-		got, err := hasNodeKey(tt.s)
-		if got != tt.want || (err != nil) != tt.wantErr {
-			t.Errorf("hasNodeKey(%s) = %v, %v; want %v, error %v", tt.name, got, err, tt.want, tt.wantErr)
-		}
-	}
-}
-
 func TestReadinessKeyless(t *testing.T) {
 	s := newStatus(61441, "")
 	s.setKeyless("token exchange refused by https://control.example/api/v2/oauth/token-exchange (HTTP 401): audience mismatch")
@@ -195,25 +146,5 @@ func TestReadinessKeyless(t *testing.T) {
 	s.setKeyless("")
 	if _, why := s.readiness(); why != "starting" {
 		t.Errorf("readiness() after the key = %q, want starting", why)
-	}
-}
-
-// TestIsPlaceholderAudience checks that the component's and the example's
-// stand-in audiences are never sent, and a real one is.
-func TestIsPlaceholderAudience(t *testing.T) {
-	for _, tt := range []struct {
-		aud  string
-		want bool
-	}{
-		{keylessAudiencePlaceholder, true},
-		{"console.invalid/paste-your-credential-audience", true},
-		{"Example.INVALID", true},
-		{"api.tailscale.com/k123CNTRL", false},
-		{"invalid.example.com/x", false},
-		{"", false},
-	} {
-		if got := isPlaceholderAudience(tt.aud); got != tt.want {
-			t.Errorf("isPlaceholderAudience(%q) = %v, want %v", tt.aud, got, tt.want)
-		}
 	}
 }

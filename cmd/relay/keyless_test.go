@@ -241,7 +241,7 @@ func checkNoSecrets(t *testing.T, r *tailnettest.Relay, admin kubernetes.Interfa
 // token elsewhere. The relay stays up, unready, says what happened on
 // /readyz, never follows the redirect and never prints the token. A token
 // still carrying components/keyless's placeholder audience is not sent at
-// all.
+// all, nor is a token file over the size bound.
 func TestRelayKeylessHostileControl(t *testing.T) {
 	bins := binaries(t)
 	var elsewhere, contacted atomic.Int32
@@ -271,21 +271,22 @@ func TestRelayKeylessHostileControl(t *testing.T) {
 			enc(fmt.Appendf(nil, `{"iss":"https://issuer.example","sub":"system:serviceaccount:kube-public:tsrelay","aud":[%q],"exp":%d}`, aud, time.Now().Add(time.Hour).Unix())) +
 			".c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
 	}
-	start := func(name, controlURL, token string) *tailnettest.Relay {
+	// tokenEnv is TS_ID_TOKEN=… or TS_ID_TOKEN_FILE=….
+	start := func(name, controlURL, tokenEnv string) *tailnettest.Relay {
 		relayPort, err := tailnettest.FreeUDPPort()
 		if err != nil {
 			t.Fatal(err)
 		}
 		return startRelay(t, bins, name,
 			"TS_CONTROL_URL="+controlURL, "TS_STATE_DIR="+t.TempDir(), fmt.Sprintf("TS_RELAY_SERVER_PORT=%d", relayPort),
-			"TS_CLIENT_ID=cid", "TS_ADVERTISE_TAGS=tag:relay", "TS_ID_TOKEN="+token)
+			"TS_CLIENT_ID=cid", "TS_ADVERTISE_TAGS=tag:relay", tokenEnv)
 	}
 	token := jwt("api.tailscale.test/cid")
 	for _, tc := range []struct{ name, url, want string }{
 		{"huge", fmt.Sprintf("http://127.0.0.1:%d", port), "(HTTP 200): response larger than 65536 bytes"},
 		{"redirect", fmt.Sprintf("http://localhost:%d", port), "(HTTP 307): redirected to " + other.URL + "/api/v2/oauth/token-exchange; redirects are not followed"},
 	} {
-		relay := start("relay-"+tc.name, tc.url, token)
+		relay := start("relay-"+tc.name, tc.url, "TS_ID_TOKEN="+token)
 		body := waitUnready(t, relay, "keyless login: token exchange refused by "+tc.url+"/api/v2/oauth/token-exchange "+tc.want)
 		if code, _, err := relay.Get(t.Context(), "/healthz"); err != nil || code != http.StatusOK {
 			t.Errorf("%s: /healthz = %d, %v; want 200", tc.name, code, err)
@@ -303,10 +304,24 @@ func TestRelayKeylessHostileControl(t *testing.T) {
 
 	before := contacted.Load()
 	const keylessPlaceholderAudience = "tsrelay.invalid/set-the-credential-audience" // components/keyless's
-	relay := start("relay-placeholder", fmt.Sprintf("http://127.0.0.1:%d", port), jwt(keylessPlaceholderAudience))
+	relay := start("relay-placeholder", fmt.Sprintf("http://127.0.0.1:%d", port), "TS_ID_TOKEN="+jwt(keylessPlaceholderAudience))
 	waitUnready(t, relay, "keyless login: the ID token's audience "+keylessPlaceholderAudience+" is a placeholder")
 	if n := contacted.Load() - before; n != 0 {
 		t.Errorf("a token with the placeholder audience was sent to the control server (%d requests)", n)
+	}
+
+	// A token file far over the 64 KiB bound (a ServiceAccount token is
+	// 1-2 KiB; anyone who can write the file controls what is in it) is
+	// read no further than the bound and never sent.
+	huge := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(huge, []byte(token+strings.Repeat("a", 16<<20)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before = contacted.Load()
+	relay = start("relay-huge-token", fmt.Sprintf("http://127.0.0.1:%d", port), "TS_ID_TOKEN_FILE="+huge)
+	waitUnready(t, relay, "keyless login: TS_ID_TOKEN_FILE="+huge+" is larger than 65536 bytes: not a token")
+	if n := contacted.Load() - before; n != 0 {
+		t.Errorf("a token file over the bound was sent to the control server (%d requests)", n)
 	}
 }
 
