@@ -35,52 +35,52 @@ func (c *Config) derpHost() derpregion.Host {
 // derpDeps are the seams through which the DERP region reaches the relay:
 // this node (which admits its clients), the endpoints it advertises, its
 // state store (where the self-signed certificate is kept) and its Events.
-func (a *appliance) derpDeps(kc *kubeclient.Client) derpregion.Deps {
+func (n *tailnetNode) derpDeps(kc *kubeclient.Client) derpregion.Deps {
 	return derpregion.Deps{
-		Host:             a.cfg.derpHost(),
-		Tailnet:          applianceNode{a},
-		Endpoints:        a.status.advertised,
-		EndpointsChanged: a.status.endpointsChanged(),
-		Events:           a.events,
+		Host:             n.cfg.derpHost(),
+		Tailnet:          derpTailnet{n},
+		Endpoints:        n.status.advertised,
+		EndpointsChanged: n.status.endpointsChanged(),
+		Events:           n.events,
 		Kube:             kc,
-		State:            a.ts.Store,
-		StateDir:         a.cfg.StateDir,
-		Logger:           a.logger,
+		State:            n.ts.Store,
+		StateDir:         n.cfg.StateDir,
+		Logger:           n.logger,
 	}
 }
 
-// applianceNode is the appliance's tailnet node as the DERP region asks
+// derpTailnet is the relay's tailnet node as the DERP region asks
 // it (derpregion.Tailnet), refusing everyone before it has started.
-type applianceNode struct{ a *appliance }
+type derpTailnet struct{ node *tailnetNode }
 
 var errNodeNotStarted = errors.New("tailnet node not started")
 
-func (n applianceNode) StatusWithoutPeers(ctx context.Context) (*ipnstate.Status, error) {
-	lc := n.a.localClient()
+func (n derpTailnet) StatusWithoutPeers(ctx context.Context) (*ipnstate.Status, error) {
+	lc := n.node.localClient()
 	if lc == nil {
 		return nil, errNodeNotStarted
 	}
 	return lc.StatusWithoutPeers(ctx)
 }
 
-func (n applianceNode) WhoIsNodeKey(ctx context.Context, k key.NodePublic) (*apitype.WhoIsResponse, error) {
-	lc := n.a.localClient()
+func (n derpTailnet) WhoIsNodeKey(ctx context.Context, k key.NodePublic) (*apitype.WhoIsResponse, error) {
+	lc := n.node.localClient()
 	if lc == nil {
 		return nil, errNodeNotStarted
 	}
 	return lc.WhoIsNodeKey(ctx, k)
 }
 
-func (n applianceNode) Status(ctx context.Context) (*ipnstate.Status, error) {
-	lc := n.a.localClient()
+func (n derpTailnet) Status(ctx context.Context) (*ipnstate.Status, error) {
+	lc := n.node.localClient()
 	if lc == nil {
 		return nil, errNodeNotStarted
 	}
 	return lc.Status(ctx)
 }
 
-func (n applianceNode) CurrentDERPMap(ctx context.Context) (*tailcfg.DERPMap, error) {
-	lc := n.a.localClient()
+func (n derpTailnet) CurrentDERPMap(ctx context.Context) (*tailcfg.DERPMap, error) {
+	lc := n.node.localClient()
 	if lc == nil {
 		return nil, errNodeNotStarted
 	}

@@ -70,7 +70,7 @@ type handlers struct {
 
 // nodeParts are the parts of a running node the handlers ask.
 type nodeParts struct {
-	node  *appliance
+	node  *tailnetNode
 	derp  *derpregion.Instance // nil unless TS_DERP_PORT is set
 	store *kubestate.Store     // nil with a state directory
 }

@@ -92,7 +92,7 @@ func runNode(ctx context.Context, cfg Config, kc *kubeclient.Client, st *status,
 	}
 	defer flushState(store, guard, logger) // after the node stopped, before the identity is released
 	mtu := newMTUWatcher(st, events, logger)
-	node := newAppliance(cfg, applianceDeps{store: asStateStore(store), status: st, events: events, onNetChange: mtu.poke}, logger)
+	node := newTailnetNode(cfg, tailnetNodeDeps{store: asStateStore(store), status: st, events: events, onNetChange: mtu.poke}, logger)
 	service, err := newServiceWatch(ctx, cfg, kc, node.foundEndpoints, logger)
 	if err != nil {
 		return err

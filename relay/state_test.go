@@ -51,7 +51,7 @@ func TestUnpersistedStateReported(t *testing.T) {
 	wg.Go(func() { persistState(rctx, store, 20*time.Millisecond, events, logger) })
 	t.Cleanup(func() { cancel(); wg.Wait() })
 
-	h := nodeHandlers(Config{}, testRelay(t).status, nodeParts{node: &appliance{}, store: store}, logger)
+	h := nodeHandlers(Config{}, testRelay(t).status, nodeParts{node: &tailnetNode{}, store: store}, logger)
 	verbose := func() (since *time.Time, metrics string) {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, httptest.NewRequest("GET", "/readyz?verbose", nil))

@@ -21,7 +21,7 @@ import (
 // status is what the relay knows about itself: observations only, each
 // part with one writer, read by the HTTP handlers and metrics.
 //   - identity: the identity guard, from before the node exists.
-//   - backend (state, last error): the IPN bus reader, appliance.onNotify.
+//   - backend (state, last error): the IPN bus reader, tailnetNode.onNotify.
 //   - node and relay: the reconcile loop, which also owns the desired relay
 //     settings and publishes what it applied here.
 //   - mtu: the path MTU watcher.
@@ -313,7 +313,7 @@ func (s *status) readinessLocked() (bool, string) {
 }
 
 // snapshot returns the status as /readyz?verbose shows it, without the live
-// session table (see appliance.relaySessions).
+// session table (see tailnetNode.relaySessions).
 func (s *status) snapshot() readyz.Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -19,7 +19,7 @@ import (
 
 // testRelay is an appliance with one explicit endpoint that was never
 // started, as newAppliance leaves it.
-func testRelay(t *testing.T) *appliance {
+func testRelay(t *testing.T) *tailnetNode {
 	t.Helper()
 	return testAppliance(t, Config{
 		RelayServerPort:            40000,
@@ -37,7 +37,7 @@ func nodeHandlers(cfg Config, st *status, p nodeParts, logger *slog.Logger) *han
 
 // pass does what a reconcile pass does with what it found, the relay prefs
 // applied or not and the socket bound or not: a stands in for the node.
-func pass(a *appliance, prefsApplied, bound bool, sessions int) {
+func pass(a *tailnetNode, prefsApplied, bound bool, sessions int) {
 	a.relay.seq = a.status.backendSeq()
 	a.setRelayState(prefsApplied, bound, sessions)
 	a.status.setRelay(a.relay)
@@ -88,53 +88,53 @@ func TestReadinessWaitsForLoadBalancer(t *testing.T) {
 func TestReadiness(t *testing.T) {
 	tests := []struct {
 		name       string
-		setup      func(a *appliance, s *status)
+		setup      func(a *tailnetNode, s *status)
 		wantReady  bool
 		wantReason string
 	}{
-		{"new", func(a *appliance, s *status) {}, false, "starting"},
-		{"needs login", func(a *appliance, s *status) {
+		{"new", func(a *tailnetNode, s *status) {}, false, "starting"},
+		{"needs login", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.NeedsLogin)
 			s.setNode(nodeView{loginPending: true})
 		}, false, "NeedsLogin: login URL printed in the log"},
-		{"login error", func(a *appliance, s *status) {
+		{"login error", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.NeedsLogin)
 			s.setBackendError("invalid key: unable to validate API key")
 		}, false, "NeedsLogin: invalid key"},
-		{"health warning while starting", func(a *appliance, s *status) {
+		{"health warning while starting", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.Starting)
 			s.setNode(nodeFrom(&ipnstate.Status{Health: []string{"not connected to home DERP region 1"}}))
 		}, false, "Starting: not connected to home DERP"},
-		{"running, prefs pending", func(a *appliance, s *status) {
+		{"running, prefs pending", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.Running)
 		}, false, "relay prefs not applied yet"},
-		{"running, not bound", func(a *appliance, s *status) {
+		{"running, not bound", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.Running)
 			pass(a, true, false, 0)
 		}, false, "relay not bound on UDP port 40000"},
-		{"running, disabled by tailnet", func(a *appliance, s *status) {
+		{"running, disabled by tailnet", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.Running)
 			pass(a, false, false, 0)
 			s.setNode(nodeView{problem: "the tailnet disabled the relay server"})
 		}, false, "the tailnet disabled the relay server"},
-		{"ready", func(a *appliance, s *status) {
+		{"ready", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.Running)
 			pass(a, true, true, 2)
 		}, true, "ok"},
-		{"ready, then logged out", func(a *appliance, s *status) {
+		{"ready, then logged out", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.Running)
 			pass(a, true, true, 2)
 			s.setBackendState(ipn.NeedsLogin)
 		}, false, "NeedsLogin"},
 		// Flags from before a restart of the backend say nothing about
 		// the node now: Running again is not ready until a pass.
-		{"ready, restarted, no pass yet", func(a *appliance, s *status) {
+		{"ready, restarted, no pass yet", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.Running)
 			pass(a, true, true, 2)
 			s.setBackendState(ipn.Starting)
 			s.setBackendState(ipn.Running)
 		}, false, "relay prefs not applied yet"},
-		{"error cleared by running", func(a *appliance, s *status) {
+		{"error cleared by running", func(a *tailnetNode, s *status) {
 			s.setBackendState(ipn.NeedsLogin)
 			s.setBackendError("boom")
 			s.setBackendState(ipn.Running)

@@ -85,17 +85,17 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 
 // testAppliance returns an appliance for cfg, following Service service
 // ("namespace/name", or "") as Run wires it, logging to the test.
-func testAppliance(t *testing.T, cfg Config, service string) *appliance {
+func testAppliance(t *testing.T, cfg Config, service string) *tailnetNode {
 	t.Helper()
 	logger := slog.New(slog.NewTextHandler(t.Output(), nil))
-	return newAppliance(cfg, applianceDeps{status: newStatus(uint16(cfg.RelayServerPort), service)}, logger)
+	return newTailnetNode(cfg, tailnetNodeDeps{status: newStatus(uint16(cfg.RelayServerPort), service)}, logger)
 }
 
 // runForTest runs a in process, with the loops in also (the Service watch,
 // say), until the test ends; a's run stops the node. It keeps the node on
 // this machine: no UPnP/PCP probes of the gateway, and a panic rather than
 // a dial to Tailscale's control.
-func runForTest(t *testing.T, a *appliance, also ...func(context.Context) error) {
+func runForTest(t *testing.T, a *tailnetNode, also ...func(context.Context) error) {
 	envknob.Setenv("TS_DISABLE_PORTMAPPER", "1")
 	envknob.Setenv("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")
 	ctx, cancel := context.WithCancel(t.Context())

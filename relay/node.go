@@ -29,12 +29,12 @@ import (
 	"github.com/tsrelay/tsrelay/relayserver"
 )
 
-// appliance runs the tailnet side of the relay: it starts the node, follows
+// tailnetNode runs the tailnet side of the relay: it starts the node, follows
 // its state on the IPN bus, and runs the reconcile loop, which alone owns
 // the desired relay settings (port, endpoints) and decides whether they are
 // in force. Endpoint sources send it their findings (foundEndpoints); the
 // loop publishes what it applied to status.
-type appliance struct {
+type tailnetNode struct {
 	cfg    Config
 	logger *slog.Logger
 	ts     *tsnet.Server
@@ -73,8 +73,8 @@ type found struct {
 	why       string
 }
 
-// applianceDeps is what the appliance uses but does not own.
-type applianceDeps struct {
+// tailnetNodeDeps is what the tailnet node uses but does not own.
+type tailnetNodeDeps struct {
 	// store keeps the node's state; nil means tsnet's files in
 	// TS_STATE_DIR.
 	store  ipn.StateStore
@@ -84,11 +84,11 @@ type applianceDeps struct {
 	onNetChange func()
 }
 
-// newAppliance returns an appliance for cfg. Until an endpoint source
+// newTailnetNode returns the tailnet node for cfg. Until an endpoint source
 // reports, it advertises the explicit endpoints, and with a Service to
 // follow it says that the Service was not read yet.
-func newAppliance(cfg Config, d applianceDeps, logger *slog.Logger) *appliance {
-	a := &appliance{
+func newTailnetNode(cfg Config, d tailnetNodeDeps, logger *slog.Logger) *tailnetNode {
+	n := &tailnetNode{
 		cfg:         cfg,
 		logger:      logger,
 		ts:          newTSNet(cfg, d.store, logger),
@@ -99,41 +99,41 @@ func newAppliance(cfg Config, d applianceDeps, logger *slog.Logger) *appliance {
 		found:       make(chan found, 1),
 		resync:      resyncInterval,
 	}
-	a.relay.endpoints, _ = lbaddr.Merge(cfg.RelayServerStaticEndpoints, nil, lbaddr.MaxEndpoints)
+	n.relay.endpoints, _ = lbaddr.Merge(cfg.RelayServerStaticEndpoints, nil, lbaddr.MaxEndpoints)
 	if d.status.service != "" {
-		a.relay.lbWhy = "Service " + d.status.service + " not read yet"
+		n.relay.lbWhy = "Service " + d.status.service + " not read yet"
 	}
-	a.status.setRelay(a.relay)
-	return a
+	n.status.setRelay(n.relay)
+	return n
 }
 
 // foundEndpoints takes the endpoints an endpoint source found (it is
 // lbaddr.Config's OnChange) and hands them to the reconcile loop.
-func (a *appliance) foundEndpoints(eps []lbaddr.Endpoint, why string) {
-	chans.Replace(a.found, found{eps, why})
+func (n *tailnetNode) foundEndpoints(eps []lbaddr.Endpoint, why string) {
+	chans.Replace(n.found, found{eps, why})
 }
 
 // run starts the node and keeps it configured until ctx is done. It stops
 // the node before it returns.
-func (a *appliance) run(ctx context.Context) error {
-	defer a.closeTailnet()
+func (n *tailnetNode) run(ctx context.Context) error {
+	defer n.closeTailnet()
 	// Before start: tsnet takes the key, and the store the login read, only then.
-	key, st, err := keyless.Login(ctx, a.cfg.keylessSettings(), keyless.Node{Store: a.ts.Store, StateDir: a.cfg.StateDir,
-		Logf: a.ts.Logf, SetStatus: a.status.setKeyless, Events: a.events, Logger: a.logger})
+	key, st, err := keyless.Login(ctx, n.cfg.keylessSettings(), keyless.Node{Store: n.ts.Store, StateDir: n.cfg.StateDir,
+		Logf: n.ts.Logf, SetStatus: n.status.setKeyless, Events: n.events, Logger: n.logger})
 	if err != nil {
 		return err
 	}
 	if key != "" {
-		a.ts.AuthKey = key
+		n.ts.AuthKey = key
 	}
-	a.ts.Store = st
-	lc, err := a.startTailnet()
+	n.ts.Store = st
+	lc, err := n.startTailnet()
 	if err != nil {
 		return err
 	}
-	defer a.watchRejections()()
-	if nm, ok := a.ts.Sys().NetMon.GetOK(); ok && a.onNetChange != nil {
-		defer nm.RegisterChangeCallback(func(*netmon.ChangeDelta) { a.onNetChange() })()
+	defer n.watchRejections()()
+	if nm, ok := n.ts.Sys().NetMon.GetOK(); ok && n.onNetChange != nil {
+		defer nm.RegisterChangeCallback(func(*netmon.ChangeDelta) { n.onNetChange() })()
 	}
 	watcher, err := lc.WatchIPNBus(ctx, ipn.NotifyInitialState|ipn.NotifyInitialPrefs|ipn.NotifyNoNetMap)
 	if err != nil {
@@ -142,32 +142,32 @@ func (a *appliance) run(ctx context.Context) error {
 	defer watcher.Close()
 
 	errc := make(chan error, 1)
-	go func() { errc <- a.reconcileLoop(ctx, lc) }()
+	go func() { errc <- n.reconcileLoop(ctx, lc) }()
 	for {
-		n, err := watcher.Next()
+		msg, err := watcher.Next()
 		if err != nil {
 			if ctx.Err() != nil {
 				return <-errc
 			}
 			return fmt.Errorf("read IPN bus: %w", err)
 		}
-		a.onNotify(n)
+		n.onNotify(msg)
 	}
 }
 
 // watchRejections logs the allocation requests the relay server extension
 // rejected (it reports each sender at most once a minute) and records them
 // as Events. Call the returned function to stop.
-func (a *appliance) watchRejections() (stop func()) {
-	bus, ok := a.ts.Sys().Bus.GetOK()
+func (n *tailnetNode) watchRejections() (stop func()) {
+	bus, ok := n.ts.Sys().Bus.GetOK()
 	if !ok {
 		return func() {}
 	}
 	c := bus.Client("tsrelay.appliance")
 	eventbus.SubscribeFunc(c, func(r relayserver.Rejected) {
-		a.logger.Warn("rejected a relay endpoint request from a peer", "nodeKey", r.From.ShortString(),
+		n.logger.Warn("rejected a relay endpoint request from a peer", "nodeKey", r.From.ShortString(),
 			"disco", r.Disco.ShortString(), "reason", string(r.Reason), "notLogged", r.Suppressed)
-		a.events.Warning("RelayRequestRejected", fmt.Sprintf("rejected a relay endpoint request from node %s: %s", r.From.ShortString(), r.Reason))
+		n.events.Warning("RelayRequestRejected", fmt.Sprintf("rejected a relay endpoint request from node %s: %s", r.From.ShortString(), r.Reason))
 	})
 	return c.Close
 }
@@ -175,93 +175,93 @@ func (a *appliance) watchRejections() (stop func()) {
 // startTailnet starts tsnet; it does not wait for login, which may need a
 // human. The local client talks to the node in memory. tsnet.Start takes
 // no context; Close (on shutdown) cancels what it started.
-func (a *appliance) startTailnet() (*local.Client, error) {
-	if err := a.ts.Start(); err != nil {
+func (n *tailnetNode) startTailnet() (*local.Client, error) {
+	if err := n.ts.Start(); err != nil {
 		return nil, fmt.Errorf("start tailscale: %w", err)
 	}
-	lc, err := a.ts.LocalClient()
+	lc, err := n.ts.LocalClient()
 	if err != nil {
 		return nil, fmt.Errorf("tailscale local client: %w", err)
 	}
-	a.mu.Lock()
-	a.lc = lc
-	a.mu.Unlock()
+	n.mu.Lock()
+	n.lc = lc
+	n.mu.Unlock()
 	return lc, nil
 }
 
 // localClient returns the node's local client, or nil before it started
 // (and before it exists: a nil a, while the identity is held elsewhere).
-func (a *appliance) localClient() *local.Client {
-	if a == nil {
+func (n *tailnetNode) localClient() *local.Client {
+	if n == nil {
 		return nil
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.lc
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.lc
 }
 
 // closeTailnet stops the node, if it started: closing a tsnet.Server whose
 // Start failed panics. State writes are synchronous, so once this returns
 // the stored identity is consistent.
-func (a *appliance) closeTailnet() {
-	if a.localClient() == nil {
+func (n *tailnetNode) closeTailnet() {
+	if n.localClient() == nil {
 		return // never started
 	}
 	start := time.Now()
-	if err := a.ts.Close(); err != nil {
-		a.logger.Warn("closing tailscale", "err", err)
+	if err := n.ts.Close(); err != nil {
+		n.logger.Warn("closing tailscale", "err", err)
 		return
 	}
-	a.logger.Info("tailscale closed", "took", time.Since(start).Round(time.Millisecond))
+	n.logger.Info("tailscale closed", "took", time.Since(start).Round(time.Millisecond))
 }
 
 // onNotify records what the backend announced and wakes the reconcile loop
 // when something that affects the relay changed.
-func (a *appliance) onNotify(n ipn.Notify) {
-	if n.ErrMessage != nil && a.status.setBackendError(*n.ErrMessage) {
+func (n *tailnetNode) onNotify(note ipn.Notify) {
+	if note.ErrMessage != nil && n.status.setBackendError(*note.ErrMessage) {
 		// Login errors repeat with every retry; log each one once.
-		a.logger.Error("tailscale backend error", "err", *n.ErrMessage)
-		a.events.Warning("BackendError", *n.ErrMessage)
+		n.logger.Error("tailscale backend error", "err", *note.ErrMessage)
+		n.events.Warning("BackendError", *note.ErrMessage)
 	}
-	if n.BrowseToURL != nil && *n.BrowseToURL != "" {
-		a.logger.Warn("login needed: open this URL, or restart with TS_AUTHKEY set", "url", *n.BrowseToURL)
+	if note.BrowseToURL != nil && *note.BrowseToURL != "" {
+		n.logger.Warn("login needed: open this URL, or restart with TS_AUTHKEY set", "url", *note.BrowseToURL)
 		// The URL stays in the log: whoever opens it first owns the node.
-		a.events.Warning("LoginNeeded", "login needed: open the URL in the relay's log, or set TS_AUTHKEY and restart")
+		n.events.Warning("LoginNeeded", "login needed: open the URL in the relay's log, or set TS_AUTHKEY and restart")
 	}
-	if n.State != nil {
-		if old, changed := a.status.setBackendState(*n.State); changed {
-			a.logger.Info("backend state", "from", old.String(), "to", n.State.String())
+	if note.State != nil {
+		if old, changed := n.status.setBackendState(*note.State); changed {
+			n.logger.Info("backend state", "from", old.String(), "to", note.State.String())
 			switch {
-			case *n.State == ipn.Running:
-				a.events.Normal("LoggedIn", "logged in to the tailnet")
-			case *n.State == ipn.NeedsLogin && old == ipn.Running:
+			case *note.State == ipn.Running:
+				n.events.Normal("LoggedIn", "logged in to the tailnet")
+			case *note.State == ipn.NeedsLogin && old == ipn.Running:
 				// Not at start, where NeedsLogin passes by on the way to
 				// Running: here the node was logged out or its key expired.
-				a.events.Warning("LoginNeeded", "the node was logged out or its key expired: log in again (see the relay's log), or delete the state Secret and restart with TS_AUTHKEY")
+				n.events.Warning("LoginNeeded", "the node was logged out or its key expired: log in again (see the relay's log), or delete the state Secret and restart with TS_AUTHKEY")
 			}
 		}
 	}
-	if n.State != nil || n.Prefs != nil || n.LoginFinished != nil {
-		chans.Poke(a.kick)
+	if note.State != nil || note.Prefs != nil || note.LoginFinished != nil {
+		chans.Poke(n.kick)
 	}
 }
 
-// reconcileLoop runs reconcile on every wake-up, every a.resync and every
+// reconcileLoop runs reconcile on every wake-up, every n.resync and every
 // report from an endpoint source. It is level-triggered: each pass reads
 // the current state instead of trusting the events that caused it.
-func (a *appliance) reconcileLoop(ctx context.Context, lc *local.Client) error {
-	t := time.NewTicker(a.resync)
+func (n *tailnetNode) reconcileLoop(ctx context.Context, lc *local.Client) error {
+	t := time.NewTicker(n.resync)
 	defer t.Stop()
 	for {
-		if err := a.reconcile(ctx, lc); err != nil && ctx.Err() == nil {
-			a.logger.Warn("reconcile", "err", err)
+		if err := n.reconcile(ctx, lc); err != nil && ctx.Err() == nil {
+			n.logger.Warn("reconcile", "err", err)
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case f := <-a.found:
-			a.takeFound(f)
-		case <-a.kick:
+		case f := <-n.found:
+			n.takeFound(f)
+		case <-n.kick:
 		case <-t.C:
 		}
 	}
@@ -269,62 +269,62 @@ func (a *appliance) reconcileLoop(ctx context.Context, lc *local.Client) error {
 
 // takeFound merges endpoints found from the Service with the explicit ones
 // into the endpoints to advertise; the pass that follows applies them.
-func (a *appliance) takeFound(f found) {
-	merged, dropped := lbaddr.Merge(a.cfg.RelayServerStaticEndpoints, f.endpoints, lbaddr.MaxEndpoints)
-	if len(dropped) > 0 && !slices.Equal(dropped, a.relay.dropped) {
-		a.logger.Warn("too many static endpoints; advertising the explicit ones, then the first found",
+func (n *tailnetNode) takeFound(f found) {
+	merged, dropped := lbaddr.Merge(n.cfg.RelayServerStaticEndpoints, f.endpoints, lbaddr.MaxEndpoints)
+	if len(dropped) > 0 && !slices.Equal(dropped, n.relay.dropped) {
+		n.logger.Warn("too many static endpoints; advertising the explicit ones, then the first found",
 			"max", lbaddr.MaxEndpoints, "dropped", endpointList(dropped))
 	}
-	a.relay.dropped = dropped
-	a.relay.lbWhy = f.why
+	n.relay.dropped = dropped
+	n.relay.lbWhy = f.why
 	if len(f.endpoints) > 0 {
-		a.relay.lbWhy = ""
+		n.relay.lbWhy = ""
 	}
-	if old := a.relay.endpoints; !slices.Equal(old, merged) {
-		a.relay.endpoints = merged
-		a.relay.prefsApplied = false // until this pass applies them
-		a.logger.Info("static endpoints changed", "from", endpointList(old), "to", endpointList(merged), "why", a.relay.lbWhy)
-		a.events.Normal("EndpointsChanged", fmt.Sprintf("static endpoints %s -> %s", orNone(endpointList(old)), orNone(endpointList(merged))))
+	if old := n.relay.endpoints; !slices.Equal(old, merged) {
+		n.relay.endpoints = merged
+		n.relay.prefsApplied = false // until this pass applies them
+		n.logger.Info("static endpoints changed", "from", endpointList(old), "to", endpointList(merged), "why", n.relay.lbWhy)
+		n.events.Normal("EndpointsChanged", fmt.Sprintf("static endpoints %s -> %s", orNone(endpointList(old)), orNone(endpointList(merged))))
 	}
-	a.status.setRelay(a.relay)
+	n.status.setRelay(n.relay)
 }
 
 // reconcile brings the node's relay prefs to the desired ones and records
 // whether the relay is serving.
-func (a *appliance) reconcile(ctx context.Context, lc *local.Client) error {
+func (n *tailnetNode) reconcile(ctx context.Context, lc *local.Client) error {
 	// Read first: a state change after this makes what the pass finds stale.
-	seq := a.status.backendSeq()
+	seq := n.status.backendSeq()
 	st, err := lc.StatusWithoutPeers(ctx)
 	if err != nil {
 		return fmt.Errorf("read status: %w", err)
 	}
-	a.relay.seq = seq
-	defer func() { a.status.setRelay(a.relay) }()
+	n.relay.seq = seq
+	defer func() { n.status.setRelay(n.relay) }()
 	node := nodeFrom(st)
-	defer func() { a.status.setNode(node) }()
-	a.noteRelayClient(st)
+	defer func() { n.status.setNode(node) }()
+	n.noteRelayClient(st)
 	running := st.BackendState == ipn.Running.String()
 	// Prefs go in as soon as a logged-in node is Starting, not only once it
 	// is Running: the relay server binds while the node connects (tsnet's
 	// start resets the prefs, so a restart always needs them applied).
 	if !running && st.BackendState != ipn.Starting.String() {
 		node.loginPending = st.BackendState == ipn.NeedsLogin.String() && st.AuthURL != ""
-		a.setRelayState(false, false, 0)
+		n.setRelayState(false, false, 0)
 		return nil
 	}
 	if st.Self != nil && st.Self.HasCap(tailcfg.NodeAttrDisableRelayServer) {
 		node.problem = "the tailnet disabled the relay server on this node (node attribute disable-relay-server)"
-		a.setRelayState(false, false, 0)
+		n.setRelayState(false, false, 0)
 		return nil
 	}
-	if err := a.applyRelayPrefs(ctx, lc); err != nil {
-		a.setRelayState(false, false, 0)
+	if err := n.applyRelayPrefs(ctx, lc); err != nil {
+		n.setRelayState(false, false, 0)
 		return err
 	}
 	if !running {
 		return nil // Running wakes the loop again
 	}
-	return a.checkRelayBound(ctx, lc)
+	return n.checkRelayBound(ctx, lc)
 }
 
 // relayClientWarning is the warning while the relay's node may use other
@@ -333,51 +333,51 @@ const relayClientWarning = "the tailnet lets this relay use other peer relays (n
 
 // noteRelayClient logs, when it changes, whether the tailnet lets this node
 // use other relays (see relayClientWarning).
-func (a *appliance) noteRelayClient(st *ipnstate.Status) {
+func (n *tailnetNode) noteRelayClient(st *ipnstate.Status) {
 	if st.Self == nil || st.BackendState != ipn.Running.String() {
 		return
 	}
 	on := !st.Self.HasCap(tailcfg.NodeAttrDisableRelayClient)
-	if a.relayClientSeen && a.relayClient == on {
+	if n.relayClientSeen && n.relayClient == on {
 		return
 	}
-	a.relayClientSeen, a.relayClient = true, on
+	n.relayClientSeen, n.relayClient = true, on
 	if on {
-		a.logger.Warn("relay client enabled: " + relayClientWarning)
+		n.logger.Warn("relay client enabled: " + relayClientWarning)
 	} else {
-		a.logger.Info("relay client disabled by the tailnet (disable-relay-client); peers cannot reach this node's relay client")
+		n.logger.Info("relay client disabled by the tailnet (disable-relay-client); peers cannot reach this node's relay client")
 	}
 }
 
 // setRelayState records the relay server's state and, when it stops or
 // starts listening, logs it and records an Event.
-func (a *appliance) setRelayState(prefsApplied, bound bool, sessions int) {
-	was := a.relay.bound
-	a.relay.prefsApplied, a.relay.bound, a.relay.sessions = prefsApplied, bound, sessions
-	port := a.cfg.RelayServerPort
+func (n *tailnetNode) setRelayState(prefsApplied, bound bool, sessions int) {
+	was := n.relay.bound
+	n.relay.prefsApplied, n.relay.bound, n.relay.sessions = prefsApplied, bound, sessions
+	port := n.cfg.RelayServerPort
 	switch {
 	case bound && !was:
-		a.logger.Info("relay bound", "port", port)
-		a.events.Normal("RelayBound", fmt.Sprintf("peer relay listening on UDP port %d", port))
+		n.logger.Info("relay bound", "port", port)
+		n.events.Normal("RelayBound", fmt.Sprintf("peer relay listening on UDP port %d", port))
 	case prefsApplied && !bound && was:
-		a.logger.Error("relay not bound", "port", port)
-		a.events.Warning("RelayNotBound", fmt.Sprintf("peer relay is not listening on UDP port %d (is the port in use?)", port))
+		n.logger.Error("relay not bound", "port", port)
+		n.events.Warning("RelayNotBound", fmt.Sprintf("peer relay is not listening on UDP port %d (is the port in use?)", port))
 	}
 }
 
 // applyRelayPrefs sets RelayServerPort and RelayServerStaticEndpoints unless
 // they are already in force. `tailscale up` cannot set them, which is why
 // people used to `kubectl exec … tailscale set` by hand.
-func (a *appliance) applyRelayPrefs(ctx context.Context, lc *local.Client) error {
+func (n *tailnetNode) applyRelayPrefs(ctx context.Context, lc *local.Client) error {
 	prefs, err := lc.GetPrefs(ctx)
 	if err != nil {
 		return fmt.Errorf("read prefs: %w", err)
 	}
-	port := uint16(a.cfg.RelayServerPort)
-	want := endpointAddrs(a.relay.endpoints)
+	port := uint16(n.cfg.RelayServerPort)
+	want := endpointAddrs(n.relay.endpoints)
 	if prefs.RelayServerPort != nil && *prefs.RelayServerPort == port &&
 		sameEndpoints(prefs.RelayServerStaticEndpoints, want) {
-		a.relay.prefsApplied = true
+		n.relay.prefsApplied = true
 		return nil
 	}
 	from := "unset"
@@ -395,8 +395,8 @@ func (a *appliance) applyRelayPrefs(ctx context.Context, lc *local.Client) error
 	if err != nil {
 		return fmt.Errorf("set relay prefs (port %d): %w", port, err)
 	}
-	a.relay.prefsApplied = true
-	a.logger.Info("relay prefs applied", "from", from, "port", port, "staticEndpoints", Endpoints(want).String())
+	n.relay.prefsApplied = true
+	n.logger.Info("relay prefs applied", "from", from, "port", port, "staticEndpoints", Endpoints(want).String())
 	return nil
 }
 
@@ -412,8 +412,8 @@ func sameEndpoints(a, b []netip.AddrPort) bool {
 // checkRelayBound waits up to bindTimeout for the relay server to report its
 // socket. A relay that is advertised but not bound is worse than none: peers
 // keep trying it, so it must keep readiness failing.
-func (a *appliance) checkRelayBound(ctx context.Context, lc *local.Client) error {
-	want := uint16(a.cfg.RelayServerPort)
+func (n *tailnetNode) checkRelayBound(ctx context.Context, lc *local.Client) error {
+	want := uint16(n.cfg.RelayServerPort)
 	var lastErr error
 	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, bindTimeout, true, func(ctx context.Context) (bool, error) {
 		rs, err := lc.DebugPeerRelaySessions(ctx)
@@ -421,7 +421,7 @@ func (a *appliance) checkRelayBound(ctx context.Context, lc *local.Client) error
 		if err != nil || rs.UDPPort == nil || *rs.UDPPort != want {
 			return false, nil
 		}
-		a.setRelayState(true, true, len(rs.Sessions))
+		n.setRelayState(true, true, len(rs.Sessions))
 		return true, nil
 	})
 	switch {
@@ -430,7 +430,7 @@ func (a *appliance) checkRelayBound(ctx context.Context, lc *local.Client) error
 	case ctx.Err() != nil:
 		return ctx.Err()
 	}
-	a.setRelayState(true, false, 0)
+	n.setRelayState(true, false, 0)
 	if lastErr != nil {
 		return fmt.Errorf("read relay status: %w", lastErr)
 	}
@@ -439,8 +439,8 @@ func (a *appliance) checkRelayBound(ctx context.Context, lc *local.Client) error
 
 // relaySessions reads the relay server's sessions live, or returns false if
 // the node has not started or the relay is not bound.
-func (a *appliance) relaySessions(ctx context.Context) ([]readyz.Session, bool) {
-	lc := a.localClient()
+func (n *tailnetNode) relaySessions(ctx context.Context) ([]readyz.Session, bool) {
+	lc := n.localClient()
 	if lc == nil {
 		return nil, false
 	}
