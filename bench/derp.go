@@ -13,6 +13,7 @@ import (
 	"tailscale.com/tailcfg"
 
 	"github.com/tsrelay/tsrelay/derpregion"
+	"github.com/tsrelay/tsrelay/internal/cmdline"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
@@ -205,7 +206,7 @@ func (tn *tailnet) inClusterDERP(ctx context.Context, cert *derpregion.Cert) (po
 // does.
 func forwardDERP(ctx context.Context, p pod) error {
 	node := p.Netns + "-node"
-	return run(ctx,
+	return cmdline.Run(ctx,
 		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p tcp --dport %d -j DNAT --to-destination %v:%d", node, derpPort, p.Addr, derpPort),
 		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d -j DNAT --to-destination %v:%d", node, stunPort, p.Addr, stunPort),
 	)

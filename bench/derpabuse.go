@@ -30,6 +30,7 @@ import (
 	"tailscale.com/types/logger"
 
 	"github.com/tsrelay/tsrelay/derpregion"
+	"github.com/tsrelay/tsrelay/internal/cmdline"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
@@ -234,7 +235,7 @@ func (b *bench) derpAbuseSetup(ctx context.Context, dir string) (_ *derpAbuseSet
 		return nil, err
 	}
 	node := s.p.Netns + "-node"
-	if err := run(ctx,
+	if err := cmdline.Run(ctx,
 		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p tcp --dport %d -j DNAT --to-destination %v:%d", node, derpPort, s.p.Addr, derpPort),
 		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d -j DNAT --to-destination %v:%d", node, stunPort, s.p.Addr, stunPort),
 	); err != nil {

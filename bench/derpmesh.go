@@ -15,6 +15,7 @@ import (
 	"tailscale.com/tailcfg"
 
 	"github.com/tsrelay/tsrelay/derpregion"
+	"github.com/tsrelay/tsrelay/internal/cmdline"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
@@ -298,12 +299,12 @@ func freezeMeshNode(ctx context.Context, n *meshNode) error {
 	if err := syscall.Kill(n.r.Pid(), syscall.SIGSTOP); err != nil {
 		return fmt.Errorf("SIGSTOP %s: %w", n.name, err)
 	}
-	return run(ctx, nodeDrop(n.pod, "-I")...)
+	return cmdline.Run(ctx, nodeDrop(n.pod, "-I")...)
 }
 
 // thawMeshNode undoes freezeMeshNode.
 func thawMeshNode(ctx context.Context, n *meshNode) error {
-	err := run(ctx, nodeDrop(n.pod, "-D")...)
+	err := cmdline.Run(ctx, nodeDrop(n.pod, "-D")...)
 	return errors.Join(err, syscall.Kill(n.r.Pid(), syscall.SIGCONT))
 }
 

@@ -16,6 +16,7 @@ import (
 
 	"tailscale.com/tailcfg"
 
+	"github.com/tsrelay/tsrelay/internal/cmdline"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
@@ -359,7 +360,7 @@ func (fn *failoverNet) freeze(ctx context.Context, fr *failoverRelay) error {
 		return fmt.Errorf("SIGSTOP %s: %w", fr.name, err)
 	}
 	fr.frozen = true
-	return run(ctx, nodeDrop(fr.pod, "-I")...)
+	return cmdline.Run(ctx, nodeDrop(fr.pod, "-I")...)
 }
 
 // thaw undoes freeze.
@@ -368,7 +369,7 @@ func (fn *failoverNet) thaw(ctx context.Context, fr *failoverRelay) error {
 		return nil
 	}
 	fr.frozen = false
-	err := run(ctx, nodeDrop(fr.pod, "-D")...)
+	err := cmdline.Run(ctx, nodeDrop(fr.pod, "-D")...)
 	if kerr := syscall.Kill(fr.r.Pid(), syscall.SIGCONT); kerr != nil {
 		err = errors.Join(err, fmt.Errorf("SIGCONT %s: %w", fr.name, kerr))
 	}

@@ -1,6 +1,8 @@
 package bench
 
 import (
+	"github.com/tsrelay/tsrelay/internal/cmdline"
+
 	"context"
 	"errors"
 	"fmt"
@@ -119,7 +121,7 @@ func newLab(ctx context.Context) (*lab, error) {
 	if err := unix.Mount("tsrelay-bench", "/run/netns", "tmpfs", 0, "mode=755"); err != nil {
 		return nil, fmt.Errorf("mount /run/netns: %w", err)
 	}
-	err := run(ctx,
+	err := cmdline.Run(ctx,
 		"ip link set lo up",
 		"ip link add "+worldBridge+" type bridge",
 		fmt.Sprintf("ip addr add %v/%d dev %s", worldGateway, worldPrefix, worldBridge),
@@ -144,7 +146,7 @@ func (l *lab) host(ctx context.Context, name string, ipv6 bool) (ns string, addr
 	// nodad: the address is usable at once, not after duplicate address
 	// detection.
 	if ipv6 && !l.ipv6 {
-		if err := run(ctx, fmt.Sprintf("ip addr add %v/%d dev %s nodad", world6Gateway, world6Prefix, worldBridge)); err != nil {
+		if err := cmdline.Run(ctx, fmt.Sprintf("ip addr add %v/%d dev %s nodad", world6Gateway, world6Prefix, worldBridge)); err != nil {
 			l.mu.Unlock()
 			return "", netip.Addr{}, netip.Addr{}, err
 		}
@@ -171,7 +173,7 @@ func (l *lab) host(ctx context.Context, name string, ipv6 bool) (ns string, addr
 			fmt.Sprintf("ip -n %s addr add %v/%d dev eth0 nodad", ns, addr6, world6Prefix),
 			fmt.Sprintf("ip -n %s -6 route add default via %v", ns, world6Gateway))
 	}
-	err = run(ctx, lines...)
+	err = cmdline.Run(ctx, lines...)
 	return ns, addr, addr6, err
 }
 
@@ -233,7 +235,7 @@ func (l *lab) pod(ctx context.Context, name string, port, mtu int, ipv6 bool) (p
 		)
 		lb = netip.AddrPortFrom(nodeAddr6, uint16(port))
 	}
-	err = run(ctx, lines...)
+	err = cmdline.Run(ctx, lines...)
 	return pod{Netns: ns, Addr: addr, LB: lb, MTU: mtu}, err
 }
 
@@ -243,16 +245,4 @@ func remove(namespaces ...string) {
 	for _, ns := range namespaces {
 		exec.Command("ip", "netns", "del", ns).Run()
 	}
-}
-
-// run runs each command line (split on spaces) in turn.
-func run(ctx context.Context, lines ...string) error {
-	for _, l := range lines {
-		f := strings.Fields(l)
-		out, err := exec.CommandContext(ctx, f[0], f[1:]...).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("%s: %w: %s", l, err, strings.TrimSpace(string(out)))
-		}
-	}
-	return nil
 }

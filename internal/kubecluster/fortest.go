@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tsrelay/tsrelay/internal/cmdline"
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"github.com/tsrelay/tsrelay/internal/testenv"
 )
@@ -76,7 +77,7 @@ func RunForTest(t *testing.T, body func(t *testing.T)) {
 		if err := joinCgroup(os.Getenv(cgroupEnv)+"/harness", 0); err != nil {
 			t.Fatal(err)
 		}
-		if err := run(t.Context(), "ip link set lo up"); err != nil {
+		if err := cmdline.Run(t.Context(), "ip link set lo up"); err != nil {
 			t.Fatal(err)
 		}
 		body(t)

@@ -44,6 +44,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/tsrelay/tsrelay/internal/cmdline"
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
@@ -209,7 +210,7 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 // node's namespace on it.
 func (c *Cluster) network(ctx context.Context) error {
 	node := "ip -n " + nodeNetns + " "
-	return run(ctx,
+	return cmdline.Run(ctx,
 		"ip link set lo up",
 		"ip link add "+worldBridge+" type bridge",
 		fmt.Sprintf("ip addr add %v/%d dev %s", InternetIP, worldPrefix, worldBridge),
@@ -240,7 +241,7 @@ func (c *Cluster) Host(ctx context.Context, name string) (netns string, addr net
 	netns = "host-" + name
 	addr = netip.AddrFrom4([4]byte{10, 88, 1, byte(n)})
 	veth := fmt.Sprintf("h%d", n)
-	err = run(ctx,
+	err = cmdline.Run(ctx,
 		"ip netns add "+netns,
 		"ip link add "+veth+" type veth peer name eth0 netns "+netns,
 		"ip link set "+veth+" master "+worldBridge+" up",
@@ -597,16 +598,4 @@ func randomName(prefix string) string {
 	b := make([]byte, 4)
 	rand.Read(b)
 	return prefix + hex.EncodeToString(b)
-}
-
-// run runs each command line (split on spaces) in turn.
-func run(ctx context.Context, lines ...string) error {
-	for _, l := range lines {
-		f := strings.Fields(l)
-		out, err := exec.CommandContext(ctx, f[0], f[1:]...).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("%s: %w: %s", l, err, strings.TrimSpace(string(out)))
-		}
-	}
-	return nil
 }

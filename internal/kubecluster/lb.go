@@ -3,6 +3,8 @@
 package kubecluster
 
 import (
+	"github.com/tsrelay/tsrelay/internal/cmdline"
+
 	"context"
 	"fmt"
 	"net/netip"
@@ -103,7 +105,7 @@ func (c *Cluster) assign(ctx context.Context, svc *corev1.Service) error {
 	if !LBPool.Contains(addr) && c.lbIPs[addr] == "" {
 		// An address of the Service's own choosing: route it to the node
 		// too.
-		if err := run(ctx, fmt.Sprintf("ip route replace %v/32 via %v", addr, NodeIP)); err != nil {
+		if err := cmdline.Run(ctx, fmt.Sprintf("ip route replace %v/32 via %v", addr, NodeIP)); err != nil {
 			c.mu.Unlock()
 			return err
 		}
