@@ -654,8 +654,22 @@ func medianRatio(xs, base []float64) float64 {
 
 // cpuPerJunkPacket floods relay and stunAddr (a zero address: not that
 // one) with junk for 3 s at pps per port (0: full speed) and returns the
-// stopped flood and the relay process's CPU time per packet sent, in µs.
+// stopped flood and the relay process's CPU time per packet sent, in µs,
+// beyond what it spent over as long a quiet spell just before.
 func cpuPerJunkPacket(ctx context.Context, pid int, relay, stunAddr netip.AddrPort, pps int) (*floodState, float64, error) {
+	// What the relay spends anyway (its loops, the pair's disco pings)
+	// over as long a quiet spell, taken off the flood's figure.
+	idle0, err := cpuSeconds(pid)
+	if err != nil {
+		return nil, 0, err
+	}
+	t0 := time.Now()
+	time.Sleep(3 * time.Second)
+	idle1, err := cpuSeconds(pid)
+	if err != nil {
+		return nil, 0, err
+	}
+	idleRate := (idle1 - idle0) / time.Since(t0).Seconds()
 	cpu0, err := cpuSeconds(pid)
 	if err != nil {
 		return nil, 0, err
@@ -664,13 +678,15 @@ func cpuPerJunkPacket(ctx context.Context, pid int, relay, stunAddr netip.AddrPo
 	if err != nil {
 		return nil, 0, err
 	}
+	t1 := time.Now()
 	time.Sleep(3 * time.Second) // the flood's length
 	fs.stop()
 	cpu1, err := cpuSeconds(pid)
 	if err != nil || fs.sent == 0 {
 		return fs, 0, err
 	}
-	return fs, (cpu1 - cpu0) / float64(fs.sent) * 1e6, nil
+	extra := max(0, cpu1-cpu0-idleRate*time.Since(t1).Seconds())
+	return fs, extra / float64(fs.sent) * 1e6, nil
 }
 
 // pacedFloodPPS is the per-port rate of the paced flood.
@@ -888,7 +904,7 @@ func (r *Report) addDERPAbuse(res []derpAbuseResult, fl *udpFloodResult, env []s
 			"tsrelay, no flood", fl.Mbps, true)
 	}
 	r.add(Row{Section: "abuse", Scenario: sc, Metric: "relay CPU per junk packet", Unit: "µs", Value: fl.CPUPerPacket, Better: "lower",
-		Note: "relay process CPU time (user + system) over a 3 s flood with no transfer, per packet sent"}, "", 0, false)
+		Note: "relay process CPU time (user + system) over a 3 s flood with no transfer, less its CPU over a quiet 3 s just before, per packet sent"}, "", 0, false)
 	for _, p := range []struct {
 		port string
 		cpu  float64
@@ -898,7 +914,7 @@ func (r *Report) addDERPAbuse(res []derpAbuseResult, fl *udpFloodResult, env []s
 		{"STUN", fl.CPUPerPacketSTUN, "ours; the kernel drops what cannot be a binding request before it wakes the relay"},
 	} {
 		r.add(Row{Section: "abuse", Scenario: "tsrelay, paced junk flood at " + p.port + " alone", Metric: "relay CPU per junk packet", Unit: "µs", Value: p.cpu, Better: "lower",
-			Note: fmt.Sprintf("relay process CPU time over a 3 s flood of %d packets/s with no transfer, per packet sent; %s", pacedFloodPPS, p.why)}, "", 0, false)
+			Note: fmt.Sprintf("relay process CPU time over a 3 s flood of %d packets/s with no transfer, less its CPU over a quiet 3 s, per packet sent; %s", pacedFloodPPS, p.why)}, "", 0, false)
 	}
 	r.add(Row{Section: "abuse", Scenario: sc, Metric: "STUN amplification (answer bytes / request bytes)", Unit: "×", Value: fl.STUNAmp, Better: "lower",
 		Note: fmt.Sprintf("over IPv4, well-formed binding requests in the paced floods (the most of the rounds); %.2f× over everything a full-speed flood sent to STUN; the relay port sent back %d bytes in all; goal ≤ 1× %s (over IPv6 an answer is 44 bytes to a 40-byte request: 1.1×)", fl.STUNAmpAll, fl.RelayBytesBack, metOrNot(fl.STUNAmp <= 1))}, "", 0, false)
