@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"time"
 
+	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/ipn/store"
 	"tailscale.com/tailcfg"
 
@@ -316,25 +317,11 @@ func firstPongOf(ctx context.Context, p *pair) (firstPong, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	t0 := time.Now()
-	var last string
-	for {
-		pctx, pcancel := context.WithTimeout(ctx, 3*time.Second)
-		r, err := p.a.LocalClient().Ping(pctx, p.ipB, tailcfg.PingDisco)
-		pcancel()
-		switch {
-		case err != nil:
-			last = err.Error()
-		case r.Err != "":
-			last = r.Err
-		default:
-			return firstPong{Seconds: time.Since(t0).Seconds(), RTTms: r.LatencySeconds * 1000, Via: describe(r)}, nil
-		}
-		select {
-		case <-ctx.Done():
-			return firstPong{}, fmt.Errorf("no pong from %v (last: %s): %w", p.ipB, last, context.Cause(ctx))
-		case <-time.After(10 * time.Millisecond):
-		}
+	r, last, err := pingUntil(ctx, p.a, p.ipB, 10*time.Millisecond, func(*ipnstate.PingResult) bool { return true })
+	if err != nil {
+		return firstPong{}, fmt.Errorf("no pong from %v (last: %s): %w", p.ipB, last, err)
 	}
+	return firstPong{Seconds: time.Since(t0).Seconds(), RTTms: r.LatencySeconds * 1000, Via: describe(r)}, nil
 }
 
 // medianPong is the per-field median of rounds.

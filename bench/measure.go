@@ -56,7 +56,17 @@ func describe(r *ipnstate.PingResult) string {
 // waitPath disco-pings ip from n until a pong comes back over want, and
 // returns that path's description.
 func waitPath(ctx context.Context, n *tailnettest.Laptop, ip netip.Addr, want pathKind) (string, error) {
-	var last string
+	r, last, err := pingUntil(ctx, n, ip, 200*time.Millisecond, func(r *ipnstate.PingResult) bool { return kindOf(r) == want })
+	if err != nil {
+		return "", fmt.Errorf("path to %v never became %s (last pong: %s): %w", ip, want, last, err)
+	}
+	return describe(r), nil
+}
+
+// pingUntil disco-pings ip from n, every pause after an answer or a
+// timeout, until a pong is accepted, and returns it. Until ctx is done:
+// then the error is ctx's cause, and last says what the last ping got.
+func pingUntil(ctx context.Context, n *tailnettest.Laptop, ip netip.Addr, pause time.Duration, accept func(*ipnstate.PingResult) bool) (_ *ipnstate.PingResult, last string, _ error) {
 	for {
 		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		r, err := n.LocalClient().Ping(pctx, ip, tailcfg.PingDisco)
@@ -68,14 +78,14 @@ func waitPath(ctx context.Context, n *tailnettest.Laptop, ip netip.Addr, want pa
 			last = r.Err
 		default:
 			last = describe(r)
-			if kindOf(r) == want {
-				return last, nil
+			if accept(r) {
+				return r, last, nil
 			}
 		}
 		select {
 		case <-ctx.Done():
-			return "", fmt.Errorf("path to %v never became %s (last pong: %s): %w", ip, want, last, context.Cause(ctx))
-		case <-time.After(200 * time.Millisecond):
+			return nil, last, context.Cause(ctx)
+		case <-time.After(pause):
 		}
 	}
 }
