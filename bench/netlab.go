@@ -156,15 +156,7 @@ func (l *lab) host(ctx context.Context, name string, ipv6 bool) (ns string, addr
 	ns = "tsb-" + name
 	addr = netip.AddrFrom4([4]byte{10, 88, byte(n / 250), byte(n%250 + 2)}) // .0.1 is the gateway
 	veth := "w" + strconv.Itoa(n)
-	lines := []string{
-		"ip netns add " + ns,
-		"ip link add " + veth + " type veth peer name eth0 netns " + ns,
-		"ip link set " + veth + " master " + worldBridge + " up",
-		"ip -n " + ns + " link set lo up",
-		fmt.Sprintf("ip -n %s addr add %v/%d dev eth0", ns, addr, worldPrefix),
-		"ip -n " + ns + " link set eth0 up",
-		fmt.Sprintf("ip -n %s route add default via %v", ns, worldGateway),
-	}
+	lines := cmdline.JoinBridge(ns, veth, worldBridge, addr, worldPrefix, worldGateway)
 	if ipv6 {
 		a16 := world6Gateway.As16()
 		a16[14], a16[15] = byte((n+1)>>8), byte(n+1) // ::1 is the gateway

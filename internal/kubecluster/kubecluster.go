@@ -241,15 +241,7 @@ func (c *Cluster) Host(ctx context.Context, name string) (netns string, addr net
 	netns = "host-" + name
 	addr = netip.AddrFrom4([4]byte{10, 88, 1, byte(n)})
 	veth := fmt.Sprintf("h%d", n)
-	err = cmdline.Run(ctx,
-		"ip netns add "+netns,
-		"ip link add "+veth+" type veth peer name eth0 netns "+netns,
-		"ip link set "+veth+" master "+worldBridge+" up",
-		"ip -n "+netns+" link set lo up",
-		fmt.Sprintf("ip -n %s addr add %v/%d dev eth0", netns, addr, worldPrefix),
-		"ip -n "+netns+" link set eth0 up",
-		fmt.Sprintf("ip -n %s route add default via %v", netns, InternetIP),
-	)
+	err = cmdline.Run(ctx, cmdline.JoinBridge(netns, veth, worldBridge, addr, worldPrefix, InternetIP)...)
 	return netns, addr, err
 }
 
