@@ -14,7 +14,7 @@ import (
 )
 
 // keylessPlaceholder is the audience components/keyless ships until the
-// user patches it; the relay recognises it (relay/keyless.go).
+// user patches it; the relay recognises it (keyless/login.go).
 const keylessPlaceholder = "tsrelay.invalid/set-the-credential-audience"
 
 // TestKeylessComponent renders components/keyless on the single relay
@@ -77,7 +77,7 @@ func TestKeylessComponent(t *testing.T) {
 	}
 
 	// The placeholder the relay recognises is the one the component ships.
-	for _, f := range []string{"components/keyless/deployment-patch.yaml", "../relay/keyless.go"} {
+	for _, f := range []string{"components/keyless/deployment-patch.yaml", "../keyless/login.go"} {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)
