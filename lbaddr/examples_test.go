@@ -1,11 +1,8 @@
 package lbaddr
 
 import (
-	"bytes"
 	"fmt"
 	"net/netip"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
@@ -38,35 +35,7 @@ type renderedRelay struct {
 // TS_RELAY_SERVICE is that Service's name.
 func renderRelay(t *testing.T, dir, svcName string) renderedRelay {
 	t.Helper()
-	// kustomize reads the sources in a child process, which go test's cache
-	// does not see; reading them here makes an edit rerun the test.
-	for _, pattern := range []string{"../manifests/*.yaml", "../manifests/components/*/*.yaml", "../manifests/components/*/*/*.yaml", "../examples/*/*.yaml"} {
-		files, err := filepath.Glob(pattern)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, f := range files {
-			if _, err := os.ReadFile(f); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	cmd := exec.CommandContext(t.Context(), "go", "tool", "kustomize", "build", dir)
-	cmd.Env = append(os.Environ(), "GOTOOLCHAIN=local")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("kustomize build %s: %v\n%s", dir, err, stderr.Bytes())
-	}
-	path := filepath.Join(t.TempDir(), "rendered.yaml")
-	if err := os.WriteFile(path, out, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	objs, err := kubetest.ReadManifests(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	objs := kubetest.KustomizeObjectsForTest(t, "..", dir)
 	var r renderedRelay
 	var pod *corev1.PodTemplateSpec
 	conv := func(o *unstructured.Unstructured, into any) {

@@ -1,10 +1,6 @@
 package manifests_test
 
 import (
-	"bytes"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -23,22 +19,7 @@ import (
 // port. Then the real API server accepts the result: a LoadBalancer mixing
 // TCP and UDP, and a pod still at PodSecurity level restricted.
 func TestDERPComponent(t *testing.T) {
-	cmd := exec.CommandContext(t.Context(), "go", "tool", "kustomize", "build", "../examples/derp")
-	cmd.Env = append(os.Environ(), "GOTOOLCHAIN=local")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("kustomize build examples/derp: %v\n%s", err, stderr.Bytes())
-	}
-	path := filepath.Join(t.TempDir(), "derp.yaml")
-	if err := os.WriteFile(path, out, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	objs, err := kubetest.ReadManifests(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	objs := kubetest.KustomizeObjectsForTest(t, "..", "../examples/derp")
 	var dep, svc *unstructured.Unstructured
 	for _, o := range objs {
 		switch o.GetKind() + "/" + o.GetName() {

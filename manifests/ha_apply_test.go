@@ -41,7 +41,7 @@ func TestHAAgainstAPIServer(t *testing.T) {
 		{haDERPExample, true},
 	} {
 		t.Run(filepath.Base(tc.dir), func(t *testing.T) {
-			objs := kustomizeBuild(t, tc.dir)
+			objs := kubetest.KustomizeObjectsForTest(t, "..", tc.dir)
 			srv := kubetest.StartForTest(t)
 			admin := srv.AdminClientForTest(t)
 			ctx := t.Context()

@@ -1,11 +1,9 @@
 package manifests_test
 
 import (
-	"bytes"
 	"fmt"
 	"maps"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -40,42 +38,6 @@ const componentLabel = "app.kubernetes.io/component"
 
 // meshSecret is the DERP mesh Secret components/ha-derp names.
 const meshSecret = "tsrelay-derp-mesh"
-
-// kustomizeBuild renders the kustomization in dir and parses the objects.
-func kustomizeBuild(t *testing.T, dir string) []*unstructured.Unstructured {
-	t.Helper()
-	// kustomize reads the sources in a child process, which go test's cache
-	// does not see; reading them here makes an edit to any of them rerun
-	// the test instead of replaying a cached pass.
-	for _, pattern := range []string{"*.yaml", "components/*/*.yaml", "components/*/*/*.yaml", "../examples/*/*.yaml"} {
-		sources, err := filepath.Glob(pattern)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, f := range sources {
-			if _, err := os.ReadFile(f); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	cmd := exec.CommandContext(t.Context(), "go", "tool", "kustomize", "build", dir)
-	cmd.Env = append(os.Environ(), "GOTOOLCHAIN=local")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("kustomize build %s: %v\n%s", dir, err, stderr.Bytes())
-	}
-	path := filepath.Join(t.TempDir(), "rendered.yaml")
-	if err := os.WriteFile(path, out, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	objs, err := kubetest.ReadManifests(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return objs
-}
 
 // haObjects are the typed objects of an HA rendering that the checks look
 // at.
@@ -287,7 +249,7 @@ func TestHAComponent(t *testing.T) {
 		{haDERPExample, true},
 	} {
 		t.Run(filepath.Base(tc.dir), func(t *testing.T) {
-			h := parseHA(t, kustomizeBuild(t, tc.dir))
+			h := parseHA(t, kubetest.KustomizeObjectsForTest(t, "..", tc.dir))
 			for _, gone := range []string{"Deployment/tsrelay", "Service/tsrelay"} {
 				if slices.Contains(h.kinds, gone) {
 					t.Errorf("%s is still rendered; the StatefulSet and per-relay Services replace it", gone)
@@ -378,7 +340,7 @@ func TestHAPodTemplateIsTheBase(t *testing.T) {
 			}
 		}
 	}
-	h := parseHA(t, kustomizeBuild(t, haExample))
+	h := parseHA(t, kubetest.KustomizeObjectsForTest(t, "..", haExample))
 	perReplica := func(e corev1.EnvVar) bool {
 		return e.Name == "TS_HOSTNAME" || e.Name == "TS_KUBE_SECRET" || e.Name == "TS_RELAY_SERVICE"
 	}
@@ -420,7 +382,7 @@ func TestHAReplicaNamesMustAgree(t *testing.T) {
 		}, "TS_DERP_MESH_PEERS=tsrelay-0,"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := parseHA(t, kustomizeBuild(t, haDERPExample))
+			h := parseHA(t, kubetest.KustomizeObjectsForTest(t, "..", haDERPExample))
 			if errs := replicaNameErrors(h); len(errs) > 0 {
 				t.Fatalf("unchanged examples/ha-derp: %v", errs)
 			}
@@ -651,7 +613,7 @@ rules:
 			t.Fatal(err)
 		}
 	}
-	h := parseHA(t, kustomizeBuild(t, dir))
+	h := parseHA(t, kubetest.KustomizeObjectsForTest(t, "..", dir))
 	if r := h.sts.Spec.Replicas; r == nil || *r != 3 {
 		t.Fatalf("replicas = %v, want 3", r)
 	}
@@ -680,7 +642,7 @@ rules:
 	if err := os.WriteFile(filepath.Join(dir, "service-tsrelay-2.yaml"), []byte(unlabelled), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	h = parseHA(t, kustomizeBuild(t, dir))
+	h = parseHA(t, kubetest.KustomizeObjectsForTest(t, "..", dir))
 	if svc := h.services["tsrelay-2"]; svc == nil || len(svc.Spec.Ports) != 0 || svc.Spec.Type != "" {
 		t.Errorf("unlabelled Service tsrelay-2 = %+v, want no ports and no type, which the API server refuses", svc)
 	}
@@ -705,7 +667,7 @@ func TestHAWithMonitoring(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	h := parseHA(t, kustomizeBuild(t, dir))
+	h := parseHA(t, kubetest.KustomizeObjectsForTest(t, "..", dir))
 	m := h.services["tsrelay-metrics"]
 	if m == nil {
 		t.Fatalf("no Service tsrelay-metrics: %v", h.kinds)
@@ -748,7 +710,7 @@ func TestHADERPEitherOrder(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		return parseHA(t, kustomizeBuild(t, dir))
+		return parseHA(t, kubetest.KustomizeObjectsForTest(t, "..", dir))
 	}
 	after, before := render("ha", "derp", "ha-derp"), render("derp", "ha", "ha-derp")
 	if a, b := envValues(after.relayContainer(t).Env), envValues(before.relayContainer(t).Env); !maps.Equal(a, b) {

@@ -59,7 +59,7 @@ func TestKeylessComponent(t *testing.T) {
 		{"keyless, then ha", keylessFirst, keylessPlaceholder},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			objs := kustomizeBuild(t, tc.dir)
+			objs := kubetest.KustomizeObjectsForTest(t, "..", tc.dir)
 			var pods []*corev1.Pod
 			if strings.Contains(tc.name, "ha") {
 				pods = podsFromStatefulSet(t, objs)

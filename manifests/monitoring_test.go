@@ -1,14 +1,11 @@
 package manifests_test
 
 import (
-	"bytes"
-	"os"
-	"os/exec"
 	"strconv"
 	"testing"
 
+	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 )
 
 // TestMonitoringComponent renders examples/monitoring (the manifests plus
@@ -17,21 +14,8 @@ import (
 // that Service selects the relay's pod and targets its HTTP port, and the
 // pod's scrape annotations name the same port.
 func TestMonitoringComponent(t *testing.T) {
-	cmd := exec.CommandContext(t.Context(), "go", "tool", "kustomize", "build", "../examples/monitoring")
-	cmd.Env = append(os.Environ(), "GOTOOLCHAIN=local")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("kustomize build examples/monitoring: %v\n%s", err, stderr.Bytes())
-	}
 	byName := map[string]*unstructured.Unstructured{}
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(out), 4096)
-	for {
-		o := &unstructured.Unstructured{}
-		if err := dec.Decode(&o.Object); err != nil {
-			break
-		}
+	for _, o := range kubetest.KustomizeObjectsForTest(t, "..", "../examples/monitoring") {
 		byName[o.GetKind()+"/"+o.GetName()] = o
 		if o.GetNamespace() != "kube-public" {
 			t.Errorf("%s %s is in namespace %q, want kube-public", o.GetKind(), o.GetName(), o.GetNamespace())

@@ -24,7 +24,7 @@ func TestAnotherNamespaceAgainstAPIServer(t *testing.T) {
 		t.Skip("starts etcd and kube-apiserver")
 	}
 	const ns = "tsrelay"
-	objs := kustomizeBuild(t, namespaceExample)
+	objs := kubetest.KustomizeObjectsForTest(t, "..", namespaceExample)
 	for _, o := range objs {
 		if o.GetKind() != "Namespace" && o.GetNamespace() != ns {
 			t.Errorf("%s %s is in namespace %q, want %q", o.GetKind(), o.GetName(), o.GetNamespace(), ns)

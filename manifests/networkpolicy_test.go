@@ -6,6 +6,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/tsrelay/tsrelay/internal/kubetest"
 	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -42,7 +43,7 @@ components:
 	var np *networkingv1.NetworkPolicy
 	podLabels := map[string]string{}
 	podPorts := map[string]string{} // name → protocol
-	for _, o := range kustomizeBuild(t, dir) {
+	for _, o := range kubetest.KustomizeObjectsForTest(t, "..", dir) {
 		switch o.GetKind() {
 		case "NetworkPolicy":
 			np = &networkingv1.NetworkPolicy{}

@@ -4,16 +4,14 @@
 package manifests_test
 
 import (
-	"bytes"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 
+	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"sigs.k8s.io/yaml"
 )
 
@@ -28,27 +26,7 @@ const stateSecret = "tsrelay-state"
 // TestInstallYAMLIsCurrent renders the kustomization the way `make manifests`
 // does and compares the result with the committed install.yaml.
 func TestInstallYAMLIsCurrent(t *testing.T) {
-	// kustomize reads the sources in a child process, which go test's cache
-	// does not see; reading them here makes an edit to any of them rerun
-	// the test instead of replaying a cached pass.
-	sources, err := filepath.Glob("*.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range sources {
-		if _, err := os.ReadFile(f); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	cmd := exec.CommandContext(t.Context(), "go", "tool", "kustomize", "build", ".")
-	cmd.Env = append(os.Environ(), "GOTOOLCHAIN=local")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("go tool kustomize build: %v\n%s", err, stderr.Bytes())
-	}
+	out := kubetest.KustomizeForTest(t, "..", ".")
 	want := header + string(out)
 
 	got, err := os.ReadFile("install.yaml")

@@ -25,6 +25,12 @@ func ReadManifests(path string) ([]*unstructured.Unstructured, error) {
 	if err != nil {
 		return nil, err
 	}
+	return ParseManifests(path, b)
+}
+
+// ParseManifests parses the objects in multi-document YAML b; name says
+// where b came from, for errors.
+func ParseManifests(name string, b []byte) ([]*unstructured.Unstructured, error) {
 	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(b), 4096)
 	var objs []*unstructured.Unstructured
 	for {
@@ -32,7 +38,7 @@ func ReadManifests(path string) ([]*unstructured.Unstructured, error) {
 		if err := dec.Decode(&obj.Object); errors.Is(err, io.EOF) {
 			return objs, nil
 		} else if err != nil {
-			return nil, fmt.Errorf("%s: object %d: %w", path, len(objs)+1, err)
+			return nil, fmt.Errorf("%s: object %d: %w", name, len(objs)+1, err)
 		}
 		if len(obj.Object) > 0 { // skip empty documents
 			objs = append(objs, obj)
