@@ -24,7 +24,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
@@ -44,15 +43,11 @@ import (
 // /readyz, /metrics or Secret.
 func TestRelayKeylessLogin(t *testing.T) {
 	bins := binaries(t)
-	srv := kubetest.StartForTest(t)
+	srv := startWithShippedRBAC(t)
 	admin := srv.AdminClientForTest(t)
 	ctx := t.Context()
 	const ns, secret, audience = "kube-public", "tsrelay-state", "api.tailscale.test/keyless-client"
 
-	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
-	if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	if _, err := admin.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "other"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}

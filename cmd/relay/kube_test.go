@@ -35,15 +35,9 @@ import (
 // without a node, on the Lease, and takes over once the first is killed.
 func TestRelayKubeState(t *testing.T) {
 	bins := binaries(t)
-	srv := kubetest.StartForTest(t)
+	srv := startWithShippedRBAC(t)
 	admin := srv.AdminClientForTest(t)
 	ctx := t.Context()
-
-	// The ServiceAccount, Role and RoleBinding exactly as shipped.
-	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
-	if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	const ns, secret = "kube-public", "tsrelay-state"
 	srv.WaitAllowedForTest(t, ns, "tsrelay", authzv1.ResourceAttributes{Namespace: ns, Verb: "get", Resource: "secrets", Name: secret})
 	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")
@@ -381,6 +375,18 @@ func dualStackLoadBalancer(t *testing.T, relayPort, from4, from6 int) (lb4, lb6 
 	return
 }
 
+// startWithShippedRBAC starts a real kube-apiserver with the
+// ServiceAccount, Role and RoleBinding exactly as the manifests ship them.
+func startWithShippedRBAC(t *testing.T) *kubetest.Server {
+	t.Helper()
+	srv := kubetest.StartForTest(t)
+	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
+	if err := kubetest.Apply(t.Context(), srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return srv
+}
+
 // shippedObjects returns the objects of manifests/install.yaml of the given
 // kinds, one of each, exactly as users apply them.
 func shippedObjects(t *testing.T, kinds ...string) []*unstructured.Unstructured {
@@ -405,12 +411,8 @@ func shippedObjects(t *testing.T, kinds ...string) []*unstructured.Unstructured 
 // anyone else could take the lease over.
 func TestRelayLeaseAndAPIServerOutages(t *testing.T) {
 	bins := binaries(t)
-	srv := kubetest.StartForTest(t)
+	srv := startWithShippedRBAC(t)
 	ctx := t.Context()
-	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
-	if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	const ns, secret = "kube-public", "tsrelay-state"
 	srv.WaitAllowedForTest(t, ns, "tsrelay", authzv1.ResourceAttributes{Namespace: ns, Verb: "update", Group: "coordination.k8s.io", Resource: "leases", Name: secret})
 	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")

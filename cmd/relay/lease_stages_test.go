@@ -13,7 +13,6 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/tsrelay/tsrelay/internal/kubetest"
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
 
@@ -27,13 +26,9 @@ import (
 // login, and ready.
 func TestRelayReleasesLeaseAtEveryStage(t *testing.T) {
 	bins := binaries(t)
-	srv := kubetest.StartForTest(t)
+	srv := startWithShippedRBAC(t)
 	admin := srv.AdminClientForTest(t)
 	ctx := t.Context()
-	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
-	if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	const ns, secret = "kube-public", "tsrelay-state"
 	srv.WaitAllowedForTest(t, ns, "tsrelay", authzv1.ResourceAttributes{Namespace: ns, Verb: "update", Group: "coordination.k8s.io", Resource: "leases", Name: secret})
 	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")
@@ -186,13 +181,9 @@ func TestRelayReleasesLeaseAtEveryStage(t *testing.T) {
 // with no auth key.
 func TestRelayRecreatesDeletedStateSecret(t *testing.T) {
 	bins := binaries(t)
-	srv := kubetest.StartForTest(t)
+	srv := startWithShippedRBAC(t)
 	admin := srv.AdminClientForTest(t)
 	ctx := t.Context()
-	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
-	if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	const ns, secret = "kube-public", "tsrelay-state"
 	srv.WaitAllowedForTest(t, ns, "tsrelay", authzv1.ResourceAttributes{Namespace: ns, Verb: "get", Resource: "secrets", Name: secret})
 	kubeconfig := srv.KubeconfigForTest(t, ns, "tsrelay")

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	authzv1 "k8s.io/api/authorization/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tsrelay/tsrelay/internal/kubetest"
@@ -265,11 +264,7 @@ func testRelayPathMTUIPv6(t *testing.T) {
 // environment that points the relay at it as that ServiceAccount.
 func kubeForRelay(t *testing.T, ns string) (kubernetes.Interface, []string) {
 	t.Helper()
-	srv := kubetest.StartForTest(t)
-	objs := shippedObjects(t, "ServiceAccount", "Role", "RoleBinding")
-	if err := kubetest.Apply(t.Context(), srv.Admin, objs, metav1.ApplyOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	srv := startWithShippedRBAC(t)
 	const secret = "tsrelay-state"
 	srv.WaitAllowedForTest(t, ns, "tsrelay",
 		authzv1.ResourceAttributes{Namespace: ns, Verb: "get", Resource: "secrets", Name: secret},
