@@ -10,6 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/tsrelay/tsrelay/internal/kubetest"
 )
@@ -36,18 +37,7 @@ func TestAgainstAPIServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Enforce the restricted Pod Security Standard where the relay runs.
-	ns, err := admin.CoreV1().Namespaces().Get(ctx, namespace, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ns.Labels == nil {
-		ns.Labels = map[string]string{}
-	}
-	ns.Labels["pod-security.kubernetes.io/enforce"] = "restricted"
-	if _, err := admin.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	enforceRestricted(t, admin)
 
 	t.Run("ServerSideApply", func(t *testing.T) {
 		for range 2 { // applying again changes nothing and must not fail
@@ -190,4 +180,23 @@ func podFromDeployment(t *testing.T, objs []*unstructured.Unstructured) *corev1.
 	}
 	t.Fatal("install.yaml has no Deployment")
 	return nil
+}
+
+// enforceRestricted labels the relay's namespace on the API server admin
+// talks to for the restricted Pod Security Standard, as a careful cluster
+// does, so that what is applied there must pass it.
+func enforceRestricted(t *testing.T, admin kubernetes.Interface) {
+	t.Helper()
+	ctx := t.Context()
+	ns, err := admin.CoreV1().Namespaces().Get(ctx, namespace, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ns.Labels == nil {
+		ns.Labels = map[string]string{}
+	}
+	ns.Labels["pod-security.kubernetes.io/enforce"] = "restricted"
+	if _, err := admin.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
 }

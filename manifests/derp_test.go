@@ -80,17 +80,7 @@ func TestDERPComponent(t *testing.T) {
 	srv := kubetest.StartForTest(t)
 	admin := srv.AdminClientForTest(t)
 	ctx := t.Context()
-	ns, err := admin.CoreV1().Namespaces().Get(ctx, namespace, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ns.Labels == nil {
-		ns.Labels = map[string]string{}
-	}
-	ns.Labels["pod-security.kubernetes.io/enforce"] = "restricted"
-	if _, err := admin.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	enforceRestricted(t, admin)
 	if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{FieldManager: "kubectl"}); err != nil {
 		t.Fatalf("apply examples/derp: %v", err)
 	}

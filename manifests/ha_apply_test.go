@@ -46,18 +46,7 @@ func TestHAAgainstAPIServer(t *testing.T) {
 			admin := srv.AdminClientForTest(t)
 			ctx := t.Context()
 
-			// Enforce the restricted Pod Security Standard where the relays run.
-			ns, err := admin.CoreV1().Namespaces().Get(ctx, namespace, metav1.GetOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if ns.Labels == nil {
-				ns.Labels = map[string]string{}
-			}
-			ns.Labels["pod-security.kubernetes.io/enforce"] = "restricted"
-			if _, err := admin.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}); err != nil {
-				t.Fatal(err)
-			}
+			enforceRestricted(t, admin)
 
 			for range 2 { // applying again changes nothing and must not fail
 				if err := kubetest.Apply(ctx, srv.Admin, objs, metav1.ApplyOptions{FieldManager: "kubectl"}); err != nil {
