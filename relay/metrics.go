@@ -41,7 +41,7 @@ type collector struct {
 	recreated                                      *prometheus.Desc
 	identity                                       *prometheus.Desc
 	pathMTU, pathMTUNeeded, mtuTooSmall, tunnel    *prometheus.Desc
-	sockets, socketsSetting                        *prometheus.Desc
+	sockets, socketsSetting, socketDrops           *prometheus.Desc
 }
 
 func newCollector(h *handlers) *collector {
@@ -68,6 +68,7 @@ func newCollector(h *handlers) *collector {
 		mtuTooSmall:    d("path_mtu_too_small", "1 when relayed packets do not fit the path MTU of some IP family: they are fragmented or dropped, and relaying slows down."),
 		tunnel:         d("path_tunnel_in_tunnel", "1 when the pod network looks like a tunnel inside a Tailscale tunnel (route through a WireGuard or Tailscale interface, or an MTU of 1280 minus an encapsulation)."),
 		sockets:        d("relay_sockets", "UDP sockets the peer relay has bound on its port, by IP family, counted in /proc; each can hold 8 MiB of receive buffers.", "family"),
+		socketDrops:    d("relay_socket_drops_total", "Datagrams the kernel dropped at the peer relay's UDP sockets, by IP family, read from /proc: junk their socket filter refused (anything but Geneve as Tailscale sends it and STUN answers), or a full receive buffer.", "family"),
 		socketsSetting: d("relay_sockets_setting", "TS_RELAY_SERVER_SOCKETS: the sockets per IP family the relay binds (GOMAXPROCS)."),
 		buildInfo:      d("build_info", "Always 1; the labels say what is running.", "version", "tailscale_version", "go_version"),
 		identity:       d("identity_info", "Always 1; the labels say which node identity this process runs or waits for (TS_HOSTNAME, the state Secret as namespace/name or TS_STATE_DIR, and the MagicDNS name once logged in), so that the series of several replicas tell which relay they are.", "hostname", "state", "dns_name"),
@@ -133,9 +134,20 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(c.socketsSetting, float64(c.h.cfg.RelayServerSockets))
 	if st.Relay.Bound {
-		if n, err := udpsock.Count(0, int(c.h.cfg.RelayServerPort)); err == nil {
-			gauge(c.sockets, float64(n.IPv4), "ipv4")
-			gauge(c.sockets, float64(n.IPv6), "ipv6")
+		if socks, err := udpsock.List(0, int(c.h.cfg.RelayServerPort)); err == nil {
+			var n, drops [2]float64 // by family: IPv4, IPv6
+			for _, s := range socks {
+				f := 0
+				if s.IPv6 {
+					f = 1
+				}
+				n[f]++
+				drops[f] += float64(s.Drops)
+			}
+			for f, family := range []string{"ipv4", "ipv6"} {
+				gauge(c.sockets, n[f], family)
+				ch <- prometheus.MustNewConstMetric(c.socketDrops, prometheus.CounterValue, drops[f], family)
+			}
 		}
 	}
 	gauge(c.buildInfo, 1, c.h.cfg.Version, tsversion.Short(), runtime.Version())

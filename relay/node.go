@@ -157,7 +157,8 @@ func (n *tailnetNode) run(ctx context.Context) error {
 
 // watchRejections logs the allocation requests the relay server extension
 // rejected (it reports each sender at most once a minute) and records them
-// as Events. Call the returned function to stop.
+// as Events, and logs whether its sockets got their socket filter. Call the
+// returned function to stop.
 func (n *tailnetNode) watchRejections() (stop func()) {
 	bus, ok := n.ts.Sys().Bus.GetOK()
 	if !ok {
@@ -168,6 +169,14 @@ func (n *tailnetNode) watchRejections() (stop func()) {
 		n.logger.Warn("rejected a relay endpoint request from a peer", "nodeKey", r.From.ShortString(),
 			"disco", r.Disco.ShortString(), "reason", string(r.Reason), "notLogged", r.Suppressed)
 		n.events.Warning("RelayRequestRejected", fmt.Sprintf("rejected a relay endpoint request from node %s: %s", r.From.ShortString(), r.Reason))
+	})
+	eventbus.SubscribeFunc(c, func(f relayserver.SocketsFiltered) {
+		if f.Err != nil {
+			n.logger.Warn("relay sockets are not all filtered: junk sent to the relay port costs more CPU", "port", f.Port, "filtered", f.Filtered, "err", f.Err)
+			n.events.Warning("RelaySocketsUnfiltered", fmt.Sprintf("%d relay sockets on port %d filtered: %v", f.Filtered, f.Port, f.Err))
+			return
+		}
+		n.logger.Info("relay sockets filtered", "port", f.Port, "sockets", f.Filtered)
 	})
 	return c.Close
 }

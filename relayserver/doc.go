@@ -65,6 +65,21 @@
 // discovers to the static endpoints (onlyStaticAddrPorts false), as the
 // upstream feature does.
 //
+// # The socket filter
+//
+// The server's sockets face the internet, and its read loop (v1.102.5) wakes
+// and makes a recvmmsg call for every datagram or two that arrives, whatever
+// it holds: a junk flood costs the relay about 11 µs of CPU a datagram at
+// 10,000 a second. Each time it starts the server, the extension finds the
+// server's sockets among the process's open files (internal/udpsock: the
+// server does not hand them out) and attaches a classic BPF filter that
+// passes only what the server acts on (see packetFilter): Geneve as
+// Tailscale's clients write it, and STUN binding success responses. The
+// kernel drops the rest before it is queued, and counts it in the socket's
+// drops (tsrelay_relay_socket_drops_total). A kernel or sandbox that refuses
+// socket filters leaves the sockets unfiltered, and the relay logs a warning
+// and records an Event ([SocketsFiltered]).
+//
 // The relay's own node is also a relay client, and v1.102.5's client side
 // panics on a zero ServerDisco in a CallMeMaybeVia or an allocation answer
 // (wgengine/magicsock/relaymanager.go, ensureDiscoInfoFor); see the README's

@@ -60,6 +60,7 @@ type extension struct {
 	bus      *eventbus.Client
 	respPub  *eventbus.Publisher[magicsock.UDPRelayAllocResp]
 	rejPub   *eventbus.Publisher[Rejected]
+	filtPub  *eventbus.Publisher[SocketsFiltered]
 	rejected *usermetric.MultiLabelMap[rejectLabel]
 	now      func() time.Time
 
@@ -90,6 +91,7 @@ func newExtension(logf logger.Logf, sb ipnext.SafeBackend) (ipnext.Extension, er
 	e.bus = sb.Sys().Bus.Get().Client("tsrelay.relayserver")
 	e.respPub = eventbus.Publish[magicsock.UDPRelayAllocResp](e.bus)
 	e.rejPub = eventbus.Publish[Rejected](e.bus)
+	e.filtPub = eventbus.Publish[SocketsFiltered](e.bus)
 	eventbus.SubscribeFunc(e.bus, e.onDERPMap)
 	eventbus.SubscribeFunc(e.bus, e.onAllocReq)
 	return e, nil
@@ -186,6 +188,13 @@ func (e *extension) startLocked() {
 	srv.SetDERPMapView(e.derpMap)
 	e.srv = srv
 	e.serverDisco = key.DiscoPublic{} // a new server has a new key
+	// The server's read loops already run: what arrives before the filter
+	// is read as before.
+	n, err := filterSockets(*e.port)
+	if err != nil {
+		e.logf("[unexpected] relay sockets on port %d: %d filtered: %v", *e.port, n, err)
+	}
+	go e.filtPub.Publish(SocketsFiltered{Port: *e.port, Filtered: n, Err: err})
 }
 
 func (e *extension) stopLocked() {

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -22,6 +24,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 	"tailscale.com/ipn/ipnstate"
+	"tailscale.com/net/stun"
 	"tailscale.com/types/key"
 
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
@@ -324,6 +327,9 @@ func TestRelayEndToEnd(t *testing.T) {
 		t.Errorf(`tsrelay_static_endpoints{source="explicit"} = %v, want 1`, v)
 	}
 
+	// Junk goes to forwardTarget: 127.0.0.1 is one of the sinks.
+	junkDroppedInKernel(t, ctx, relay, netip.AddrPortFrom(netip.MustParseAddr(forwardTarget), uint16(relayPort)), a, ipB, wantVia)
+
 	st, err := a.LocalClient().Status(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -563,4 +569,61 @@ func readFile(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// junkDroppedInKernel sends junk at the relay's port (to) while a pair relays
+// through it: random bytes, Geneve headers Tailscale would not send, STUN
+// requests. The kernel must drop every one at the relay's socket filter
+// (tsrelay_relay_socket_drops_total rises by at least as many; without the
+// filter the relay server reads them and the count stays put), and the
+// pair must still be relayed.
+func junkDroppedInKernel(t *testing.T, ctx context.Context, relay *tailnettest.Relay, to netip.AddrPort, a *tailnettest.Laptop, ipB netip.Addr, wantVia string) {
+	t.Helper()
+	if log := readFile(t, relay.LogPath()); !strings.Contains(log, `msg="relay sockets filtered" port=`+strconv.Itoa(int(to.Port()))) {
+		t.Errorf("the relay did not log its sockets filtered:\n%s", log)
+	}
+	drops := func() float64 {
+		v, ok := tailnettest.MetricSum(relayMetrics(t, relay), "tsrelay_relay_socket_drops_total")
+		if !ok {
+			t.Fatal("/metrics lacks tsrelay_relay_socket_drops_total")
+		}
+		return v
+	}
+	before := drops()
+	c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(to))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rng := rand.New(rand.NewPCG(1, 2))
+	const sent = 3000
+	for i := range sent {
+		b := make([]byte, 1+rng.IntN(1400))
+		for j := range b {
+			b[j] = byte(rng.Uint32())
+		}
+		switch i % 3 {
+		case 1: // Geneve, as Tailscale writes it but for a reserved bit
+			b = append(b, make([]byte, 48)...)
+			b[0], b[1], b[7] = 0, 0x01, 0
+			binary.BigEndian.PutUint16(b[2:], 0x7A12)
+		case 2:
+			b = stun.Request(stun.NewTxID())
+		}
+		if _, err := c.Write(b); err != nil {
+			t.Fatalf("send junk: %v", err)
+		}
+	}
+	var got float64
+	waitCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := tailnettest.WaitFor(waitCtx, 50*time.Millisecond, func() (bool, error) {
+		got = drops() - before
+		return got >= sent, nil
+	}); err != nil {
+		t.Errorf("tsrelay_relay_socket_drops_total rose by %v after %d junk datagrams, want at least %d: the relay's sockets are not filtered", got, sent, sent)
+	} else {
+		t.Logf("%d junk datagrams at the relay port: %v dropped in the kernel", sent, got)
+	}
+	pingVia(t, ctx, a, ipB, wantVia)
 }
