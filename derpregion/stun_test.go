@@ -2,6 +2,7 @@ package derpregion
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -131,11 +132,11 @@ func TestSTUNFilter(t *testing.T) {
 			if len(answer)*10 > len(req)*11 {
 				t.Errorf("answer %d bytes to a %d-byte request", len(answer), len(req))
 			}
-			got := s.dispositions()
-			if got["success"] != 1 || got["not_stun"] != float64(len(passed)) {
-				t.Errorf("answered %v, refused as not STUN %v; want 1 and %d (the %d kinds of junk that cannot be a binding request dropped by the kernel)",
-					got["success"], got["not_stun"], len(passed), len(dropped))
-			}
+			// The answer can arrive before the server counts it sent.
+			waitFor(t, fmt.Sprintf("the request answered and %d datagrams refused as not STUN (the %d kinds of junk that cannot be a binding request dropped by the kernel)", len(passed), len(dropped)), func() bool {
+				got := s.dispositions()
+				return got["success"] == 1 && got["not_stun"] == float64(len(passed))
+			})
 		})
 	}
 }
@@ -175,4 +176,60 @@ func junkThenRequest(t *testing.T, pc *net.UDPConn, to netip.AddrPort, junk [][]
 		t.Fatalf("read the answer to a binding request: %v", err)
 	}
 	return buf[:n]
+}
+
+// TestSTUNAnswersABurst sends bursts of binding requests from IPv4 and
+// IPv6 clients without reading in between, so that the server reads and
+// answers many per batch: every request gets its own answer, with its
+// transaction ID and its client's address.
+func TestSTUNAnswersABurst(t *testing.T) {
+	s := serveSTUN(t, ":0")
+	const perClient = 100 // more than a batch
+	clients := []string{"127.0.0.1", "::1", "127.0.0.1"}
+	for _, ip := range clients {
+		network := "udp4"
+		if netip.MustParseAddr(ip).Is6() {
+			network = "udp6"
+		}
+		pc, err := net.ListenUDP(network, &net.UDPAddr{IP: net.ParseIP(ip)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		if err := pc.SetReadBuffer(1 << 20); err != nil {
+			t.Fatal(err)
+		}
+		to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(ip), s.localAddr().Port()))
+		sent := map[stun.TxID]bool{}
+		for range perClient {
+			tx := stun.NewTxID()
+			sent[tx] = true
+			if _, err := pc.WriteToUDP(stun.Request(tx), to); err != nil {
+				t.Fatal(err)
+			}
+		}
+		pc.SetReadDeadline(time.Now().Add(10 * time.Second))
+		buf := make([]byte, 1500)
+		for len(sent) > 0 {
+			n, err := pc.Read(buf)
+			if err != nil {
+				t.Fatalf("client %s: %d of %d requests unanswered: %v", ip, len(sent), perClient, err)
+			}
+			tx, mapped, err := stun.ParseResponse(buf[:n])
+			if err != nil {
+				t.Fatalf("client %s: answer: %v", ip, err)
+			}
+			if !sent[tx] {
+				t.Fatalf("client %s: an answer to a request it did not send, or a second one", ip)
+			}
+			delete(sent, tx)
+			if want := pc.LocalAddr().(*net.UDPAddr).AddrPort(); mapped != want {
+				t.Errorf("client %s: mapped address %v, want %v", ip, mapped, want)
+			}
+		}
+	}
+	want := float64(perClient * len(clients))
+	waitFor(t, fmt.Sprintf("%v requests counted as answered", want), func() bool {
+		return s.dispositions()["success"] == want
+	})
 }
