@@ -131,7 +131,7 @@ func (n *tailnetNode) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer n.watchRejections()()
+	defer n.watchRelayServer()()
 	if nm, ok := n.ts.Sys().NetMon.GetOK(); ok && n.onNetChange != nil {
 		defer nm.RegisterChangeCallback(func(*netmon.ChangeDelta) { n.onNetChange() })()
 	}
@@ -155,11 +155,11 @@ func (n *tailnetNode) run(ctx context.Context) error {
 	}
 }
 
-// watchRejections logs the allocation requests the relay server extension
+// watchRelayServer logs the allocation requests the relay server extension
 // rejected (it reports each sender at most once a minute) and records them
 // as Events, and logs whether its sockets got their socket filter. Call the
 // returned function to stop.
-func (n *tailnetNode) watchRejections() (stop func()) {
+func (n *tailnetNode) watchRelayServer() (stop func()) {
 	bus, ok := n.ts.Sys().Bus.GetOK()
 	if !ok {
 		return func() {}
