@@ -33,14 +33,7 @@ import (
 // in TS_STATE_DIR, and the tsnet node refuses a DERP client it does not
 // know.
 func TestDERPRegionInAppliance(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs a tailnet; skipped in -short mode")
-	}
-	control := tailnettest.StartControlForTest(t)
-	relayPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := inProcessConfig(t)
 	stunPort, err := tailnettest.FreeUDPPort()
 	if err != nil {
 		t.Fatal(err)
@@ -50,18 +43,9 @@ func TestDERPRegionInAppliance(t *testing.T) {
 		t.Fatal(err)
 	}
 	derpPort := netip.MustParseAddrPort(derpAddr).Port()
-	ep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(relayPort))
-	cfg := Config{
-		AuthKey:                    control.AuthKey,
-		ControlURL:                 control.URL,
-		Hostname:                   "relay",
-		StateDir:                   t.TempDir(),
-		RelayServerPort:            Port(relayPort),
-		RelayServerStaticEndpoints: Endpoints{ep},
-		LocalAddrPort:              ListenAddr(netip.MustParseAddrPort("127.0.0.1:9002")),
-		DERPConfig:                 DERPConfig{DERPPort: Port(derpPort), STUNPort: Port(stunPort), RegionID: 901, RegionCode: "home", MaxUnadmitted: 256, AcceptRate: 100},
-		LeaseDuration:              lease.DefaultDuration,
-	}
+	cfg.LocalAddrPort = ListenAddr(netip.MustParseAddrPort("127.0.0.1:9002"))
+	cfg.DERPConfig = DERPConfig{DERPPort: Port(derpPort), STUNPort: Port(stunPort), RegionID: 901, RegionCode: "home", MaxUnadmitted: 256, AcceptRate: 100}
+	cfg.LeaseDuration = lease.DefaultDuration
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}

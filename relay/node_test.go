@@ -22,23 +22,9 @@ import (
 // woken by the prefs change on the IPN bus: the periodic resync is pushed
 // past the test's deadline, so it cannot be what restores them.
 func TestReappliesDriftedPrefs(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs a tailnet; skipped in -short mode")
-	}
-	control := tailnettest.StartControlForTest(t)
-	port, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
-	a := testAppliance(t, Config{
-		AuthKey:                    control.AuthKey,
-		ControlURL:                 control.URL,
-		Hostname:                   "relay",
-		StateDir:                   t.TempDir(),
-		RelayServerPort:            Port(port),
-		RelayServerStaticEndpoints: Endpoints{ep},
-	}, "")
+	cfg := inProcessConfig(t)
+	port, ep := int(cfg.RelayServerPort), cfg.RelayServerStaticEndpoints[0]
+	a := testAppliance(t, cfg, "")
 	a.resync = time.Hour
 	ctx := t.Context()
 	runForTest(t, a)
@@ -65,7 +51,7 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
 	defer wcancel()
-	err = tailnettest.WaitFor(wctx, 20*time.Millisecond, func() (bool, error) {
+	err := tailnettest.WaitFor(wctx, 20*time.Millisecond, func() (bool, error) {
 		p, err := lc.GetPrefs(wctx)
 		if err != nil {
 			return false, err
@@ -85,6 +71,30 @@ func TestReappliesDriftedPrefs(t *testing.T) {
 
 // testAppliance returns an appliance for cfg, following Service service
 // ("namespace/name", or "") as Run wires it, logging to the test.
+// inProcessConfig skips the test in -short mode, starts the loopback
+// control and returns a relay Config that logs in to it: hostname "relay",
+// a fresh state directory, a free relay port, and that port on 127.0.0.1 as
+// the static endpoint.
+func inProcessConfig(t *testing.T) Config {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("runs a tailnet; skipped in -short mode")
+	}
+	control := tailnettest.StartControlForTest(t)
+	port, err := tailnettest.FreeUDPPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Config{
+		AuthKey:                    control.AuthKey,
+		ControlURL:                 control.URL,
+		Hostname:                   "relay",
+		StateDir:                   t.TempDir(),
+		RelayServerPort:            Port(port),
+		RelayServerStaticEndpoints: Endpoints{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))},
+	}
+}
+
 func testAppliance(t *testing.T, cfg Config, service string) *tailnetNode {
 	t.Helper()
 	logger := slog.New(slog.NewTextHandler(t.Output(), nil))

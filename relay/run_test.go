@@ -30,30 +30,15 @@ import (
 // tsrelay_identity_waiting 1. Once the lock is free the same server
 // answers from the node, and a stop releases the port and the lock.
 func TestRunServesTheWaitForTheIdentity(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs a tailnet; skipped in -short mode")
-	}
-	control := tailnettest.StartControlForTest(t)
-	relayPort, err := tailnettest.FreeUDPPort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := inProcessConfig(t)
 	httpAddr, err := tailnettest.FreeTCPAddr()
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	cfg := Config{
-		AuthKey:                    control.AuthKey,
-		ControlURL:                 control.URL,
-		Hostname:                   "relay",
-		StateDir:                   dir,
-		RelayServerPort:            Port(relayPort),
-		RelayServerStaticEndpoints: Endpoints{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(relayPort))},
-		LocalAddrPort:              ListenAddr(netip.MustParseAddrPort(httpAddr)),
-		LeaseDuration:              lease.DefaultDuration,
-		NoLogsNoSupport:            true,
-	}
+	dir := cfg.StateDir
+	cfg.LocalAddrPort = ListenAddr(netip.MustParseAddrPort(httpAddr))
+	cfg.LeaseDuration = lease.DefaultDuration
+	cfg.NoLogsNoSupport = true
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
