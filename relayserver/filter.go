@@ -48,9 +48,9 @@ const (
 //     (WireGuard), with at least minGeneve bytes.
 //
 // Everything else (random bytes, truncated or malformed Geneve, STUN
-// requests) the server reads and drops after a wake-up and a syscall per
-// datagram or two; the kernel now drops it before it is queued, counted in
-// the socket's drops. What passes is still checked by the server as before
+// requests) the server would read and drop after a wake-up and a syscall
+// per datagram or two; with the filter the kernel drops it before it is
+// queued, and counts it in the socket's drops. What passes is still checked by the server as before
 // (the VNI, the sender, the disco box).
 //
 // A limit worth knowing: with UDP receive offload the kernel can hand the
