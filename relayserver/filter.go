@@ -119,16 +119,21 @@ func filterSockets(port uint16) (int, error) {
 	if len(socks) == 0 {
 		return 0, fmt.Errorf("no UDP socket of this process is bound on port %d", port)
 	}
-	n := 0
 	var errs []error
 	for _, s := range socks {
 		if err := attach(s, prog); err != nil {
 			errs = append(errs, fmt.Errorf("socket %d (inode %s): %w", s.FD, s.Inode, err))
-			continue
 		}
-		n++
 	}
-	return n, errors.Join(errs...)
+	n := len(socks) - len(errs)
+	switch len(errs) {
+	case 0:
+		return n, nil
+	case 1:
+		return n, errs[0]
+	}
+	// A kernel that refuses one refuses them all, for the same reason.
+	return n, fmt.Errorf("%d of %d sockets, the first: %w", len(errs), len(socks), errs[0])
 }
 
 // errReused says a descriptor read from /proc names another file by the

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"runtime"
 	"strconv"
@@ -12,6 +13,7 @@ import (
 
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+	"tailscale.com/tailcfg"
 
 	"github.com/tsrelay/tsrelay/internal/tailnettest"
 )
@@ -83,33 +85,48 @@ func refuseSocketFilters() error {
 	return nil
 }
 
-// TestRelayWithoutSocketFilters runs the real relay where the kernel
-// refuses socket filters (a seccomp filter, as some sandboxes have): it
-// must say so once in its log, count no filter drops, and relay as before.
+// TestRelayWithoutSocketFilters runs the real relay, its DERP region on,
+// where the kernel refuses socket filters (a seccomp filter, as some
+// sandboxes have): it must say so once in its log for the relay port and
+// for STUN, never claim its sockets filtered, and be ready and relay as
+// before.
 func TestRelayWithoutSocketFilters(t *testing.T) {
 	bins := binaries(t)
-	control := tailnettest.StartControlForTest(t)
-	relayPort, fwdAddr := forwardedRelayPort(t, "127.0.0.1:0")
+	ports := freeDERPRelayPorts(t)
+	stateDir := t.TempDir()
+	region, _ := pinnedRegion(t, stateDir, ports)
+	control, err := tailnettest.StartControlWith(netip.MustParseAddr("127.0.0.1"), t.Logf, tailnettest.ControlOptions{Regions: []*tailcfg.DERPRegion{region}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(control.Close)
 	wrapped := bins
 	wrapped.Relay = os.Args[0]
-	relay := startRelay(t, wrapped, "relay", execWithoutSocketFilters+"="+bins.Relay,
-		"TS_CONTROL_URL="+control.URL, "TS_AUTHKEY="+control.AuthKey, "TS_STATE_DIR="+t.TempDir(),
-		"TS_HOSTNAME=relay", "TS_RELAY_SERVER_PORT="+strconv.Itoa(relayPort),
-		"TS_RELAY_SERVER_STATIC_ENDPOINTS="+fwdAddr.String())
+	relay := startRelay(t, wrapped, "relay", append(ports.env(), execWithoutSocketFilters+"="+bins.Relay,
+		"TS_CONTROL_URL="+control.URL, "TS_AUTHKEY="+control.AuthKey, "TS_STATE_DIR="+stateDir, "TS_HOSTNAME=relay")...)
 	waitReady(t, relay)
 	log := readFile(t, relay.LogPath())
-	const warning = `level=WARN msg="relay sockets are not all filtered: junk sent to the relay port costs more CPU" port=`
-	if !strings.Contains(log, warning+strconv.Itoa(relayPort)+" filtered=0 ") || !strings.Contains(log, "operation not permitted") {
-		t.Errorf("the relay did not warn that its sockets are unfiltered (want %q… filtered=0, EPERM):\n%s", warning, log)
-	}
-	for line := range strings.Lines(log) {
-		if strings.Contains(line, warning) {
-			t.Logf("the relay's warning: %s", strings.TrimSpace(line))
+	for _, want := range []string{
+		`level=WARN msg="relay sockets are not all filtered: junk sent to the relay port costs more CPU" port=` + strconv.Itoa(ports.relay) + " filtered=0 ",
+		`level=WARN msg="STUN serves unfiltered: junk sent to it costs more CPU"`,
+	} {
+		found := false
+		for line := range strings.Lines(log) {
+			if strings.Contains(line, want) {
+				found = true
+				t.Logf("the relay warned: %s", strings.TrimSpace(line))
+				if !strings.Contains(line, "operation not permitted") {
+					t.Errorf("the warning does not give the kernel's refusal (EPERM): %s", line)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("the relay did not warn %q:\n%s", want, log)
 		}
 	}
 	if strings.Contains(log, `msg="relay sockets filtered"`) {
 		t.Errorf("the relay logged its sockets filtered, though the kernel refused:\n%s", log)
 	}
 	a, ipB := startLaptops(t, bins, control)
-	pingVia(t, t.Context(), a, ipB, "via peer-relay("+fwdAddr.String()+":vni:")
+	pingVia(t, t.Context(), a, ipB, "via peer-relay(127.0.0.1:"+strconv.Itoa(ports.relay)+":vni:")
 }
