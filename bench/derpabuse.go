@@ -251,7 +251,7 @@ func (b *bench) derpAbuseSetup(ctx context.Context, dir string) (_ *derpAbuseSet
 		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d -j DNAT --to-destination %v:%d", node, stunPort, s.p.Addr, stunPort),
 		// The control flood's ports: forwarded like the relay's, served
 		// by nothing in the pod.
-		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d:%d -j DNAT --to-destination %v", node, closedPorts[0], closedPorts[1], s.p.Addr),
+		fmt.Sprintf("ip netns exec %s iptables -t nat -A PREROUTING -i eth0 -p udp --dport %d:%d -j DNAT --to-destination %v", node, closedRelayPort, closedSTUNPort, s.p.Addr),
 	); err != nil {
 		return nil, err
 	}
@@ -602,7 +602,7 @@ func (s *derpAbuseSetup) flood(ctx context.Context, b *bench) (*udpFloodResult, 
 	// could measure DERP instead of the relay.
 	var plain, full, paced, control, fullPPS, pacedPPS []float64
 	res.OffRelay, res.Rounds = map[int]int{}, b.cfg.Rounds
-	closedRelay, closedSTUN := netip.AddrPortFrom(relayAddr.Addr(), closedPorts[0]), netip.AddrPortFrom(relayAddr.Addr(), closedPorts[1])
+	closedRelay, closedSTUN := netip.AddrPortFrom(relayAddr.Addr(), closedRelayPort), netip.AddrPortFrom(relayAddr.Addr(), closedSTUNPort)
 	for range b.cfg.Rounds {
 		for _, pps := range []int{-1, 0, pacedFloodPPS, controlFlood} {
 			wctx, cancel := context.WithTimeout(ctx, 90*time.Second)
@@ -712,12 +712,16 @@ func cpuPerJunkPacket(ctx context.Context, pid int, relay, stunAddr netip.AddrPo
 const pacedFloodPPS = 10_000
 
 // controlFlood names the control flood in udpFloodResult.OffRelay: the
-// paced flood, sent to closedPorts.
+// paced flood, sent to closedRelayPort and closedSTUNPort.
 const controlFlood = -2
 
-// closedPorts are two UDP ports the node forwards to the pod, where
-// nothing listens: the control flood's targets.
-var closedPorts = [2]uint16{9, 10}
+// closedRelayPort and closedSTUNPort are two UDP ports the node forwards
+// to the pod, where nothing listens: the control flood's targets in place
+// of the relay port and STUN.
+const (
+	closedRelayPort = 9
+	closedSTUNPort  = closedRelayPort + 1
+)
 
 // floodState is a running junk flood.
 type floodState struct {

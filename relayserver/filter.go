@@ -14,7 +14,10 @@ import (
 // server starts: how many of its sockets got the socket filter, and why the
 // others did not.
 type SocketsFiltered struct {
-	Port     uint16
+	// Port is the relay server's UDP port.
+	Port uint16
+	// Filtered counts the server's sockets (both IP families) that got
+	// the filter.
 	Filtered int
 	// Err is why some or all sockets are unfiltered (a kernel or sandbox
 	// that refuses socket filters); nil when all are filtered.
@@ -122,7 +125,7 @@ func filterSockets(port uint16) (int, error) {
 	var errs []error
 	for _, s := range socks {
 		if err := attach(s, prog); err != nil {
-			errs = append(errs, fmt.Errorf("socket %d (inode %s): %w", s.FD, s.Inode, err))
+			errs = append(errs, fmt.Errorf("socket %d (inode %d): %w", s.FD, s.Inode, err))
 		}
 	}
 	n := len(socks) - len(errs)
@@ -147,7 +150,7 @@ var errReused = errors.New("closed and its descriptor reused since it was listed
 func attach(s udpsock.Socket, prog *unix.SockFprog) error {
 	same := func() bool {
 		var st unix.Stat_t
-		return unix.Fstat(s.FD, &st) == nil && fmt.Sprint(st.Ino) == s.Inode
+		return unix.Fstat(s.FD, &st) == nil && st.Ino == s.Inode
 	}
 	if !same() {
 		return errReused

@@ -22,8 +22,8 @@ import (
 type Socket struct {
 	// FD is the socket's file descriptor in the process that holds it.
 	FD int
-	// Inode is the socket's inode, which names it in /proc.
-	Inode string
+	// Inode is the socket's inode number, which names it in /proc.
+	Inode uint64
 	// IPv6 says it is in the IPv6 table (an AF_INET6 socket).
 	IPv6 bool
 	// Drops counts the datagrams the kernel dropped for this socket: its
@@ -86,12 +86,12 @@ func List(pid, port int) ([]Socket, error) {
 
 // socketFDs returns the file descriptors of the sockets among the open
 // files listed in fdDir (their links read "socket:[<inode>]"), by inode.
-func socketFDs(fdDir string) (map[string]int, error) {
+func socketFDs(fdDir string) (map[uint64]int, error) {
 	ents, err := os.ReadDir(fdDir)
 	if err != nil {
 		return nil, fmt.Errorf("list open files: %w", err)
 	}
-	fds := map[string]int{}
+	fds := map[uint64]int{}
 	for _, e := range ents {
 		fd, err := strconv.Atoi(e.Name())
 		if err != nil {
@@ -101,8 +101,10 @@ func socketFDs(fdDir string) (map[string]int, error) {
 		if err != nil {
 			continue // closed since ReadDir
 		}
-		if ino, ok := strings.CutPrefix(link, "socket:["); ok {
-			fds[strings.TrimSuffix(ino, "]")] = fd
+		if s, ok := strings.CutPrefix(link, "socket:["); ok {
+			if ino, err := strconv.ParseUint(strings.TrimSuffix(s, "]"), 10, 64); err == nil {
+				fds[ino] = fd
+			}
 		}
 	}
 	return fds, nil
@@ -114,7 +116,7 @@ func socketFDs(fdDir string) (map[string]int, error) {
 //	sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode ref pointer drops
 //
 // with the local address as hex IP, a colon and the hex port.
-func readTable(r io.Reader, port int, fds map[string]int, ipv6 bool, socks []Socket) ([]Socket, error) {
+func readTable(r io.Reader, port int, fds map[uint64]int, ipv6 bool, socks []Socket) ([]Socket, error) {
 	want := fmt.Sprintf(":%04X", port)
 	sc := bufio.NewScanner(r)
 	for first := true; sc.Scan(); first = false {
@@ -122,15 +124,22 @@ func readTable(r io.Reader, port int, fds map[string]int, ipv6 bool, socks []Soc
 		if first || len(f) < 13 {
 			continue // the header
 		}
-		fd, ok := fds[f[9]]
-		if !ok || !strings.HasSuffix(f[1], want) {
+		if !strings.HasSuffix(f[1], want) {
+			continue
+		}
+		ino, err := strconv.ParseUint(f[9], 10, 64)
+		if err != nil {
+			return socks, fmt.Errorf("inode %q: %w", f[9], err)
+		}
+		fd, ok := fds[ino]
+		if !ok {
 			continue
 		}
 		drops, err := strconv.ParseUint(f[12], 10, 64)
 		if err != nil {
 			return socks, fmt.Errorf("socket %s: drops %q: %w", f[9], f[12], err)
 		}
-		socks = append(socks, Socket{FD: fd, Inode: f[9], IPv6: ipv6, Drops: drops})
+		socks = append(socks, Socket{FD: fd, Inode: ino, IPv6: ipv6, Drops: drops})
 	}
 	return socks, sc.Err()
 }

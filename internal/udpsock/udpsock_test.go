@@ -87,13 +87,13 @@ func TestReadTable(t *testing.T) {
   102: 0100007F:9C40 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3333 2 0000000000000000 17
   103: 00000000:9C41 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4444 2 0000000000000000 0
 `
-	fds := map[string]int{"1111": 7, "3333": 9, "4444": 11}
+	fds := map[uint64]int{1111: 7, 3333: 9, 4444: 11}
 	got, err := readTable(strings.NewReader(table), 40000, fds, true, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// inode 2222 is another process's, 4444 on another port.
-	want := []Socket{{FD: 7, Inode: "1111", IPv6: true}, {FD: 9, Inode: "3333", IPv6: true, Drops: 17}}
+	want := []Socket{{FD: 7, Inode: 1111, IPv6: true}, {FD: 9, Inode: 3333, IPv6: true, Drops: 17}}
 	if !slices.Equal(got, want) {
 		t.Errorf("readTable(port 40000) = %+v, want %+v", got, want)
 	}
